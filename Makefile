@@ -1,0 +1,29 @@
+# Each target creates .venv if it is missing, so a fresh machine needs only Python.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/demo
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: setup.py $(BIN)/python
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+# The embedded default: 2-D GMM, exact oracle, teacher -> sample -> distill -> eval. CPU, no download.
+demo: $(VENV)/.installed
+	$(BIN)/python -m fdistill.demo --workdir=$(WORKDIR)
+
+# The CPU test suite (what .ci/run calls).
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -n 2 tests
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/toy2d_divergences.py
+
+clean:
+	rm -rf $(VENV) runs

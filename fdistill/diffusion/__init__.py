@@ -1,0 +1,2 @@
+"""Noise processes as pure functions of arrays and an ``apply_fn``."""
+from fdistill.diffusion import edm  # noqa: F401
