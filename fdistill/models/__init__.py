@@ -9,10 +9,15 @@ import jax.numpy as jnp
 
 from fdistill.diffusion import edm
 from fdistill.registry import lookup
+from fdistill.models import dit
 from fdistill.models import mlp
+from fdistill.models import unet
 
 MODELS = {
     "mlp": mlp.ScoreMLP,
+    "songunet": unet.SongUNet,
+    "dhariwalunet": unet.DhariwalUNet,
+    "dit": dit.DiT,
 }
 
 # Config fields of ``config.model`` that configure the wrapper, not the module.

@@ -1,4 +1,8 @@
-"""Shared building blocks: noise / label embeddings (EDM ``networks.py`` semantics)."""
+"""Shared building blocks (EDM ``networks.py`` semantics): noise / label embeddings,
+EDM initialisers, Linear and GroupNorm with EDM parameter names."""
+import dataclasses
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,3 +37,109 @@ class PositionalEmbedding(nn.Module):
     freqs = (1.0 / self.max_positions)**freqs
     h = jnp.outer(x.astype(jnp.float32), freqs)
     return jnp.concatenate([jnp.cos(h), jnp.sin(h)], axis=1)
+
+
+# ---------------------------------------------------------------------------
+# EDM-style parameter layers. Parameter names follow EDM's state dicts
+# ("weight", "bias") so a weight importer maps them by name; layouts are the
+# JAX-native ones (Linear [in, out], conv HWIO), so the importer transposes.
+
+
+@dataclasses.dataclass(frozen=True)
+class Init:
+  """An EDM init spec (``init_mode``, ``init_weight``, ``init_bias``), hashable for linen fields."""
+  mode: str = "kaiming_normal"
+  weight: float = 1.0
+  bias: float = 0.0
+
+
+# mode -> (uniform?, std-like scale as a function of fan_in, fan_out).
+_INIT_MODES = {
+    "xavier_uniform": (True, lambda fi, fo: math.sqrt(6 / (fi + fo))),
+    "xavier_normal": (False, lambda fi, fo: math.sqrt(2 / (fi + fo))),
+    "kaiming_uniform": (True, lambda fi, fo: math.sqrt(3 / fi)),
+    "kaiming_normal": (False, lambda fi, fo: math.sqrt(1 / fi)),
+}
+
+
+def weight_init(mode: str, fan_in: int, fan_out: int, gain: float = 1.0):
+  """EDM's ``weight_init`` as a flax initializer ``(key, shape, dtype) -> array``.
+
+  EDM draws biases from the same distribution as weights (then scales by
+  ``init_bias``), and its recipes were tuned with these exact distributions,
+  so we reproduce them rather than use flax's variance-scaling initialisers.
+  """
+  if mode not in _INIT_MODES:
+    raise ValueError(f"Unknown init mode={mode!r}; valid values: {', '.join(_INIT_MODES)}")
+  uniform, scale_fn = _INIT_MODES[mode]
+  scale = scale_fn(fan_in, fan_out) * gain
+
+  def init(key, shape, dtype=jnp.float32):
+    if gain == 0:
+      return jnp.zeros(shape, dtype)
+    noise = (jax.random.uniform(key, shape, dtype, -1.0, 1.0) if uniform
+             else jax.random.normal(key, shape, dtype))
+    return scale * noise
+
+  return init
+
+
+class Linear(nn.Module):
+  """EDM ``Linear``: ``x @ W + b`` computed in the input's dtype (params stay float32)."""
+  features: int
+  use_bias: bool = True
+  init: Init = Init()
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    weight = self.param("weight", weight_init(self.init.mode, fan_in, self.features, self.init.weight),
+                        (fan_in, self.features))
+    y = x @ weight.astype(x.dtype)
+    if self.use_bias:
+      bias = self.param("bias", weight_init(self.init.mode, fan_in, self.features, self.init.bias),
+                        (self.features,))
+      y = y + bias.astype(x.dtype)
+    return y
+
+
+class GroupNorm(nn.Module):
+  """EDM ``GroupNorm``: ``min(num_groups, C // min_channels_per_group)`` groups, NHWC.
+
+  Statistics are computed in float32 whatever the compute dtype (EDM computes
+  them in fp16 under mixed precision; float32 only removes rounding error).
+  """
+  num_groups: int = 32
+  min_channels_per_group: int = 4
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    groups = min(self.num_groups, channels // self.min_channels_per_group)
+    weight = self.param("weight", nn.initializers.ones, (channels,))
+    bias = self.param("bias", nn.initializers.zeros, (channels,))
+    h = x.astype(jnp.float32).reshape(x.shape[:-1] + (groups, channels // groups))
+    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    mean = jnp.mean(h, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), axis=axes, keepdims=True)
+    h = ((h - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+    return (h * weight + bias).astype(x.dtype)
+
+
+def class_labels(cond, label_dim: int, batch: int):
+  """The class vector a conditional network sees: ``cond``, or zeros (unconditional) when None."""
+  if cond is None:
+    return jnp.zeros((batch, label_dim), jnp.float32)
+  return jnp.asarray(cond, jnp.float32).reshape(batch, label_dim)
+
+
+def drop_labels(module: nn.Module, labels, rate: float, train: bool):
+  """Zeroes whole class vectors with probability ``rate`` (classifier-free guidance training).
+
+  Uses the module's "dropout" rng, and is the identity unless ``train``.
+  """
+  if not train or not rate:
+    return labels
+  keep = jax.random.uniform(module.make_rng("dropout"), (labels.shape[0], 1)) >= rate
+  return labels * keep.astype(labels.dtype)

@@ -1,0 +1,63 @@
+"""Shared defaults for every config and the ``:variant`` argument parser.
+
+Every config file defines ``get_config(arg=None)``; ``arg`` is what follows
+':' on the command line (``--config=configs/toy2d_fdistill.py:js``), either
+a single variant name or ``key=value,key=value`` pairs.
+"""
+import ml_collections
+
+
+def base_config():
+  """All sections a run may read: data, model, teacher, generator, objective, optim, train, eval, mesh."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = ml_collections.ConfigDict({"name": "toy2d", "seed": 0})
+  c.model = ml_collections.ConfigDict({"name": "mlp", "sigma_data": 0.5})
+  # kind: none | analytic | checkpoint. step: -1 = latest checkpoint of teacher.workdir.
+  c.teacher = ml_collections.ConfigDict({"kind": "none", "workdir": "", "step": -1})
+  c.generator = ml_collections.ConfigDict({"sigma_init": 2.5})
+  c.objective = ml_collections.ConfigDict({"name": "dsm", "p_mean": -1.2, "p_std": 1.2})
+  c.optim = ml_collections.ConfigDict({
+      "lr": 1e-3, "warmup_steps": 0, "grad_clip": 1.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+      "weight_decay": 0.0, "ema_decay": 0.999})
+  c.train = ml_collections.ConfigDict({
+      "batch_size": 256, "num_steps": 1000, "log_every": 100, "save_every": 500,
+      "sample_every": 0, "keep_checkpoints": 3})
+  c.eval = ml_collections.ConfigDict({
+      "num_samples": 5000, "sampler_steps": 18, "num_plot_samples": 64, "batch_size": 1000,
+      "poll_seconds": 60.0, "timeout_seconds": 0.0})
+  # data/fsdp: mesh axis sizes (-1 = the remaining devices); rules: [(regex, spec tuple)].
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "rules": []})
+  return c
+
+
+def parse_arg(arg, **defaults):
+  """Parses ``'a=1,b=x'`` (or a bare variant name into ``variant``) over ``defaults``.
+
+  Values are converted to the type of their default; an unknown key raises a
+  ValueError naming it and the accepted keys.
+  """
+  out = dict(defaults)
+  if not arg:
+    return ml_collections.ConfigDict(out)
+  for item in arg.split(","):
+    if "=" not in item:
+      key, value = "variant", item
+    else:
+      key, value = item.split("=", 1)
+    if key not in out:
+      raise ValueError(f"config argument {key!r} is not accepted; valid keys: {', '.join(sorted(out))}")
+    default = out[key]
+    if isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes")
+    elif default is not None:
+      value = type(default)(value)
+    out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def check_choice(value, choices, field):
+  """Raises a ValueError naming ``field`` and the accepted values when ``value`` is not one."""
+  if value not in choices:
+    raise ValueError(f"{field}={value!r} is not valid; valid values: {', '.join(choices)}")
+  return value

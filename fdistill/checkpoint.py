@@ -1,0 +1,80 @@
+"""Orbax CheckpointManager wrapper: atomic saves of state + JSON metadata, keep-last-N.
+
+Orbax writes each step into a temporary directory and renames it when
+complete, so a crash mid-save never corrupts the latest good checkpoint.
+The metadata holds what the data iterator needs to resume (the step), so a
+restarted run sees the same batches and reproduces the same losses.
+"""
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves/restores ``{"state": pytree, "meta": json}`` under ``<workdir>/checkpoints``."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = False):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                         options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def all_steps(self):
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, meta: Optional[dict] = None, force: bool = False) -> bool:
+    meta = dict(meta or {}, step=int(step))
+    return self.manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+  def restore(self, abstract_state, step: Optional[int] = None):
+    """Restores (state, meta) into the shardings/dtypes of ``abstract_state``."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {self.manager.directory}")
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    missing = [l for l in jax.tree_util.tree_leaves(abstract) if getattr(l, "sharding", None) is None]
+    if missing:  # restoring without target shardings would reuse the saving run's topology
+      raise ValueError("Checkpointer.restore needs shardings on every leaf of abstract_state "
+                       "(see with_shardings)")
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def save_config(workdir: str, config) -> None:
+  """Writes ``config.json`` beside the checkpoints (atomically: write then rename)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def load_config(workdir: str):
+  """Reads a run's ``config.json`` back into a ConfigDict."""
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a fdistill workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def with_shardings(abstract_state, shardings):
+  """ShapeDtypeStructs of ``abstract_state`` carrying the target ``shardings`` (same tree)."""
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)

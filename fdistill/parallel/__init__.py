@@ -1,0 +1,1 @@
+"""Device meshes, partition rules and multi-process start-up."""

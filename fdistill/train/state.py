@@ -1,0 +1,47 @@
+"""Train-state pytrees: plain dicts so orbax, sharding rules and tests see simple paths.
+
+A trainable network's state is ``{"params", "opt_state", "ema"}``; an
+objective's state is a dict of such network states plus counters
+(``step``, ``skipped``) and any statistics it carries (e.g. ratio bins).
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def make_optimizer(optim_config) -> optax.GradientTransformation:
+  """Adam(W) with linear warm-up and global-norm clipping, from an ``optim`` config section.
+
+  Fields: lr, warmup_steps, grad_clip (0 = off), b1, b2, eps, weight_decay.
+  """
+  lr = optax.linear_schedule(0.0, optim_config.lr, max(int(optim_config.get("warmup_steps", 0)), 1))
+  parts = []
+  if optim_config.get("grad_clip", 0.0):
+    parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
+  parts.append(optax.adamw(lr, b1=optim_config.get("b1", 0.9), b2=optim_config.get("b2", 0.999),
+                           eps=optim_config.get("eps", 1e-8),
+                           weight_decay=optim_config.get("weight_decay", 0.0)))
+  return optax.chain(*parts)
+
+
+def init_net_state(params, tx: optax.GradientTransformation, ema: bool = True):
+  """``{"params", "opt_state", "ema"}``; the EMA starts as a copy of params."""
+  state = {"params": params, "opt_state": tx.init(params)}
+  if ema:
+    state["ema"] = jax.tree_util.tree_map(jnp.array, params)
+  return state
+
+
+def all_finite(tree) -> jax.Array:
+  """True iff every element of every leaf is finite (the NaN guard's test)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def select_tree(ok, new, old):
+  """``new`` where ``ok`` else ``old``, leaf by leaf (skips a non-finite update)."""
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def ema_update(ema, params, decay):
+  return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
