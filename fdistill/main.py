@@ -3,62 +3,16 @@
   python -m fdistill.main --config=configs/toy2d_teacher.py --workdir=runs/t --mode=train_teacher
 Modes: train_teacher | distill | eval | sample.
 """
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train_teacher", "distill", "eval", "sample")
+from fdistill.modes import MODES, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
 _MODE = flags.DEFINE_enum("mode", "train_teacher", MODES, "What to run.")
 _NUM = flags.DEFINE_integer("num_samples", 0, "sample mode: how many (0 = eval.num_plot_samples).")
-
-
-def check_mode(mode, config):
-  """Teacher training trains by DSM; distillation needs a distillation objective."""
-  is_dsm = config.objective.name == "dsm"
-  if mode == "train_teacher" and not is_dsm:
-    raise ValueError(f"--mode=train_teacher needs objective.name='dsm', got "
-                     f"{config.objective.name!r}; use --mode=distill")
-  if mode == "distill" and is_dsm:
-    raise ValueError("--mode=distill needs a distillation objective (objective.name), got 'dsm'; "
-                     "use --mode=train_teacher")
-
-
-def sample(config, workdir, num=0):
-  """Restores the latest checkpoint and writes ``samples.png`` (+ samples.npy)."""
-  import jax
-  import numpy as np
-  from fdistill import checkpoint
-  from fdistill.train import loop
-  dataset, objective, mesh = loop.setup(config)
-  abstract, shardings = loop.state_shardings(objective, mesh, config)
-  ckpt = checkpoint.Checkpointer(workdir)
-  state, meta = ckpt.restore(checkpoint.with_shardings(abstract, shardings))
-  ckpt.close()
-  path = os.path.join(workdir, f"samples_step{meta['step']}.png")
-  samples = loop.write_samples(objective, state, jax.random.key(config.seed + 2), config, path,
-                               dataset, num=num or None)
-  np.save(path.replace(".png", ".npy"), samples)
-  logging.info("Wrote %s", path)
-  return path
-
-
-def run(config, workdir, mode, num_samples=0):
-  """Runs one mode; importable (tests and notebooks call it)."""
-  from fdistill.train import loop
-  from fdistill.eval import job
-  if mode not in MODES:
-    raise ValueError(f"--mode={mode!r}; valid values: {', '.join(MODES)}")
-  if mode in ("train_teacher", "distill"):
-    check_mode(mode, config)
-    return loop.train(config, workdir)
-  if mode == "eval":
-    return job.run(config, workdir)
-  return sample(config, workdir, num_samples)
 
 
 def load_config_file(spec):

@@ -43,7 +43,7 @@ def metric_name(config, dataset):
 def evaluate_checkpoint(config, workdir, step, objective=None, dataset=None, mesh=None):
   """Metrics dict for the checkpoint at ``step`` of ``workdir``."""
   if objective is None:
-    dataset, objective, mesh = loop.setup(config, mesh)
+    dataset, objective, mesh, _ = loop.setup(config, mesh)
   abstract, shardings = loop.state_shardings(objective, mesh, config)
   ckpt = checkpoint.Checkpointer(workdir)
   state, _ = ckpt.restore(checkpoint.with_shardings(abstract, shardings), step=step)
@@ -54,7 +54,7 @@ def evaluate_checkpoint(config, workdir, step, objective=None, dataset=None, mes
 
 def run(config, workdir):
   """Polls ``workdir`` and evaluates every new checkpoint; returns {step: metrics}."""
-  dataset, objective, mesh = loop.setup(config)
+  dataset, objective, mesh, _ = loop.setup(config)
   lookup(METRICS, metric_name(config, dataset), "eval.metric")  # fail fast on a bad name
   eval_dir = os.path.join(workdir, "eval")
   os.makedirs(eval_dir, exist_ok=True)

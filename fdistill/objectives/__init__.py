@@ -23,7 +23,10 @@ class Objective:
   """Pure functions of one objective.
 
   init(rng) -> state                            (a dict pytree with "step" and "skipped")
-  step(state, batch, rng) -> (state, metrics)   (metrics: dict of scalar arrays)
+  step(state, frozen, batch, rng) -> (state, metrics)
+      ``frozen`` is the teacher's params (or None), passed as an argument, never
+      closed over, so a large teacher is a sharded input rather than an HLO constant;
+      metrics is a dict of scalar arrays named "train/...".
   sample(state, rng, num, cond) -> samples      (the model being trained, EMA weights)
   denoiser(state) -> (apply_fn, params)         (the trained score model, if there is one)
   """

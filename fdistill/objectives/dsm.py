@@ -46,7 +46,8 @@ def build(config, ctx) -> Objective:
     params = models.init_params(module, rng, (1,) + tuple(ctx.x_shape), ctx.cond_dim)
     return dict(steps.init_counters(), net=state_lib.init_net_state(params, tx))
 
-  def step(state, batch, rng):
+  def step(state, frozen, batch, rng):
+    del frozen  # teacher training has no teacher
     net, loss_val, aux, ok = steps.grad_and_update(state["net"], loss, None, batch, rng, tx,
                                                    ema_decay)
     return steps.count_step(dict(state, net=net), ok), {"train/" + k: v for k, v in aux.items()}

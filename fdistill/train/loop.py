@@ -68,13 +68,20 @@ def make_writer(workdir):
 
 
 def setup(config, mesh=None):
-  """Dataset, objective and mesh for ``config`` (no state yet)."""
+  """(dataset, objective, mesh, ctx) for ``config``; no state yet. ``ctx`` holds the teacher."""
   mesh = mesh_lib.make_mesh(config.get("mesh")) if mesh is None else mesh
   dataset = data.build(config.data)
   ctx = objectives.Context(tuple(dataset.x_shape), dataset.cond_dim)
   teacher_apply, teacher_params = teachers.load(config, ctx)
   ctx = objectives.Context(tuple(dataset.x_shape), dataset.cond_dim, teacher_apply, teacher_params)
-  return dataset, objectives.build(config, ctx), mesh
+  return dataset, objectives.build(config, ctx), mesh, ctx
+
+
+def frozen_params(ctx, mesh):
+  """Teacher params placed replicated on the mesh (None stays None)."""
+  if ctx.teacher_params is None:
+    return None
+  return jax.device_put(ctx.teacher_params, mesh_lib.replicated(mesh))
 
 
 def state_shardings(objective, mesh, config):
@@ -97,7 +104,8 @@ def init_or_restore(objective, mesh, config, ckpt, rng):
 def train(config, workdir: str, mesh=None):
   """Runs ``config.train.num_steps`` steps of ``config.objective``; resumes from ``workdir``."""
   # --- Set-up.
-  dataset, objective, mesh = setup(config, mesh)
+  dataset, objective, mesh, ctx = setup(config, mesh)
+  frozen = frozen_params(ctx, mesh)
   tc = config.train
   if jax.process_index() == 0:
     checkpoint.save_config(workdir, config)
@@ -108,7 +116,8 @@ def train(config, workdir: str, mesh=None):
   state, state_sh = init_or_restore(objective, mesh, config, ckpt, init_rng)
   start = int(jax.device_get(state["step"]))
   repl = mesh_lib.replicated(mesh)
-  step_fn = jax.jit(objective.step, in_shardings=(state_sh, mesh_lib.batch_sharding(mesh), repl),
+  step_fn = jax.jit(objective.step,
+                    in_shardings=(state_sh, repl, mesh_lib.batch_sharding(mesh), repl),
                     out_shardings=(state_sh, repl), donate_argnums=0)
 
   # --- Periodic actions.
@@ -123,7 +132,7 @@ def train(config, workdir: str, mesh=None):
   metrics = {}
   for step in range(start, tc.num_steps):
     batch = mesh_lib.global_batch(next(batches), mesh)
-    state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step))
+    state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(train_rng, step))
     done = step + 1
     for hook in hooks:
       hook(done)
