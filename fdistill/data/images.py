@@ -45,9 +45,17 @@ def resize(images, resolution):
   n, h, w, c = images.shape
   if (h, w) == (resolution, resolution):
     return images
-  with jax.default_device(jax.devices("cpu")[0]):
+  with jax.default_device(_host_device()):
     out = jax.image.resize(images, (n, resolution, resolution, c), "bilinear", antialias=True)
   return np.clip(np.asarray(out, np.float32), -1.0, 1.0)
+
+
+def _host_device():
+  """The CPU device, so data prep never occupies accelerator memory; None if JAX hides it."""
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:  # e.g. JAX_PLATFORMS=tpu: fall back to the default device
+    return None
 
 
 def first_epoch_and_offset(step, batch_size, num_examples):
@@ -100,7 +108,6 @@ class ArrayImageDataset:
     return out
 
   def iterator(self, batch_size, start_step=0, process_index=0, process_count=1):
-    _check_divisible(batch_size, process_count)
     step = start_step
     while True:
       idx = global_indices(self.seed, step, batch_size, len(self.images))
@@ -116,10 +123,10 @@ def _reject_flip(config, name):
                      "mirrored digits are not digits.")
 
 
-def _array_dataset(config, name, images01, labels, max_value, default_resolution):
+def _array_dataset(config, name, pixels, labels, max_value, default_resolution):
   """Common tail of the in-memory builders: scale, resize, wrap."""
   _reject_flip(config, name)
-  x = _to_unit_range(images01, max_value)[..., None]
+  x = _to_unit_range(pixels, max_value)[..., None]
   x = resize(x, int(config.get("resolution", default_resolution)))
   return ArrayImageDataset(x, labels, 10, seed=config.get("seed", 0),
                            conditional=config.get("conditional", False))
@@ -209,9 +216,9 @@ class TfdsImageDataset:
   """
 
   def __init__(self, config, tfds_name, default_conditional):
-    _import_tf()  # before tfds touches TensorFlow, so no GPU is claimed
+    builder = prepared_builder(tfds_name, config)  # fails fast, before TensorFlow loads
+    _import_tf()  # hides GPUs before the first TensorFlow op runs
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    builder = prepared_builder(tfds_name, config)
     split = config.get("split", "train")
     self._records = builder.as_dataset(
         split=split, shuffle_files=False,
