@@ -20,7 +20,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest", "pytest-xdist", "nbformat", "nbclient", "ipykernel"],
+    "test": ["pytest", "pytest-xdist", "mlxtend", "nbformat", "nbclient", "ipykernel"],
     "notebook": ["jupyter", "ipykernel", "nbformat", "nbclient"],
     "tpu": ["jax[tpu]"],
     "cuda": ["jax[cuda12]"],

