@@ -6,6 +6,7 @@ output buffers pre-filled with NaN so a tile the kernel never writes shows.
 """
 import flax.linen as nn
 import jax
+from jax import export
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
@@ -133,6 +134,31 @@ def test_poisoned_buffers_show_unwritten_tiles():
                        input_output_aliases={1: 0}, interpret=True)(q, _poisoned(q, False)[0])
   assert np.isfinite(np.asarray(out[:, :16])).all()
   assert np.isnan(np.asarray(out[:, 16:])).all()
+
+
+@pytest.mark.parametrize("tangents", [(True, True, True), (True, False, False)],
+                         ids=["all-tangents", "dq-only"])
+def test_kernel_lowers_to_triton_for_gpu(monkeypatch, tangents):
+  """Without a GPU, cross-lower the compiled (non-interpret) path for CUDA.
+
+  This runs the Pallas Triton lowering (power-of-two tiles, masked ragged
+  loads, padded head dim), which interpret mode never exercises.
+  """
+  monkeypatch.setattr(flash_jvp, "resolve_interpret", lambda interpret: False)
+  q = jax.ShapeDtypeStruct((2, 100, 4, 80), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 77, 4, 80), jnp.bfloat16)
+  mask = jax.ShapeDtypeStruct((2, 77), jnp.bool_)
+
+  def fused(q, k, v, dq, dk, dv, mask):
+    given = [t if p else None for t, p in zip((dq, dk, dv), tangents)]
+    return flash_jvp.flash_attention_jvp(q, k, v, *given, mask=mask,
+                                         config=flash_jvp.KernelConfig(64, 32))
+
+  exported = export.export(
+      jax.jit(fused), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(q, k, k, q, k, k, mask)
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
 
 
 # ---------------------------------------------------------------------------
