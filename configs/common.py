@@ -19,15 +19,21 @@ def base_config():
   c.objective = ml_collections.ConfigDict({"name": "dsm", "p_mean": -1.2, "p_std": 1.2})
   c.optim = ml_collections.ConfigDict({
       "lr": 1e-3, "warmup_steps": 0, "grad_clip": 1.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-      "weight_decay": 0.0, "ema_decay": 0.999})
+      "weight_decay": 0.0, "ema_decay": 0.999,
+      "micro_batches": 1})  # gradient accumulation: the batch in micro-batches via lax.scan
   c.train = ml_collections.ConfigDict({
       "batch_size": 256, "num_steps": 1000, "log_every": 100, "save_every": 500,
       "sample_every": 0, "keep_checkpoints": 3})
   c.eval = ml_collections.ConfigDict({
       "num_samples": 5000, "sampler_steps": 18, "num_plot_samples": 64, "batch_size": 1000,
       "poll_seconds": 60.0, "timeout_seconds": 0.0})
-  # data/fsdp: mesh axis sizes (-1 = the remaining devices); rules: [(regex, spec tuple)].
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "rules": []})
+  # data/fsdp/tensor: mesh axis sizes within a slice (-1 = the remaining devices); dcn_*: the
+  # same axes across slices of a multi-slice pod (their product = number of slices).
+  # rules: [(regex, spec tuple)] matched first; other leaves of at least fsdp_min_size
+  # elements are split over fsdp along their largest divisible dimension.
+  c.mesh = ml_collections.ConfigDict({
+      "data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1,
+      "fsdp_min_size": 2**14, "rules": []})
   return c
 
 

@@ -2,6 +2,10 @@
 
   python -m fdistill.main --config=configs/toy2d_teacher.py --workdir=runs/t --mode=train_teacher
 Modes: train_teacher | distill | eval | sample.
+
+Multi-process (TPU pods, SLURM, N local CPU processes): every process runs this
+same command; ``--distributed`` and the coordinator flags start
+``jax.distributed`` (see launch/ and README "Sharded and multi-host training").
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -13,6 +17,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:va
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
 _MODE = flags.DEFINE_enum("mode", "train_teacher", MODES, "What to run.")
 _NUM = flags.DEFINE_integer("num_samples", 0, "sample mode: how many (0 = eval.num_plot_samples).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed.initialize: auto = when a coordinator is given or srun / Open MPI / a "
+    "multi-host TPU is detected; on = always (JAX auto-detects the cluster); off = never.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (default: detected or "
+                                   "$JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (default: detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (default: detected).")
 
 
 def load_config_file(spec):
@@ -58,7 +71,9 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   from fdistill.parallel import mesh as mesh_lib
-  mesh_lib.maybe_initialize_distributed()
+  mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
+                                        _NUM_PROCESSES.value, _PROCESS_ID.value)
+  mesh_lib.quiet_other_processes()
   run(_CONFIG.value, _WORKDIR.value, _MODE.value, _NUM.value)
 
 

@@ -49,7 +49,7 @@ def build(config, ctx) -> Objective:
   def step(state, frozen, batch, rng):
     del frozen  # teacher training has no teacher
     net, loss_val, aux, ok = steps.grad_and_update(state["net"], loss, None, batch, rng, tx,
-                                                   ema_decay)
+                                                   ema_decay, steps.micro_batch_count(config))
     return steps.count_step(dict(state, net=net), ok), {"train/" + k: v for k, v in aux.items()}
 
   def sample(state, rng, num, cond=None):

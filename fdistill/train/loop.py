@@ -1,7 +1,8 @@
 """The training loop shared by every objective (teacher training and distillation).
 
 Reads top to bottom: set-up, state (restored or created sharded), the jitted
-step, then the loop with its periodic actions (metrics, samples, checkpoints).
+step, then the loop with its periodic actions (metrics, samples, checkpoints)
+and preemption handling (SIGTERM / maintenance event: save, then return).
 """
 import json
 import os
@@ -16,6 +17,7 @@ from clu import metric_writers, periodic_actions
 from fdistill import checkpoint, data, objectives, teachers
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.parallel import partition
+from fdistill.parallel import preemption
 
 
 class JsonlWriter(metric_writers.interface.MetricWriter):
@@ -59,7 +61,7 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
 
 def make_writer(workdir):
   """TensorBoard + JSONL on process 0, logging only elsewhere."""
-  if jax.process_index() > 0:
+  if not mesh_lib.is_main_process():
     return metric_writers.LoggingWriter()
   return metric_writers.MultiWriter([
       metric_writers.create_default_writer(workdir, asynchronous=False),
@@ -77,18 +79,25 @@ def setup(config, mesh=None):
   return dataset, objectives.build(config, ctx), mesh, ctx
 
 
-def frozen_params(ctx, mesh):
-  """Teacher params placed replicated on the mesh (None stays None)."""
+def frozen_params(ctx, mesh, mesh_config=None):
+  """Teacher params on the mesh, sharded by the same rules as the state (None stays None)."""
   if ctx.teacher_params is None:
     return None
-  return jax.device_put(ctx.teacher_params, mesh_lib.replicated(mesh))
+  return partition.place(ctx.teacher_params,
+                         partition.config_shardings(ctx.teacher_params, mesh, mesh_config))
+
+
+def shardings_of(tree, mesh):
+  """The shardings of a placed pytree (replicated for None, which jit needs a prefix for)."""
+  if tree is None:
+    return mesh_lib.replicated(mesh)
+  return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
 def state_shardings(objective, mesh, config):
-  """(abstract state, NamedShardings) from the config's partition rules."""
+  """(abstract state, NamedShardings) from the config's partition rules and FSDP default."""
   abstract = jax.eval_shape(objective.init, jax.random.key(0))
-  rules = [(r, jax.sharding.PartitionSpec(*spec)) for r, spec in config.mesh.get("rules", [])]
-  return abstract, partition.shardings(abstract, mesh, rules)
+  return abstract, partition.config_shardings(abstract, mesh, config.get("mesh"))
 
 
 def init_or_restore(objective, mesh, config, ckpt, rng):
@@ -105,9 +114,10 @@ def train(config, workdir: str, mesh=None):
   """Runs ``config.train.num_steps`` steps of ``config.objective``; resumes from ``workdir``."""
   # --- Set-up.
   dataset, objective, mesh, ctx = setup(config, mesh)
-  frozen = frozen_params(ctx, mesh)
   tc = config.train
-  if jax.process_index() == 0:
+  mesh_lib.check_batch_size(tc.batch_size, mesh)
+  frozen = frozen_params(ctx, mesh, config.get("mesh"))
+  if mesh_lib.is_main_process():
     checkpoint.save_config(workdir, config)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.get("keep_checkpoints", 3))
   init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
@@ -117,33 +127,40 @@ def train(config, workdir: str, mesh=None):
   start = int(jax.device_get(state["step"]))
   repl = mesh_lib.replicated(mesh)
   step_fn = jax.jit(objective.step,
-                    in_shardings=(state_sh, repl, mesh_lib.batch_sharding(mesh), repl),
+                    in_shardings=(state_sh, shardings_of(frozen, mesh),
+                                  mesh_lib.batch_sharding(mesh), repl),
                     out_shardings=(state_sh, repl), donate_argnums=0)
 
   # --- Periodic actions.
   writer = make_writer(workdir)
   hooks = []
-  if jax.process_index() == 0:
+  if mesh_lib.is_main_process():
     hooks.append(periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer,
                                                  every_steps=tc.get("log_every", 100)))
   batches = dataset.iterator(tc.batch_size, start, jax.process_index(), jax.process_count())
 
-  # --- The loop. Only logging steps sync with the host.
+  # --- The loop. Only logging steps sync with the host. A preemption notice
+  # saves after the step in flight and leaves; a restart resumes from there.
   metrics = {}
-  for step in range(start, tc.num_steps):
-    batch = mesh_lib.global_batch(next(batches), mesh)
-    state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(train_rng, step))
-    done = step + 1
-    for hook in hooks:
-      hook(done)
-    if done % tc.get("log_every", 100) == 0 or done == tc.num_steps:
-      metrics = jax.device_get(metrics)
-      writer.write_scalars(done, metrics)
-    if done % tc.get("save_every", 1000) == 0 or done == tc.num_steps:
-      ckpt.save(done, state)
-    if tc.get("sample_every", 0) and done % tc.sample_every == 0:
-      write_samples(objective, state, jax.random.fold_in(sample_rng, done), config,
-                    os.path.join(workdir, f"samples_{done:07d}.png"), dataset)
+  with preemption.PreemptionWatch() as watch:
+    for step in range(start, tc.num_steps):
+      batch = mesh_lib.global_batch(next(batches), mesh)
+      state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(train_rng, step))
+      done = step + 1
+      for hook in hooks:
+        hook(done)
+      if done % tc.get("log_every", 100) == 0 or done == tc.num_steps:
+        metrics = jax.device_get(metrics)
+        writer.write_scalars(done, metrics)
+      if watch.reached(done):
+        ckpt.save(done, state, force=True)
+        logging.warning("Preempted: saved step %d to %s; exiting", done, ckpt.manager.directory)
+        break
+      if done % tc.get("save_every", 1000) == 0 or done == tc.num_steps:
+        ckpt.save(done, state)
+      if tc.get("sample_every", 0) and done % tc.sample_every == 0:
+        write_samples(objective, state, jax.random.fold_in(sample_rng, done), config,
+                      os.path.join(workdir, f"samples_{done:07d}.png"), dataset)
   ckpt.wait()
   ckpt.close()
   writer.flush()
@@ -157,8 +174,11 @@ def write_samples(objective, state, rng, config, path, dataset, num=None):
   cond = None
   if dataset.cond_dim:
     cond = jax.nn.one_hot(jnp.arange(num) % dataset.cond_dim, dataset.cond_dim)
-  samples = np.asarray(jax.device_get(jax.jit(objective.sample, static_argnums=2)(
-      state, rng, num, cond)))
-  if jax.process_index() == 0:
+  # Replicated output: every process can read it, also when the state spans hosts.
+  mesh = getattr(jax.tree_util.tree_leaves(state)[0].sharding, "mesh", None)
+  out = {"out_shardings": mesh_lib.replicated(mesh)} if mesh is not None else {}
+  sample_fn = jax.jit(objective.sample, static_argnums=2, **out)
+  samples = np.asarray(jax.device_get(sample_fn(state, rng, num, cond)))
+  if mesh_lib.is_main_process():
     plotting.save_samples(path, samples, reference=getattr(dataset, "gmm", None))
   return samples
