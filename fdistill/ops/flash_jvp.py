@@ -53,6 +53,12 @@ class KernelConfig:
   num_warps: int = 4
   num_stages: int = 2
 
+  def __post_init__(self):
+    for name in ("block_q", "block_k"):
+      size = getattr(self, name)
+      if size < _MIN_BLOCK or size & (size - 1):
+        raise ValueError(f"{name} must be a power of two >= {_MIN_BLOCK} (Triton tiles); got {size}")
+
 
 def default_config(head_dim: int) -> KernelConfig:
   """H100 starting points; `benchmarks/attention_jvp.py --tune` searches around them.
@@ -221,8 +227,7 @@ def _kernel(*refs, scale, block_q, block_k, sq, skv, head_dim, has_mask, tangent
 
   out = acc_o / l[:, None]
   _store_tile(o_ref, q_start, out, q_rows, cols)
-  lse_ref_view = lse_ref.at[pl.ds(q_start, block_q)]
-  plgpu.store(lse_ref_view, (m + jnp.log2(l)) * _LN2, mask=q_rows)
+  plgpu.store(lse_ref.at[pl.ds(q_start, block_q)], (m + jnp.log2(l)) * _LN2, mask=q_rows)
   if has_tangent:
     # dO = [(P*dS) V + P dV] - rowsum(P*dS) O, all normalised by l at the end.
     r, acc_t = tangent_carry
