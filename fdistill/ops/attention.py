@@ -13,7 +13,8 @@ impl:
   "flash_jvp" - the routed attention below: fast forward, fused Pallas JVP
                 (ops/flash_jvp.py), fast gradient. GPU, or CPU in Pallas
                 interpret mode (slow; tests).
-  "auto"      - "flash_jvp" on GPU, "xla" elsewhere. The default for models.
+  "auto"      - "flash_jvp" on GPU, "xla" elsewhere: what model configs
+                should set so one setting serves CPU tests and GPU runs.
 
 Routing (DESIGN.md section 5). rCM needs two things from one network:
 forward-mode tangents (``jax.jvp`` at stop_gradient(params), the tangent pass)
@@ -31,17 +32,22 @@ fused Pallas kernel has a JVP but no transpose. "flash_jvp" is therefore a
 
 So ``jax.jvp`` runs fast forward + fused kernel, and ``jax.grad`` (which
 linearises the JVP rule and transposes it) runs fast forward + the fast
-path's backward; the kernel is staged but never executed under grad. A model
+path's backward; the kernel does not run under grad (the transpose replaces
+it, see tests/test_attention.py). A model
 built with attn_impl="auto" serves both passes and needs no per-pass switch;
 a jvp taken under stop_gradient inside a jax.grad also works (rCM's loss).
 Zero tangents arrive as symbolic zeros and skip their matmuls in the kernel
 (e.g. cross-attention K/V from a constant text embedding).
 
-Costs and limits: under jax.jvp the primal is a second (cheap) forward next
-to the kernel, which also computes O; ``vmap`` of the jvp is not supported
-(``linear_call`` has no batching rule) - models batch explicitly. cuDNN
-turns the mask into per-example key lengths, so on GPU a mask must be a
-prefix (padding at the end); the XLA and Pallas paths accept any mask.
+Costs and limits: under jax.jvp the primal is a second forward next to the
+kernel (which computes O too): about 4/3 of the ideal cost, the price of a
+primal that grad can differentiate. ``jax.vmap`` of a jvp or grad through it
+raises (``linear_call`` has no batching rule); models batch explicitly, and
+plain vmap of the forward works. The Triton kernel is an opaque custom call
+to XLA's SPMD partitioner, so under a multi-GPU mesh it should run inside
+``shard_map`` over the batch axis (not done yet). cuDNN turns the mask into
+per-example key lengths, so on GPU a mask must be a prefix (padding at the
+end); the XLA and Pallas paths accept any mask.
 """
 import functools
 
