@@ -35,7 +35,8 @@ def _checkpoint(config, ctx):
   repl = mesh_lib.replicated(mesh_lib.make_mesh())
   abstract = checkpoint.with_shardings(abstract, jax.tree_util.tree_map(lambda _: repl, abstract))
   ckpt = checkpoint.Checkpointer(workdir)
-  state, _ = ckpt.restore(abstract, step=config.teacher.get("step", None))
+  step = config.teacher.get("step", -1)  # -1 (the config default) or None: the latest
+  state, _ = ckpt.restore(abstract, step=None if step is None or step < 0 else step)
   ckpt.close()
   return teacher_obj.denoiser(state)
 
