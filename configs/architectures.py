@@ -61,7 +61,10 @@ def ncsnpp_cifar10(cond: bool = True):
 
 
 def adm_imagenet64():
-  """EDM's class-conditional ImageNet 64x64 ADM (README: ``--arch=adm --dropout=0.10 --augment=0``)."""
+  """EDM's class-conditional ImageNet 64x64 ADM.
+
+  EDM README: ``--cond=1 --arch=adm --dropout=0.10 --augment=0`` (no augmentation labels).
+  """
   return _dhariwal_unet(label_dim=1000)
 
 

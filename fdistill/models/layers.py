@@ -84,6 +84,18 @@ def weight_init(mode: str, fan_in: int, fan_out: int, gain: float = 1.0):
   return init
 
 
+def weight_and_bias(module: nn.Module, init: Init, fan_in: int, fan_out: int, weight_shape,
+                    use_bias: bool = True):
+  """Creates EDM's "weight" (and "bias" [weight_shape[-1]]) params of ``module`` per ``init``."""
+  weight = module.param("weight", weight_init(init.mode, fan_in, fan_out, init.weight),
+                        tuple(weight_shape))
+  if not use_bias:
+    return weight, None
+  bias = module.param("bias", weight_init(init.mode, fan_in, fan_out, init.bias),
+                      tuple(weight_shape[-1:]))
+  return weight, bias
+
+
 class Linear(nn.Module):
   """EDM ``Linear``: ``x @ W + b`` computed in the input's dtype (params stay float32)."""
   features: int
@@ -93,14 +105,10 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-1]
-    weight = self.param("weight", weight_init(self.init.mode, fan_in, self.features, self.init.weight),
-                        (fan_in, self.features))
+    weight, bias = weight_and_bias(self, self.init, fan_in, self.features,
+                                   (fan_in, self.features), self.use_bias)
     y = x @ weight.astype(x.dtype)
-    if self.use_bias:
-      bias = self.param("bias", weight_init(self.init.mode, fan_in, self.features, self.init.bias),
-                        (self.features,))
-      y = y + bias.astype(x.dtype)
-    return y
+    return y if bias is None else y + bias.astype(x.dtype)
 
 
 class GroupNorm(nn.Module):

@@ -12,7 +12,14 @@ Both networks compute the RAW network F (preconditioning lives in
 ``fdistill.models``: ``__call__(x, c_noise, cond=None, train=False,
 return_features=False)``. With ``return_features`` they also return the
 encoder features: the output of each encoder resolution level (highest
-resolution first) and the bottleneck (after the two middle blocks) last.
+resolution first) and the bottleneck (after the two middle blocks) last, in
+the compute dtype. An optional ``augment_labels`` [B, augment_dim] argument
+feeds EDM's augmentation-label mapping.
+
+Differences from EDM, none of which changes the function computed in
+float32: GroupNorm statistics are always float32; the FIR filters are
+constants rather than buffers; NCSN++'s Fourier frequencies (an EDM buffer)
+are a never-trained parameter, so NCSN++ counts 128 more parameters.
 """
 import functools
 import math
@@ -37,32 +44,33 @@ def _fir_filter(taps: Sequence[int], channels: int, dtype, gain: float = 1.0):
   return jnp.asarray(np.tile(f[:, :, None, None], (1, 1, 1, channels)), dtype)
 
 
-def _conv(x, kernel, pad: int, **kwargs):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad)] * 2,
+def _conv(x, kernel, pad: int, stride: int = 1, **kwargs):
+  """NHWC x HWIO cross-correlation (torch ``conv2d`` semantics) with symmetric padding."""
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad)] * 2,
                                       dimension_numbers=_NHWC, **kwargs)
 
 
 def _downsample(x, taps, pad: int):
-  """FIR filter then stride 2 (torch ``conv2d(x, f, stride=2, padding=pad, groups=C)``)."""
+  """FIR filter then stride 2: torch ``conv2d(x, f, stride=2, padding=pad, groups=C)``."""
   f = _fir_filter(taps, x.shape[-1], x.dtype)
-  return jax.lax.conv_general_dilated(x, f, (2, 2), [(pad, pad)] * 2, dimension_numbers=_NHWC,
-                                      feature_group_count=x.shape[-1])
+  return _conv(x, f, pad, stride=2, feature_group_count=x.shape[-1])
 
 
 def _upsample(x, taps, pad: int):
-  """Zero-stuff by 2 then FIR filter with gain 4 (torch ``conv_transpose2d(x, 4f, stride=2, padding=pad)``)."""
+  """Zero-stuff by 2, then FIR filter with gain 4.
+
+  Equals torch ``conv_transpose2d(x, 4f, stride=2, padding=pad, groups=C)``.
+  """
   f = _fir_filter(taps, x.shape[-1], x.dtype, gain=4.0)
-  edge = f.shape[0] - 1 - pad
-  return jax.lax.conv_general_dilated(x, f, (1, 1), [(edge, edge)] * 2, lhs_dilation=(2, 2),
-                                      dimension_numbers=_NHWC, feature_group_count=x.shape[-1])
+  return _conv(x, f, f.shape[0] - 1 - pad, lhs_dilation=(2, 2), feature_group_count=x.shape[-1])
 
 
 class Conv2d(nn.Module):
   """EDM ``Conv2d``: optional FIR up/downsampling, then a ``kernel``x``kernel`` conv.
 
-  ``kernel=0`` makes a parameter-free resampler. ``fused_resample`` reorders
-  resampling around the conv exactly as EDM does (used by NCSN++'s residual
-  encoder), which changes the result at the borders.
+  ``kernel=0`` makes a parameter-free resampler. ``fused_resample`` applies
+  the conv on the other side of the resampling, with EDM's padding (NCSN++'s
+  residual encoder uses it; the results differ at the borders).
   """
   features: int
   kernel: int
@@ -78,14 +86,12 @@ class Conv2d(nn.Module):
     if self.up and self.down:
       raise ValueError("Conv2d: up and down are mutually exclusive")
     c_in, k = x.shape[-1], self.kernel
-    fan_in, fan_out = c_in * k * k, self.features * k * k
     w = b = None
     if k:
-      w = self.param("weight", layers.weight_init(self.init.mode, fan_in, fan_out, self.init.weight),
-                     (k, k, c_in, self.features)).astype(x.dtype)
-      if self.use_bias:
-        b = self.param("bias", layers.weight_init(self.init.mode, fan_in, fan_out, self.init.bias),
-                       (self.features,)).astype(x.dtype)
+      w, b = layers.weight_and_bias(self, self.init, c_in * k * k, self.features * k * k,
+                                    (k, k, c_in, self.features), self.use_bias)
+      w = w.astype(x.dtype)
+      b = None if b is None else b.astype(x.dtype)
     w_pad = k // 2
     f_pad = (len(self.resample_filter) - 1) // 2
     taps = self.resample_filter
@@ -132,7 +138,9 @@ class UNetBlock(nn.Module):
   def heads(self) -> int:
     if not self.attention:
       return 0
-    return self.num_heads if self.num_heads is not None else self.out_channels // self.channels_per_head
+    if self.num_heads is not None:
+      return self.num_heads
+    return self.out_channels // self.channels_per_head
 
   @nn.compact
   def __call__(self, x, emb, train: bool = False):
