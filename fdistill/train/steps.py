@@ -76,7 +76,7 @@ def grad_and_update(net_state, loss_fn, frozen, batch, rng, tx, ema_decay=None,
              opt_state=opt_state)
   if ema_decay is not None and "ema" in net_state:
     new["ema"] = state_lib.ema_update(net_state["ema"], new["params"], ema_decay)
-  aux = dict(aux, grad_norm=optax.global_norm(grads))
+  aux = dict(aux, grad_norm=optax.tree.norm(grads))
   return state_lib.select_tree(ok, new, net_state), loss, aux, ok
 
 
