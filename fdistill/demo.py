@@ -33,6 +33,17 @@ def teacher_stage(workdir, quick):
   return results[config.train.num_steps]
 
 
+def exact_data_row(num=5000):
+  """The metrics of true samples: the ceiling every model is compared with."""
+  import jax
+  from fdistill.data import toy
+  from fdistill.eval import toy_metrics
+  from fdistill.teachers import analytic
+  gmm = toy.gmm25()
+  stats = toy_metrics.mode_statistics(gmm, analytic.sample(gmm, jax.random.key(1), num))
+  return {"eval/" + k: v for k, v in stats.items()}
+
+
 def distill_stages(teacher_dir, workdir, quick):
   """Distils the teacher with each objective the demo lists; {name: metrics}."""
   try:
@@ -59,7 +70,8 @@ def main(argv):
   start = time.time()
   workdir = _WORKDIR.value
   teacher_dir = os.path.join(workdir, "teacher")
-  rows = {"teacher (Heun, 32 steps)": teacher_stage(teacher_dir, _QUICK.value)}
+  rows = {"data (exact samples)": exact_data_row(),
+          "teacher (Heun, 32 steps)": teacher_stage(teacher_dir, _QUICK.value)}
   rows.update(distill_stages(teacher_dir, workdir, _QUICK.value))
   table = summary_table(rows)
   with open(os.path.join(workdir, "summary.md"), "w") as f:
