@@ -72,8 +72,8 @@ def make_mesh(mesh_config=None, devices=None) -> Mesh:
   ici, dcn = mesh_shapes(mesh_config, len(devices))
   if math.prod(dcn) == 1:
     return jax.make_mesh(ici, AXES, axis_types=_auto(len(AXES)), devices=devices)
-  # Multi-slice: slices are TPU slices where the runtime knows them, else processes.
-  by_process = getattr(devices[0], "slice_index", None) is None
+  # Multi-slice: slices are TPU slices where the runtime numbers them, else processes.
+  by_process = len({getattr(d, "slice_index", None) for d in devices}) != math.prod(dcn)
   grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
   return Mesh(grid, AXES, axis_types=_auto(len(AXES)))
 
