@@ -20,7 +20,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest", "pytest-xdist", "mlxtend", "nbformat", "nbclient", "ipykernel"],
+    # torch: only tests/torch_reference (EDM's networks, to check the .pkl importer and the
+    # U-Net ports); pinned to the CPU wheel. fdistill itself never imports torch.
+    "test": ["pytest", "pytest-xdist", "mlxtend", "nbformat", "nbclient", "ipykernel",
+             "torch==2.13.0"],
     "notebook": ["jupyter", "ipykernel", "nbformat", "nbclient"],
     "tpu": ["jax[tpu]"],
     "cuda": ["jax[cuda12]"],

@@ -2,7 +2,8 @@
 
   none        no teacher (teacher training itself);
   analytic    the exact noised GMM of ``config.data.distribution`` (toy data);
-  checkpoint  the EMA denoiser of a ``--mode=train_teacher`` run in ``config.teacher.workdir``.
+  checkpoint  the EMA denoiser of a ``--mode=train_teacher`` run in ``config.teacher.workdir``;
+  edm_pickle  a published NVlabs/edm network pickle at ``config.teacher.path`` (local; no torch).
 
 ``load`` returns ``(apply_fn, params)`` with ``apply_fn(params, x, sigma, cond) -> D``.
 """
@@ -41,7 +42,29 @@ def _checkpoint(config, ctx):
   return teacher_obj.denoiser(state)
 
 
-TEACHERS = {"none": _none, "analytic": _analytic, "checkpoint": _checkpoint}
+def _edm_pickle(config, ctx):
+  """An EDM ``.pkl`` (e.g. edm-cifar10-32x32-cond-vp.pkl): architecture and weights from the file.
+
+  Compute settings (dtype, attn_impl, remat) come from ``config.model`` when it
+  names the same network; everything else comes from the pickle.
+  """
+  from fdistill import models
+  from fdistill.teachers import edm_pickle
+  path = config.teacher.get("path", "")
+  if not path:
+    raise ValueError("teacher.kind='edm_pickle' needs teacher.path (a local EDM .pkl)")
+  teacher = edm_pickle.load(path)
+  model_config = teacher.model_config
+  if "model" in config and config.model.get("name") == model_config.name:
+    for field in ("dtype", "attn_impl", "remat"):
+      if field in config.model:
+        model_config[field] = config.model[field]
+  apply_fn = models.make_denoiser(models.build(model_config), model_config.sigma_data)
+  return apply_fn, teacher.params
+
+
+TEACHERS = {"none": _none, "analytic": _analytic, "checkpoint": _checkpoint,
+            "edm_pickle": _edm_pickle}
 
 
 def load(config, ctx):
