@@ -13,8 +13,9 @@ def base_config():
   c.seed = 0
   c.data = ml_collections.ConfigDict({"name": "toy2d", "seed": 0})
   c.model = ml_collections.ConfigDict({"name": "mlp", "sigma_data": 0.5})
-  # kind: none | analytic | checkpoint. step: -1 = latest checkpoint of teacher.workdir.
-  c.teacher = ml_collections.ConfigDict({"kind": "none", "workdir": "", "step": -1})
+  # kind: none | analytic | checkpoint | edm_pickle. step: -1 = latest checkpoint of teacher.workdir;
+  # path: a local EDM .pkl for kind=edm_pickle (never downloaded).
+  c.teacher = ml_collections.ConfigDict({"kind": "none", "workdir": "", "step": -1, "path": ""})
   c.generator = ml_collections.ConfigDict({"sigma_init": 2.5})
   c.objective = ml_collections.ConfigDict({"name": "dsm", "p_mean": -1.2, "p_std": 1.2})
   c.optim = ml_collections.ConfigDict({
