@@ -14,9 +14,10 @@ Tolerance: the MC estimate is the mean of 32 independent chunks of 16384
 samples; its standard error comes from their spread. Each component must
 lie within 4 standard errors (+1e-4 for float32 sums), a false-alarm rate
 of ~4e-4 per component (Student t, 31 degrees of freedom); the seed is
-fixed, so the test is deterministic. Measured: every component within 2.3
-s.e.; the quadrature's autodiff and finite differences agree to 1e-10. A
-negative control checks that a wrong weight is caught by > 20 s.e.
+fixed, so the test is deterministic. Measured: every component within 1.6
+s.e. (median relative s.e. 0.8%); the quadrature's autodiff and finite
+differences agree to 1e-10. A negative control checks that a wrong weight is
+caught by > 20 s.e.
 """
 import functools
 
@@ -125,8 +126,15 @@ def quadrature_gradient(f, theta, s, fd_step=1e-5):
     return ({k: float(v) for k, v in auto.items()}, {k: float(v) for k, v in fd.items()})
 
 
-@pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("name,alpha", DIVS)
+def _finite_variance(name, alpha, case):
+  """Whether the MC estimator has finite variance. Case 0 has r -> 0 in the tails, where
+  h = r^a with a < 0 blows up: h^2 q ~ exp(x^2 (1/var_p - 2/var_q)/2) is integrable only if
+  var_q < 2 var_p, and var_q = 1.93 > 2 * 0.58 there (the mean is finite, its error bars not)."""
+  return not (name == "alpha" and alpha < 0 and case == 0)
+
+
+@pytest.mark.parametrize("name,alpha,case", [(n, a, c) for n, a in DIVS for c in range(len(CASES))
+                                             if _finite_variance(n, a, c)])
 def test_surrogate_gradient_matches_divergence_gradient(name, alpha, case):
   a, b, s = CASES[case]
   exact, fd = quadrature_gradient(divergences.get(name, alpha).f, {"A": a, "b": b}, s)

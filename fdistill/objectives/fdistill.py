@@ -30,8 +30,8 @@ on the others, each with its own optax optimiser, gradient clipping and the
 NaN guard of :func:`fdistill.train.steps.grad_and_update`.
 
 Initialisation: the generator and the fake score copy the teacher's params
-(``teacher.kind='checkpoint'``; same architecture as the teacher, checked at
-build time). The copy happens inside the first step, from the ``frozen``
+(``teacher.kind`` 'checkpoint' or 'edm_pickle'; same architecture as the
+teacher, checked at build time). The copy happens inside the first step, from the ``frozen``
 argument, so a large teacher never becomes a constant of the jitted init.
 With the analytic teacher (an exact GMM, no network) both start from the same
 fresh ``config.model`` network (the zero-initialised output layer makes ``G``
@@ -39,6 +39,7 @@ a small Gaussian around 0) and ``warmup_critic_steps`` critic-only steps let
 the fake score fit that initial generator before the generator moves.
 """
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -102,35 +103,58 @@ class Settings:
     return settings
 
 
+def objective_config(**overrides) -> ml_collections.ConfigDict:
+  """A complete ``config.objective`` for f-distill: :class:`Settings` defaults, the
+  discriminator and optimiser overrides for the fake score and discriminator, then
+  ``overrides`` (configs/*_fdistill.py call this)."""
+  c = dict(dataclasses.asdict(Settings()), name="fdistill",
+           discriminator=dict(name="mlp"), fake_optim={}, disc_optim={})
+  unknown = sorted(set(overrides) - set(c))
+  if unknown:
+    raise ValueError(f"objective.{unknown[0]} is not an f-distill setting; valid: "
+                     f"{', '.join(sorted(c))}")
+  c.update(overrides)
+  return ml_collections.ConfigDict(c)
+
+
 # ---------------------------------------------------------------------------
-# Noise levels: each sampler returns (sigma, u), u in [0, 1) the sampler's own uniform
-# coordinate, used to bin the density ratio.
+# Noise. Each step draws all its Gaussian noise in one ``jax.random.normal`` call
+# (every separate call adds a threefry expansion that XLA compiles, seconds on CPU).
+# Noise-level samplers map a standard normal ``e`` [B] to (sigma, u), u in (0, 1) the
+# sampler's own uniform coordinate, used to bin the density ratio.
 
 
-def _karras(rng, n, st: Settings):
-  """FastGen's 'polynomial': uniform position on EDM's Karras (rho) grid from s_max to s_min."""
-  u = jax.random.uniform(rng, (n,), minval=st.ramp_min, maxval=st.ramp_max)
+def draw_noise(rng, n, x_shape, num_x, num_scalar):
+  """``num_x`` standard normal arrays [n, *x_shape] and ``num_scalar`` of shape [n]."""
+  size = math.prod(x_shape)
+  flat = jax.random.normal(rng, (n, num_x * size + num_scalar))
+  xs = [flat[:, i * size:(i + 1) * size].reshape((n,) + tuple(x_shape)) for i in range(num_x)]
+  return xs, [flat[:, num_x * size + j] for j in range(num_scalar)]
+
+
+def _karras(e, st: Settings):
+  """FastGen's 'polynomial': a uniform position on EDM's Karras (rho) grid from s_max to s_min."""
+  u = st.ramp_min + (st.ramp_max - st.ramp_min) * jax.scipy.stats.norm.cdf(e)
   hi, lo = st.sigma_max**(1 / st.rho), st.sigma_min**(1 / st.rho)
   return (hi + u * (lo - hi))**st.rho, u
 
 
-def _lognormal(rng, n, st: Settings):
+def _lognormal(e, st: Settings):
   """EDM training levels ``log s ~ N(p_mean, p_std^2)``; u is the normal CDF."""
-  e = jax.random.normal(rng, (n,))
   return jnp.exp(st.p_mean + st.p_std * e), jax.scipy.stats.norm.cdf(e)
 
 
-def _fixed(rng, n, st: Settings):
+def _fixed(e, st: Settings):
   """One noise level (analysis and the oracle tests)."""
-  del rng
-  return jnp.full((n,), st.sigma_fixed, jnp.float32), jnp.full((n,), 0.5, jnp.float32)
+  return jnp.full_like(e, st.sigma_fixed), jnp.full_like(e, 0.5)
 
 
 SIGMA_DISTS = {"karras": _karras, "lognormal": _lognormal, "fixed": _fixed}
 
 
-def sample_sigma(rng, n, st: Settings):
-  return SIGMA_DISTS[st.sigma_dist](rng, n, st)
+def sample_sigma(e, st: Settings):
+  """(sigma, u) from standard normals ``e`` [B]."""
+  return SIGMA_DISTS[st.sigma_dist](e, st)
 
 
 # ---------------------------------------------------------------------------
@@ -247,8 +271,8 @@ def teacher_and_features(nets: Nets, teacher_params, x_t, sigma, cond):
   return nets.teacher_apply(teacher_params, x_t, sigma, cond), None
 
 
-def generate(nets: Nets, params, rng, num, cond=None):
-  z = jax.random.normal(rng, (num,) + tuple(nets.x_shape))
+def generate(nets: Nets, params, z, cond=None):
+  """``G(z) = D_g(s_g z; s_g)`` for standard normal ``z`` [B, *x_shape]."""
   return edm.one_step_generate(nets.gen_apply, params, z, cond, nets.sigma_init)
 
 
@@ -257,11 +281,11 @@ def make_generator_loss(nets: Nets, div: divergences.Divergence, st: Settings):
   normaliser = _WEIGHTS[st.weight]
 
   def loss(params, frozen, batch, rng):
-    z_rng, s_rng, e_rng = jax.random.split(rng, 3)
     cond = batch.get("cond")
-    x = generate(nets, params, z_rng, batch["x"].shape[0], cond)
-    sigma, u = sample_sigma(s_rng, x.shape[0], st)
-    x_t = edm.add_noise(x, jax.random.normal(e_rng, x.shape), sigma)
+    (z, eps), (e,) = draw_noise(rng, batch["x"].shape[0], nets.x_shape, 2, 1)
+    x = generate(nets, params, z, cond)
+    sigma, u = sample_sigma(e, st)
+    x_t = edm.add_noise(x, eps, sigma)
     d_fake = jax.lax.stop_gradient(nets.fake_apply(frozen["fake"], x_t, sigma, cond))
     d_teacher, feats = teacher_and_features(nets, frozen["teacher"], x_t, sigma, cond)
     d_teacher = jax.lax.stop_gradient(d_teacher)
@@ -321,17 +345,15 @@ def critic_batch(nets: Nets, st: Settings, gen_params, batch, rng):
   The fake score and the discriminator see the same noised generator samples
   (FastGen); the data get their own noise levels unless ``same_noise_real``.
   """
-  z_rng, s_rng, e_rng, rs_rng, re_rng = jax.random.split(rng, 5)
   cond = batch.get("cond")
   real = batch["x"]
-  x_gen = jax.lax.stop_gradient(generate(nets, gen_params, z_rng, real.shape[0], cond))
-  sigma, _ = sample_sigma(s_rng, real.shape[0], st)
-  eps = jax.random.normal(e_rng, x_gen.shape)
+  (z, eps, real_eps), (e, real_e) = draw_noise(rng, real.shape[0], nets.x_shape, 3, 2)
+  x_gen = jax.lax.stop_gradient(generate(nets, gen_params, z, cond))
+  sigma, _ = sample_sigma(e, st)
   if st.same_noise_real:
     real_sigma, real_eps = sigma, eps
   else:
-    real_sigma = sample_sigma(rs_rng, real.shape[0], st)[0]
-    real_eps = jax.random.normal(re_rng, real.shape)
+    real_sigma = sample_sigma(real_e, st)[0]
   out = {"x_gen": x_gen, "x_t": edm.add_noise(x_gen, eps, sigma), "sigma": sigma,
          "real_t": edm.add_noise(real, real_eps, real_sigma), "real_sigma": real_sigma}
   if cond is not None:
@@ -384,7 +406,7 @@ def build(config, ctx) -> Objective:
   x_example = (1,) + tuple(ctx.x_shape)
   fresh = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0), x_example,
                                                     ctx.cond_dim))
-  from_teacher = config.teacher.kind == "checkpoint"
+  from_teacher = config.teacher.kind != "analytic"  # a network: checkpoint or edm_pickle
   if from_teacher and not _same_structure(fresh, ctx.teacher_params):
     raise ValueError("f-distill initialises the generator from the teacher: config.model must "
                      "be the teacher's architecture (compare with the teacher run's config.json)")
@@ -393,6 +415,7 @@ def build(config, ctx) -> Objective:
   tx_fake = _section_optimizer(config.optim, config.objective.get("fake_optim"))
   tx_disc = _section_optimizer(config.optim, config.objective.get("disc_optim"))
   ema_decay = config.optim.get("ema_decay", 0.999)
+  micro = steps.micro_batch_count(config)  # micro-batches: bins are averaged over them
   gen_loss = make_generator_loss(nets, div, st)
   fake_loss = make_fake_score_loss(nets, st)
   disc_loss = make_discriminator_loss(nets)
@@ -418,7 +441,7 @@ def build(config, ctx) -> Objective:
     gen_frozen = {"teacher": frozen, "fake": state["fake"]["params"],
                   "disc": state["disc"]["params"], "bins": state["ratio_bins"]}
     gen, loss, aux, ok = steps.grad_and_update(state["gen"], gen_loss, gen_frozen, batch, rng,
-                                               tx_gen, ema_decay)
+                                               tx_gen, ema_decay, micro)
     bins = jnp.where(ok, aux.pop("bins"), state["ratio_bins"])
     last = dict(state["last"], gen_loss=loss, gen_grad_norm=aux.pop("grad_norm"), **aux)
     return steps.count_step(dict(state, gen=gen, ratio_bins=bins, last=last), ok)
@@ -427,9 +450,9 @@ def build(config, ctx) -> Objective:
     c_rng, f_rng, d_rng = jax.random.split(rng, 3)
     cb = critic_batch(nets, st, state["gen"]["params"], batch, c_rng)
     fake, _, f_aux, f_ok = steps.grad_and_update(state["fake"], fake_loss, None, cb, f_rng,
-                                                 tx_fake)
+                                                 tx_fake, micro_batches=micro)
     disc_state, _, d_aux, d_ok = steps.grad_and_update(state["disc"], disc_loss, frozen, cb,
-                                                       d_rng, tx_disc)
+                                                       d_rng, tx_disc, micro_batches=micro)
     last = dict(state["last"], fake_grad_norm=f_aux.pop("grad_norm"),
                 disc_grad_norm=d_aux.pop("grad_norm"), **f_aux, **d_aux)
     return steps.count_step(dict(state, fake=fake, disc=disc_state, last=last),
@@ -445,6 +468,7 @@ def build(config, ctx) -> Objective:
     return state, metrics
 
   def sample(state, rng, num, cond=None):
-    return generate(nets, state["gen"]["ema"], rng, num, cond)
+    z = jax.random.normal(rng, (num,) + tuple(nets.x_shape))
+    return generate(nets, state["gen"]["ema"], z, cond)
 
   return Objective(init=init, step=step, sample=sample)

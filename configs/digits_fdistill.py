@@ -1,0 +1,50 @@
+"""f-distill of the digits teacher (scikit-learn's 8x8 digits at 16x16) into a one-step U-Net.
+
+Two commands on a laptop CPU (the teacher first, a few minutes each):
+
+  python -m fdistill.main --config=configs/digits_teacher.py --workdir=runs/digits_teacher --mode=train_teacher
+  python -m fdistill.main --config=configs/digits_fdistill.py:js --workdir=runs/digits_js --mode=distill
+
+Sample grids land in ``<workdir>/samples_<step>.png`` every ``train.sample_every`` steps.
+Variant = the divergence (as in ``toy2d_fdistill.py``); keys: ``alpha``, ``teacher_dir``
+(default runs/digits_teacher), ``steps``, ``resolution`` and ``conditional`` (must match the
+teacher run's). The generator and the fake score copy the teacher's U-Net; the
+discriminator is CIFAR-style (one head per encoder resolution, bottleneck included).
+Noise levels: the teacher's own lognormal training levels (a teacher trained for minutes is
+only accurate there); everything else follows FastGen's CIFAR-10 f-distill recipe at small
+scale.
+"""
+from configs import common
+from configs import digits_teacher
+from fdistill.objectives import divergences
+from fdistill.objectives import fdistill
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, variant="js", alpha=0.5, teacher_dir="runs/digits_teacher",
+                       steps=2000, resolution=16, conditional=False)
+  c = common.base_config()
+  teacher = digits_teacher.get_config(f"resolution={a.resolution},conditional={a.conditional}")
+  c.data = teacher.data
+  c.model = teacher.model
+  c.teacher.kind = "checkpoint"
+  c.teacher.workdir = a.teacher_dir
+  c.generator.sigma_init = 2.5
+  c.objective = fdistill.objective_config(
+      divergence=common.check_choice(a.variant, list(divergences.DIVERGENCES), "variant"),
+      alpha=a.alpha, gen_every=5, gan_weight=1e-3, sigma_dist="lognormal", p_mean=-1.2,
+      p_std=1.2, ratio_ema=0.5, fake_loss_weight="edm",
+      discriminator=dict(name="unet_heads", feature_indices=(0, 1, -1)),
+      fake_optim=dict(grad_clip=0.0), disc_optim=dict(grad_clip=0.0))
+  c.optim.lr = 2e-4
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 10.0
+  c.optim.ema_decay = 0.99
+  c.train.batch_size = 64
+  c.train.num_steps = a.steps
+  c.train.log_every = 100
+  c.train.save_every = 500
+  c.train.sample_every = 500
+  c.eval.num_plot_samples = 64
+  return c

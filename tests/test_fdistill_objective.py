@@ -1,0 +1,264 @@
+"""f-distill objective: normalisers, update schedule, NaN guard, determinism, teacher init, configs.
+
+Tiny networks (one hidden layer) on the 8-mode toy mixture; the compiled steps
+are cached at module level and shared by the tests (compiling a step is most
+of the cost on CPU).
+"""
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import toy2d_fdistill
+from fdistill import models
+from fdistill import objectives
+from fdistill.data import toy
+from fdistill.objectives import divergences
+from fdistill.objectives import fdistill
+from fdistill.teachers import analytic
+
+GMM = toy.toy_gmm("gmm8")
+BATCH = 32
+
+
+def tiny_config(arg="js,teacher=analytic", **objective):
+  c = toy2d_fdistill.get_config(arg + ",distribution=gmm8,steps=8")
+  c.model.hidden, c.model.emb_dim = (32,), 16
+  c.objective.discriminator.update(hidden=(16,), emb_dim=16)
+  c.objective.update(dict(warmup_critic_steps=0, gen_every=3, **objective))
+  c.train.batch_size = BATCH
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def analytic_objective():
+  """(objective, jitted init, jitted step) with the exact teacher; gen_every = 3."""
+  obj = objectives.build(tiny_config(), objectives.Context((2,), 0, analytic.as_apply_fn(), GMM))
+  return obj, jax.jit(obj.init), jax.jit(obj.step)
+
+
+def batch(step, nan=False, seed=0):
+  x = analytic.sample(GMM, jax.random.fold_in(jax.random.key(seed), step), BATCH)
+  return {"x": jnp.full_like(x, jnp.nan) if nan else x}
+
+
+def run(seed, num_steps, frozen=GMM):
+  """``num_steps`` steps from ``init``; the seed sets the init, the data and the step keys."""
+  _, init, step = analytic_objective()
+  key = jax.random.key(seed)
+  state, history = init(key), []
+  for i in range(num_steps):
+    state, metrics = step(state, frozen, batch(i, seed=seed),
+                          jax.random.fold_in(jax.random.fold_in(key, 1), i))
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+def changed(a, b):
+  return any(not np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                                      jax.tree_util.tree_leaves(b)))
+
+
+# ---------------------------------------------------------------------------
+# Update schedule, determinism, NaN guard.
+
+
+def test_generator_every_kth_step_critics_otherwise():
+  """From step 3 on (each optimiser's first update has learning rate 0: the linear warm-up
+  schedule of ``make_optimizer`` starts at 0 even with warmup_steps=0)."""
+  state, _ = run(0, 3)
+  _, _, step = analytic_objective()
+  for i in range(3, 9):
+    new, _ = step(state, GMM, batch(i), jax.random.key(i))
+    is_gen = i % 3 == 0
+    assert changed(state["gen"]["params"], new["gen"]["params"]) == is_gen, i
+    assert changed(state["gen"]["ema"], new["gen"]["ema"]) == is_gen, i
+    assert changed(state["ratio_bins"], new["ratio_bins"]) == is_gen, i
+    assert changed(state["fake"]["params"], new["fake"]["params"]) != is_gen, i
+    assert changed(state["disc"]["params"], new["disc"]["params"]) != is_gen, i
+    assert int(new["step"]) == i + 1 and int(new["skipped"]) == 0
+    state = new
+
+
+def test_generator_moves_toward_the_data():
+  """Sanity of the sign: a few hundred steps on the exact teacher spread the initial tiny blob
+  (G(z) ~ 0.1 z, median radius 0.11) out toward the mixture's modes at radius 1 (measured:
+  median radius 0.22 after 300 steps, 100 of them generator updates)."""
+  obj, init, _ = analytic_objective()
+  median_radius = lambda state: float(jnp.median(jnp.linalg.norm(
+      obj.sample(state, jax.random.key(5), 512), axis=-1)))
+  before = median_radius(init(jax.random.key(0)))
+  after = median_radius(run(0, 300)[0])
+  assert after > 1.5 * before, (before, after)
+
+
+def test_schedule_with_critic_warmup():
+  st = fdistill.Settings(gen_every=4, warmup_critic_steps=3)
+  gen = [int(s) for s in range(12) if fdistill.is_generator_step(jnp.int32(s), st)]
+  assert gen == [3, 7, 11]
+
+
+def test_same_seed_same_losses():
+  _, first = run(0, 4)
+  _, again = run(0, 4)
+  _, other = run(1, 4)
+  for a, b in zip(first, again):
+    assert a == b  # bit-for-bit
+  assert first[-1]["train/fake_loss"] != other[-1]["train/fake_loss"]
+  assert all(np.isfinite(v) for m in first for v in m.values())
+
+
+def test_non_finite_updates_are_skipped_and_counted():
+  """A NaN teacher poisons the generator step (step 0), NaN data the discriminator step
+  (step 1): those updates are skipped, the step counted, the rest of the state intact."""
+  _, init, step = analytic_objective()
+  state = init(jax.random.key(0))
+  bad_teacher = GMM._replace(means=jnp.full_like(GMM.means, jnp.nan))
+  new, metrics = step(state, bad_teacher, batch(0), jax.random.key(0))
+  assert int(new["skipped"]) == 1 and int(metrics["train/skipped"]) == 1
+  assert not changed(state["gen"], new["gen"])
+  assert not changed(state["ratio_bins"], new["ratio_bins"])
+  state = new
+  new, _ = step(state, GMM, batch(1, nan=True), jax.random.key(1))
+  assert int(new["skipped"]) == 2 and int(new["step"]) == 2
+  assert not changed(state["disc"], new["disc"])
+  assert changed(state["fake"], new["fake"])  # its own loss was finite: optimiser state moved
+
+
+def test_checkpoint_teacher_initialises_generator_and_fake_score():
+  """With teacher.kind='checkpoint' the first step copies the teacher's params into the
+  generator (params and EMA) and the fake score; learning rates 0 isolate the copy."""
+  config = tiny_config("js,teacher=checkpoint", fake_optim={"lr": 0.0}, disc_optim={"lr": 0.0})
+  config.optim.lr = 0.0
+  module = models.build(config.model)
+  teacher = models.init_params(module, jax.random.key(7), (1, 2))
+  teacher = jax.tree_util.tree_map(lambda x: x + 0.1, teacher)  # output layer no longer zero
+  ctx = objectives.Context((2,), 0, models.make_denoiser(module), teacher)
+  obj = objectives.build(config, ctx)
+  state = obj.init(jax.random.key(0))
+  assert changed(state["gen"]["params"], teacher)
+  state, _ = jax.jit(obj.step)(state, teacher, batch(0), jax.random.key(0))
+  for tree in (state["gen"]["params"], state["gen"]["ema"], state["fake"]["params"]):
+    assert not changed(tree, teacher)
+  samples = obj.sample(state, jax.random.key(1), 4)
+  z = jax.random.normal(jax.random.key(1), (4, 2))
+  np.testing.assert_allclose(samples, ctx.teacher_apply(teacher, 2.5 * z, jnp.full((4,), 2.5)),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_generator_must_match_teacher_architecture():
+  config = tiny_config("js,teacher=checkpoint")
+  other_config = config.model.copy_and_resolve_references()
+  other_config.hidden = (16,)
+  other = models.build(other_config)
+  teacher = models.init_params(other, jax.random.key(0), (1, 2))
+  ctx = objectives.Context((2,), 0, models.make_denoiser(other), teacher)
+  with pytest.raises(ValueError, match="teacher's architecture"):
+    objectives.build(config, ctx)
+
+
+# ---------------------------------------------------------------------------
+# The weight and its normalisers.
+
+
+def test_ratio_is_clipped_logit_mean_exponentiated_and_clipped():
+  st = fdistill.Settings()
+  logits = jnp.array([[0.0, 2.0], [30.0, 30.0], [-30.0, -30.0], [0.5, 0.5]])
+  np.testing.assert_allclose(fdistill.density_ratio(logits, st),
+                             [np.e, st.ratio_upper, st.ratio_lower, np.exp(0.5)], rtol=1e-6)
+
+
+def test_ratio_bins_follow_an_ema_of_bin_means_and_skip_empty_bins():
+  bins = jnp.array([1.0, 2.0, 3.0])
+  r = jnp.array([4.0, 6.0, 10.0])
+  idx = jnp.array([0, 0, 2])
+  new = fdistill.update_ratio_bins(bins, r, idx, ema=0.25)
+  np.testing.assert_allclose(new, [0.25 * 1 + 0.75 * 5, 2.0, 0.25 * 3 + 0.75 * 10], rtol=1e-5)
+
+
+def test_bin_normalised_ratios_average_one_per_bin():
+  """With ratio_ema = 0 each bin's ratios are divided by this batch's bin mean."""
+  st = fdistill.Settings(ratio_bins=4, ratio_ema=0.0, normalise_h=False, divergence="forward_kl")
+  rng_l, rng_u = jax.random.split(jax.random.key(0))
+  logits = jax.random.normal(rng_l, (512, 1))
+  u = jax.random.uniform(rng_u, (512,))
+  h, bins, _ = fdistill.f_weight(logits, u, jnp.ones((4,)), divergences.get("forward_kl"), st)
+  idx = np.asarray(fdistill.bin_index(u, 4))
+  for b in range(4):  # forward KL: h = r, so h is the normalised ratio itself
+    np.testing.assert_allclose(np.mean(np.asarray(h)[idx == b]), 1.0, rtol=1e-4)
+  assert not np.allclose(bins, 1.0)
+
+
+def test_h_is_normalised_to_mean_one_and_weight_uses_abs_mean():
+  st = fdistill.Settings(divergence="js", ratio_bins=0)
+  logits = jax.random.normal(jax.random.key(0), (64, 3))
+  h, _, stats = fdistill.f_weight(logits, jnp.zeros((64,)), jnp.ones((1,)),
+                                  divergences.get("js"), st)
+  np.testing.assert_allclose(jnp.mean(h), 1.0, rtol=1e-5)
+  assert float(stats["h_max"]) > 1.0 > float(stats["h_min"])
+  x = jnp.array([[1.0, 2.0], [0.0, 0.0]])
+  d = jnp.array([[0.0, 0.0], [0.5, -0.5]])
+  np.testing.assert_allclose(fdistill._abs_mean_weight(x, d, None), [1 / 1.5, 1 / 0.5],
+                             rtol=1e-5)
+
+
+def test_h_normaliser_is_the_global_batch_mean_across_devices():
+  """Under jit on an 8-device mesh with the batch sharded, the mean is over all devices
+  (every device's rows are divided by the same global mean), not per device."""
+  devices = jax.devices()
+  if len(devices) < 8:
+    pytest.skip("needs the 8 fake CPU devices of conftest.py")
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices[:8])
+  h = jnp.repeat(jnp.arange(1.0, 9.0), 4)  # device i holds only the value i + 1
+  sharded = jax.device_put(h, NamedSharding(mesh, P("data")))
+  out = jax.jit(fdistill.normalise_by_batch_mean)(sharded)
+  np.testing.assert_allclose(out, h / (4.5 + 1e-6), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dist", ["karras", "lognormal"])
+def test_noise_level_bins_are_equally_populated(dist):
+  """Bins are over the sampler's own uniform coordinate, so each gets ~1/num_bins of the batch
+  (FastGen's linear bins in sigma put ~2/3 of Karras samples in the first)."""
+  st = fdistill.Settings(sigma_dist=dist)
+  sigma, u = fdistill.sample_sigma(jax.random.normal(jax.random.key(0), (20000,)), st)
+  counts = np.bincount(np.asarray(fdistill.bin_index(u, 10)), minlength=10) / 20000
+  np.testing.assert_allclose(counts, 0.1, atol=0.012)
+  if dist == "karras":
+    assert float(sigma.min()) >= st.sigma_min and float(sigma.max()) <= st.sigma_max
+
+
+# ---------------------------------------------------------------------------
+# Configs.
+
+CONFIGS = ["toy2d_fdistill", "digits_fdistill", "cifar10_fdistill", "imagenet64_fdistill"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("divergence", [d for d in divergences.DIVERGENCES if d != "alpha"])
+def test_configs_build_settings_for_every_divergence(name, divergence):
+  config = importlib.import_module(f"configs.{name}").get_config(divergence)
+  st = fdistill.Settings.from_config(config.objective)
+  assert st.divergence == divergence and config.objective.name == "fdistill"
+  assert config.teacher.kind in ("checkpoint", "analytic", "edm_pickle")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_reject_unknown_divergence(name):
+  with pytest.raises(ValueError, match="forward_kl"):
+    importlib.import_module(f"configs.{name}").get_config("kl")
+
+
+def test_alpha_variant_and_unknown_settings():
+  config = toy2d_fdistill.get_config("alpha,alpha=1.5")
+  st = fdistill.Settings.from_config(config.objective)
+  assert divergences.get(st.divergence, st.alpha).name == "alpha(1.5)"
+  with pytest.raises(ValueError, match="objective.ratio_clip is not"):
+    fdistill.objective_config(ratio_clip=3.0)
+  config.objective.sigma_dist = "uniform"
+  with pytest.raises(ValueError, match="karras"):
+    fdistill.Settings.from_config(config.objective)
