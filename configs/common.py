@@ -31,10 +31,11 @@ def base_config():
   # data/fsdp/tensor: mesh axis sizes within a slice (-1 = the remaining devices); dcn_*: the
   # same axes across slices of a multi-slice pod (their product = number of slices).
   # rules: [(regex, spec tuple)] matched first; other leaves of at least fsdp_min_size
-  # elements are split over fsdp along their largest divisible dimension.
+  # elements are split over fsdp along their largest divisible dimension. fsdp_gather: whole
+  # weights for the compute (FSDP) or, False, weight placement left to XLA (partition.py).
   c.mesh = ml_collections.ConfigDict({
       "data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1,
-      "fsdp_min_size": 2**14, "rules": []})
+      "fsdp_min_size": 2**14, "fsdp_gather": True, "rules": []})
   return c
 
 

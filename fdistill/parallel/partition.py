@@ -11,6 +11,8 @@ The same rules apply to every state pytree, so a parameter, its Adam moments
 and its EMA copy (same shape, same path suffix) are always sharded alike, and
 the generator, fake score, discriminator and the frozen teacher all get them.
 """
+import contextlib
+import contextvars
 import re
 from typing import Sequence, Tuple
 
@@ -135,6 +137,28 @@ def place(tree, tree_shardings):
   return jax.tree_util.tree_map(put, tree, tree_shardings)
 
 
+_GATHER = contextvars.ContextVar("fdistill_fsdp_gather", default=True)
+
+
+@contextlib.contextmanager
+def fsdp_gather(enabled: bool = True):
+  """Whether :func:`gather_fsdp` gathers, for steps traced inside this context.
+
+  ``config.mesh.fsdp_gather``; train/loop.py traces the step inside it. True
+  (default): FSDP as such, whole weights for the compute and batch-sharded
+  activations. False: weight placement is left to XLA's sharding propagation,
+  which may move activations instead of weights; for huge models at a small
+  per-device batch its peak memory can be much lower (benchmarks/sharding_memory.py
+  --no_gather), at the price of less predictable communication. Read at trace
+  time: a function already jitted and traced keeps its first choice.
+  """
+  token = _GATHER.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _GATHER.reset(token)
+
+
 def _fsdp_mesh(x):
   """The (abstract) mesh ``x`` lives on if it has an fsdp axis worth gathering, else None."""
   mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
@@ -152,8 +176,11 @@ def gather_fsdp(tree):
   pass sees whole weights with batch-sharded activations (pure data-parallel
   compute, no weight-shaped resharding of activations) and the transpose
   reduces the gradient back onto the fsdp shards. A no-op off a mesh, on an
-  fsdp axis of 1, and with a tensor axis > 1 (then XLA places everything).
+  fsdp axis of 1, with a tensor axis > 1 (then XLA places everything) and
+  inside ``fsdp_gather(False)``.
   """
+  if not _GATHER.get():
+    return tree
 
   def gather(x):
     mesh = _fsdp_mesh(x)

@@ -142,7 +142,8 @@ def train(config, workdir: str, mesh=None):
   # --- The loop. Only logging steps sync with the host. A preemption notice
   # saves after the step in flight and leaves; a restart resumes from there.
   metrics = {}
-  with preemption.PreemptionWatch() as watch:
+  gather = config.mesh.get("fsdp_gather", True)  # read when the first step traces
+  with preemption.PreemptionWatch() as watch, partition.fsdp_gather(gather):
     for step in range(start, tc.num_steps):
       batch = mesh_lib.global_batch(next(batches), mesh)
       state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(train_rng, step))
