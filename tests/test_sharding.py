@@ -96,6 +96,17 @@ def test_rules_come_first_and_bad_rules_raise():
     partition.config_shardings(tree, mesh, {"rules": [("c", ("fsdp", None))]})
 
 
+def test_gather_fsdp_constrains_only_fsdp_sharded_traces_and_can_be_switched_off():
+  mesh = mesh_lib.make_mesh(SHARDED_MESH)
+  x = jax.device_put(jnp.zeros((8, 16)), jax.sharding.NamedSharding(mesh, P(None, "fsdp")))
+  # A new function each time: traces are cached per function, the switch is read when tracing.
+  traced = lambda: str(jax.make_jaxpr(lambda t: partition.gather_fsdp(t))(x))
+  assert "sharding_constraint" in traced()
+  with partition.fsdp_gather(False):
+    assert "sharding_constraint" not in traced()
+  assert "sharding_constraint" not in str(jax.make_jaxpr(partition.gather_fsdp)(jnp.zeros(3)))
+
+
 # --- One DSM step on 1 device and on (data=2, fsdp=4) (f-distill: test_sharding_fdistill.py).
 
 def test_dsm_step_on_8_devices_equals_1_device():
