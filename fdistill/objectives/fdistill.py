@@ -51,6 +51,7 @@ from fdistill.diffusion import edm
 from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import Objective
 from fdistill.objectives import divergences
+from fdistill.parallel import partition
 from fdistill.registry import lookup
 from fdistill.train import state as state_lib
 from fdistill.train import steps
@@ -348,7 +349,8 @@ def critic_batch(nets: Nets, st: Settings, gen_params, batch, rng):
   cond = batch.get("cond")
   real = batch["x"]
   (z, eps, real_eps), (e, real_e) = draw_noise(rng, real.shape[0], nets.x_shape, 3, 2)
-  x_gen = jax.lax.stop_gradient(generate(nets, gen_params, z, cond))
+  # Whole generator weights for this forward (FSDP), as inside steps.grad_and_update.
+  x_gen = jax.lax.stop_gradient(generate(nets, partition.gather_fsdp(gen_params), z, cond))
   sigma, _ = sample_sigma(e, st)
   if st.same_noise_real:
     real_sigma, real_eps = sigma, eps
