@@ -40,12 +40,15 @@ def load_config(path):
 
 
 def child_env(devices, cache_dir=None):
-  """Environment of a child process with ``devices`` fake CPU devices (and a compile cache)."""
+  """Environment of a child process with ``devices`` fake CPU devices and a compile cache
+  (``cache_dir``, default: the test session's persistent cache from conftest.py)."""
+  import jax
+  cache_dir = cache_dir or jax.config.values.get("jax_compilation_cache_dir")
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   if cache_dir:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   return env
 
 

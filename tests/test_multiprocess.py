@@ -28,9 +28,9 @@ def single_process_losses(config_path, workdir):
 
 def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
   config_path = mp.write_config(tmp_path)
-  workdir, logs, cache = tmp_path / "two", tmp_path / "logs", tmp_path / "cache"
+  workdir, logs = tmp_path / "two", tmp_path / "logs"
   first = mp.start_launcher(2, mp.main_args(config_path, workdir, "train.num_steps=4",
-                                            *MULTI_SLICE), logs / "first", cache_dir=cache)
+                                            *MULTI_SLICE), logs / "first")
   # The reference trains here while the two processes start up.
   reference = single_process_losses(config_path, tmp_path / "one")
   mp.finish(first, logs / "first")
@@ -38,7 +38,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
   assert sorted(mp.losses(workdir)) == [1, 2, 3, 4]
 
   second = mp.start_launcher(2, mp.main_args(config_path, workdir, f"train.num_steps={STEPS}",
-                                             *MULTI_SLICE), logs / "second", cache_dir=cache)
+                                             *MULTI_SLICE), logs / "second")
   mp.finish(second, logs / "second")
   assert mp.checkpoint_steps(workdir) == [4, 6, 8]
   two = mp.losses(workdir)
