@@ -1,1 +1,1 @@
-"""Device meshes, partition rules and multi-process start-up."""
+"""Device meshes, partition rules, multi-process start-up and preemption notices."""
