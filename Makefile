@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 
 # The CPU test suite (what .ci/run calls).
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --durations=10 tests
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/toy2d_divergences.py
