@@ -29,11 +29,19 @@ class Objective:
       metrics is a dict of scalar arrays named "train/...".
   sample(state, rng, num, cond) -> samples      (the model being trained, EMA weights)
   denoiser(state) -> (apply_fn, params)         (the trained score model, if there is one)
+  branches, branch_of (optional): an objective that alternates updates (f-distill:
+      generator / critics) gives each kind of step as its own function with ``step``'s
+      signature, and ``branch_of(step: int) -> index`` on the host; the training loop jits
+      each branch and calls the one for the step. ``step`` stays the single-function form
+      (a ``lax.cond``), equivalent: XLA:CPU runs convolutions nested in a conditional ~10x
+      slower, and a host-side choice costs nothing on any backend.
   """
   init: Callable
   step: Callable
   sample: Callable
   denoiser: Optional[Callable] = None
+  branches: Optional[Tuple[Callable, ...]] = None
+  branch_of: Optional[Callable[[int], int]] = None
 
 
 def _registry():

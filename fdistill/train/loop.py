@@ -126,10 +126,12 @@ def train(config, workdir: str, mesh=None):
   state, state_sh = init_or_restore(objective, mesh, config, ckpt, init_rng)
   start = int(jax.device_get(state["step"]))
   repl = mesh_lib.replicated(mesh)
-  step_fn = jax.jit(objective.step,
-                    in_shardings=(state_sh, shardings_of(frozen, mesh),
-                                  mesh_lib.batch_sharding(mesh), repl),
-                    out_shardings=(state_sh, repl), donate_argnums=0)
+  # One jitted function per branch of an alternating objective (see objectives.Objective).
+  step_fns = [jax.jit(fn, in_shardings=(state_sh, shardings_of(frozen, mesh),
+                                        mesh_lib.batch_sharding(mesh), repl),
+                      out_shardings=(state_sh, repl), donate_argnums=0)
+              for fn in (objective.branches or (objective.step,))]
+  branch_of = objective.branch_of or (lambda step: 0)
 
   # --- Periodic actions.
   writer = make_writer(workdir)
@@ -146,7 +148,8 @@ def train(config, workdir: str, mesh=None):
   with preemption.PreemptionWatch() as watch, partition.fsdp_gather(gather):
     for step in range(start, tc.num_steps):
       batch = mesh_lib.global_batch(next(batches), mesh)
-      state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(train_rng, step))
+      state, metrics = step_fns[branch_of(step)](state, frozen, batch,
+                                                 jax.random.fold_in(train_rng, step))
       done = step + 1
       for hook in hooks:
         hook(done)
