@@ -58,6 +58,7 @@ def distill(divergence, seeds, steps, num_samples, chunk=250, overrides=None, te
   """Samples [len(seeds), num_samples, 2] of each seed's EMA generator after ``steps`` steps."""
   config, objective, frozen, gmm = make_objective(divergence, steps, overrides, teacher_dir)
   batch_size = config.train.batch_size
+  chunk = min(chunk, steps)
 
   def one_step(state, key):
     data_key, step_key = jax.random.split(key)

@@ -27,7 +27,10 @@ position or the lognormal CDF), so every bin receives the same share.
 Update schedule (DMD2 / FastGen ``student_update_freq``): the generator is
 updated on every ``gen_every``-th step, the fake score and the discriminator
 on the others, each with its own optax optimiser, gradient clipping and the
-NaN guard of :func:`fdistill.train.steps.grad_and_update`.
+NaN guard of :func:`fdistill.train.steps.grad_and_update`. The two kinds of
+step are separate functions (``Objective.branches``) that the training loop
+jits and picks on the host; ``Objective.step`` combines them with a
+``lax.cond`` for callers that want one function.
 
 Initialisation: the generator and the fake score copy the teacher's params
 (``teacher.kind`` 'checkpoint' or 'edm_pickle'; same architecture as the
@@ -385,9 +388,12 @@ def _same_structure(a, b) -> bool:
 
 
 def is_generator_step(step, st: Settings):
-  """Generator on steps warmup, warmup + k, warmup + 2k, ...; critic otherwise."""
+  """Generator on steps warmup, warmup + k, warmup + 2k, ...; critic otherwise.
+
+  For a traced step (``Objective.step``) or a Python int (``Objective.branch_of``).
+  """
   since = step - st.warmup_critic_steps
-  return jnp.logical_and(since >= 0, since % st.gen_every == 0)
+  return (since >= 0) & (since % st.gen_every == 0)
 
 
 def build(config, ctx) -> Objective:
@@ -460,17 +466,28 @@ def build(config, ctx) -> Objective:
     return steps.count_step(dict(state, fake=fake, disc=disc_state, last=last),
                             jnp.logical_and(f_ok, d_ok))
 
+  def branch(update):
+    """A full step that runs ``update``: teacher copy at step 0, update, metrics."""
+
+    def run(state, frozen, batch, rng):
+      if from_teacher:
+        state = jax.lax.cond(state["step"] == 0, load_teacher, lambda s, _: s, state, frozen)
+      state = update(state, frozen, batch, rng)
+      metrics = {"train/" + k: v for k, v in state["last"].items()}
+      metrics["train/skipped"] = state["skipped"]
+      return state, metrics
+
+    return run
+
+  gen_branch, critic_branch = branch(generator_step), branch(critic_step)
+
   def step(state, frozen, batch, rng):
-    if from_teacher:
-      state = jax.lax.cond(state["step"] == 0, load_teacher, lambda s, _: s, state, frozen)
-    state = jax.lax.cond(is_generator_step(state["step"], st), generator_step, critic_step,
-                         state, frozen, batch, rng)
-    metrics = {"train/" + k: v for k, v in state["last"].items()}
-    metrics["train/skipped"] = state["skipped"]
-    return state, metrics
+    return jax.lax.cond(is_generator_step(state["step"], st), gen_branch, critic_branch,
+                        state, frozen, batch, rng)
 
   def sample(state, rng, num, cond=None):
     z = jax.random.normal(rng, (num,) + tuple(nets.x_shape))
     return generate(nets, state["gen"]["ema"], z, cond)
 
-  return Objective(init=init, step=step, sample=sample)
+  return Objective(init=init, step=step, sample=sample, branches=(gen_branch, critic_branch),
+                   branch_of=lambda i: 0 if is_generator_step(i, st) else 1)
