@@ -22,8 +22,27 @@ feature maps. FastGen's CIFAR-10 config picks forward KL.
 from configs import architectures
 from configs import cifar10_teacher
 from configs import common
-from fdistill.objectives import divergences
 from fdistill.objectives import fdistill
+
+
+def fastgen_recipe(c, a, *, lr, gan_weight, ratio_ema, feature_indices, batch_size, num_steps):
+  """FastGen's EDM f-distill recipe on ``c`` (CIFAR-10 and ImageNet-64 differ only in the
+  keyword arguments); ``a``: the parsed config argument (variant, alpha, teacher, teacher_dir)."""
+  c.teacher.kind = common.check_choice(a.teacher, ["edm_pickle", "checkpoint"], "teacher")
+  c.teacher.workdir = a.teacher_dir
+  c.generator.sigma_init = 80.0
+  c.objective = fdistill.objective_config(
+      divergence=a.variant, alpha=a.alpha, gen_every=5, gan_weight=gan_weight,
+      sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, ratio_lower=0.1, ratio_upper=20.0,
+      ratio_bins=10, ratio_ema=ratio_ema, fake_loss_weight="none",
+      discriminator=dict(name="unet_heads", feature_indices=feature_indices),
+      fake_optim=dict(grad_clip=0.0), disc_optim=dict(grad_clip=0.0))
+  c.optim.update(dict(lr=lr, warmup_steps=0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
+                      grad_clip=10.0, ema_decay=0.9999))
+  c.train.update(dict(batch_size=batch_size, num_steps=num_steps, log_every=500, save_every=5_000,
+                      sample_every=5_000))
+  c.eval.num_samples = 50_000
+  return c
 
 
 def get_config(arg=None):
@@ -32,22 +51,5 @@ def get_config(arg=None):
   c = common.base_config()
   c.data = cifar10_teacher.get_config(f"cond={a.cond}").data
   c.model = architectures.ddpmpp_cifar10(cond=a.cond)
-  c.teacher.kind = common.check_choice(a.teacher, ["edm_pickle", "checkpoint"], "teacher")
-  c.teacher.workdir = a.teacher_dir
-  c.generator.sigma_init = 80.0
-  c.objective = fdistill.objective_config(
-      divergence=common.check_choice(a.variant, list(divergences.DIVERGENCES), "variant"),
-      alpha=a.alpha, gen_every=5, gan_weight=1e-3, sigma_dist="karras", sigma_min=0.002,
-      sigma_max=80.0, ratio_lower=0.1, ratio_upper=20.0, ratio_bins=10, ratio_ema=0.0,
-      fake_loss_weight="none",
-      discriminator=dict(name="unet_heads", feature_indices=(0, 1, -1)),
-      fake_optim=dict(grad_clip=0.0), disc_optim=dict(grad_clip=0.0))
-  c.optim.update(dict(lr=1e-4, warmup_steps=0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
-                      grad_clip=10.0, ema_decay=0.9999))
-  c.train.batch_size = 2048
-  c.train.num_steps = 100_000
-  c.train.log_every = 500
-  c.train.save_every = 5_000
-  c.train.sample_every = 5_000
-  c.eval.num_samples = 50_000
-  return c
+  return fastgen_recipe(c, a, lr=1e-4, gan_weight=1e-3, ratio_ema=0.0,
+                        feature_indices=(0, 1, -1), batch_size=2048, num_steps=100_000)

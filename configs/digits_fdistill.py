@@ -1,6 +1,6 @@
 """f-distill of the digits teacher (scikit-learn's 8x8 digits at 16x16) into a one-step U-Net.
 
-Two commands on a laptop CPU (the teacher first, a few minutes each):
+Two commands on a CPU (the teacher first; on two cores each takes tens of minutes):
 
   python -m fdistill.main --config=configs/digits_teacher.py --workdir=runs/digits_teacher --mode=train_teacher
   python -m fdistill.main --config=configs/digits_fdistill.py:js --workdir=runs/digits_js --mode=distill
@@ -16,7 +16,6 @@ scale.
 """
 from configs import common
 from configs import digits_teacher
-from fdistill.objectives import divergences
 from fdistill.objectives import fdistill
 
 
@@ -31,20 +30,12 @@ def get_config(arg=None):
   c.teacher.workdir = a.teacher_dir
   c.generator.sigma_init = 2.5
   c.objective = fdistill.objective_config(
-      divergence=common.check_choice(a.variant, list(divergences.DIVERGENCES), "variant"),
-      alpha=a.alpha, gen_every=5, gan_weight=1e-3, sigma_dist="lognormal", p_mean=-1.2,
-      p_std=1.2, ratio_ema=0.5, fake_loss_weight="edm",
+      divergence=a.variant, alpha=a.alpha, gen_every=5, gan_weight=1e-3,
+      sigma_dist="lognormal", p_mean=-1.2, p_std=1.2, ratio_ema=0.5, fake_loss_weight="edm",
       discriminator=dict(name="unet_heads", feature_indices=(0, 1, -1)),
       fake_optim=dict(grad_clip=0.0), disc_optim=dict(grad_clip=0.0))
-  c.optim.lr = 2e-4
-  c.optim.warmup_steps = 0
-  c.optim.weight_decay = 0.0
-  c.optim.grad_clip = 10.0
-  c.optim.ema_decay = 0.99
-  c.train.batch_size = 64
-  c.train.num_steps = a.steps
-  c.train.log_every = 100
-  c.train.save_every = 500
-  c.train.sample_every = 500
+  c.optim.update(dict(lr=2e-4, warmup_steps=0, weight_decay=0.0, grad_clip=10.0, ema_decay=0.99))
+  c.train.update(dict(batch_size=64, num_steps=a.steps, log_every=100, save_every=500,
+                      sample_every=500))
   c.eval.num_plot_samples = 64
   return c

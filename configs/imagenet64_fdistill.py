@@ -16,10 +16,9 @@ over [0.002, 80]; generator at sigma 80; gradient clipping at 10 for the generat
 default divergence here is JS. Compute in bfloat16 and FSDP over 8 devices, as the teacher.
 """
 from configs import architectures
+from configs import cifar10_fdistill
 from configs import common
 from configs import imagenet64_teacher
-from fdistill.objectives import divergences
-from fdistill.objectives import fdistill
 
 
 def get_config(arg=None):
@@ -31,21 +30,6 @@ def get_config(arg=None):
   c.model = architectures.adm_imagenet64()
   c.model.dtype = "bfloat16"
   c.mesh = teacher.mesh
-  c.teacher.kind = common.check_choice(a.teacher, ["edm_pickle", "checkpoint"], "teacher")
-  c.teacher.workdir = a.teacher_dir
-  c.generator.sigma_init = 80.0
-  c.objective = fdistill.objective_config(
-      divergence=common.check_choice(a.variant, list(divergences.DIVERGENCES), "variant"),
-      alpha=a.alpha, gen_every=5, gan_weight=3e-3, sigma_dist="karras", sigma_min=0.002,
-      sigma_max=80.0, ratio_lower=0.1, ratio_upper=20.0, ratio_bins=10, ratio_ema=0.5,
-      fake_loss_weight="none", discriminator=dict(name="unet_heads", feature_indices=(-1,)),
-      fake_optim=dict(grad_clip=0.0), disc_optim=dict(grad_clip=0.0))
-  c.optim.update(dict(lr=2e-6, warmup_steps=0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
-                      grad_clip=10.0, ema_decay=0.9999))
-  c.train.batch_size = 512
-  c.train.num_steps = 600_000
-  c.train.log_every = 500
-  c.train.save_every = 5_000
-  c.train.sample_every = 5_000
-  c.eval.num_samples = 50_000
-  return c
+  return cifar10_fdistill.fastgen_recipe(c, a, lr=2e-6, gan_weight=3e-3, ratio_ema=0.5,
+                                         feature_indices=(-1,), batch_size=512,
+                                         num_steps=600_000)

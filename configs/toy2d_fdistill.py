@@ -18,7 +18,6 @@ spans [-1, 1]; a DSM-trained MLP teacher is unreliable far above that) and a GAN
 """
 from configs import common
 from configs import toy2d_teacher
-from fdistill.objectives import divergences
 from fdistill.objectives import fdistill
 
 
@@ -33,21 +32,12 @@ def get_config(arg=None):
   c.teacher.workdir = a.teacher_dir if a.teacher == "checkpoint" else ""
   c.generator.sigma_init = 2.5
   c.objective = fdistill.objective_config(
-      divergence=common.check_choice(a.variant, list(divergences.DIVERGENCES), "variant"),
-      alpha=a.alpha, gen_every=5, gan_weight=1e-2, sigma_dist="karras", sigma_max=10.0,
-      ratio_ema=0.9, fake_loss_weight="edm",
+      divergence=a.variant, alpha=a.alpha, gen_every=5, gan_weight=1e-2, sigma_dist="karras",
+      sigma_max=10.0, ratio_ema=0.9, fake_loss_weight="edm",
       warmup_critic_steps=200 if a.teacher == "analytic" else 0,
       discriminator=dict(name="mlp", hidden=(128, 128), emb_dim=32),
       fake_optim=dict(lr=1e-3), disc_optim=dict(lr=1e-3))
-  c.optim.lr = 5e-4
-  c.optim.warmup_steps = 0
-  c.optim.weight_decay = 0.0
-  c.optim.grad_clip = 10.0
-  c.optim.ema_decay = 0.99
-  c.train.batch_size = 256
-  c.train.num_steps = a.steps
-  c.train.log_every = 500
-  c.train.save_every = a.steps
-  c.eval.num_samples = 5000
-  c.eval.num_plot_samples = 2000
+  c.optim.update(dict(lr=5e-4, warmup_steps=0, weight_decay=0.0, grad_clip=10.0, ema_decay=0.99))
+  c.train.update(dict(batch_size=256, num_steps=a.steps, log_every=500, save_every=a.steps))
+  c.eval.update(dict(num_samples=5000, num_plot_samples=2000))
   return c

@@ -77,7 +77,8 @@ class FeatureDiscriminator(nn.Module):
     logits = []
     for i in self.feature_indices:
       feat = features[i]
-      logits.append(FeatureHead(self.channels or feat.shape[-1], name=f"head{i % len(features)}")(feat))
+      head = FeatureHead(self.channels or feat.shape[-1], name=f"head{i % len(features)}")
+      logits.append(head(feat))
     return jnp.concatenate(logits, axis=1)
 
 

@@ -118,6 +118,7 @@ def objective_config(**overrides) -> ml_collections.ConfigDict:
     raise ValueError(f"objective.{unknown[0]} is not an f-distill setting; valid: "
                      f"{', '.join(sorted(c))}")
   c.update(overrides)
+  divergences.get(c["divergence"], c["alpha"])  # fail early on an unknown divergence
   return ml_collections.ConfigDict(c)
 
 
