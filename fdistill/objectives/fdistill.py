@@ -65,7 +65,8 @@ _SECTIONS = ("name", "discriminator", "fake_optim", "disc_optim")
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """The scalar fields of ``config.objective`` for f-distill (defaults: FastGen's CIFAR-10)."""
+  """The scalar fields of ``config.objective`` (defaults: FastGen's CIFAR-10 recipe, except the
+  EDM-weighted fake-score loss)."""
   divergence: str = "js"
   alpha: float = 0.5              # only for divergence='alpha'
   gen_every: int = 5              # generator update on every k-th step (student_update_freq)
