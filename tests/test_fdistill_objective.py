@@ -68,8 +68,7 @@ def changed(a, b):
 
 
 def test_generator_every_kth_step_critics_otherwise():
-  """From step 3 on (each optimiser's first update has learning rate 0: the linear warm-up
-  schedule of ``make_optimizer`` starts at 0 even with warmup_steps=0)."""
+  """Steps 3..8, after every branch has run once."""
   state, _ = run(0, 3)
   _, _, step = analytic_objective()
   for i in range(3, 9):

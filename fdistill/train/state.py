@@ -14,7 +14,9 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
 
   Fields: lr, warmup_steps, grad_clip (0 = off), b1, b2, eps, weight_decay.
   """
-  lr = optax.linear_schedule(0.0, optim_config.lr, max(int(optim_config.get("warmup_steps", 0)), 1))
+  warmup = int(optim_config.get("warmup_steps", 0))
+  # No warm-up means the full rate from the first update (a 1-step ramp would start at 0).
+  lr = optax.linear_schedule(0.0, optim_config.lr, warmup) if warmup > 0 else optim_config.lr
   parts = []
   if optim_config.get("grad_clip", 0.0):
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
