@@ -209,8 +209,7 @@ def test_h_normaliser_is_the_global_batch_mean_across_devices():
   """Under jit on an 8-device mesh with the batch sharded, the mean is over all devices
   (every device's rows are divided by the same global mean), not per device."""
   devices = jax.devices()
-  if len(devices) < 8:
-    pytest.skip("needs the 8 fake CPU devices of conftest.py")
+  assert len(devices) >= 8, "conftest.py provides 8 fake CPU devices"
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices[:8])
   h = jnp.repeat(jnp.arange(1.0, 9.0), 4)  # device i holds only the value i + 1
