@@ -54,6 +54,28 @@ class Checkpointer:
     self.manager.close()
 
 
+def restore_from(workdir: str, abstract_state, shardings, step: Optional[int] = None):
+  """(state, meta) of ``workdir``'s checkpoint at ``step`` (None = latest), placed by ``shardings``.
+
+  Opens and closes its own manager: for readers (sample, eval, teacher loading)
+  that never write to the run they read.
+  """
+  ckpt = Checkpointer(workdir)
+  try:
+    return ckpt.restore(with_shardings(abstract_state, shardings), step=step)
+  finally:
+    ckpt.close()
+
+
+def saved_steps(workdir: str):
+  """The steps with a complete checkpoint under ``workdir``."""
+  ckpt = Checkpointer(workdir)
+  try:
+    return ckpt.all_steps()
+  finally:
+    ckpt.close()
+
+
 def save_config(workdir: str, config) -> None:
   """Writes ``config.json`` beside the checkpoints (atomically: write then rename)."""
   os.makedirs(workdir, exist_ok=True)

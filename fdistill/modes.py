@@ -24,10 +24,7 @@ def sample(config, workdir, num=0):
   from fdistill import checkpoint
   from fdistill.train import loop
   dataset, objective, mesh, _ = loop.setup(config)
-  abstract, shardings = loop.state_shardings(objective, mesh, config)
-  ckpt = checkpoint.Checkpointer(workdir)
-  state, meta = ckpt.restore(checkpoint.with_shardings(abstract, shardings))
-  ckpt.close()
+  state, meta = checkpoint.restore_from(workdir, *loop.state_shardings(objective, mesh, config))
   path = os.path.join(workdir, f"samples_step{meta['step']}.png")
   samples = loop.write_samples(objective, state, jax.random.key(config.seed + 2), config, path,
                                dataset, num=num or None)

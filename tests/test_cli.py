@@ -74,8 +74,7 @@ def _params(workdir, config):
   from fdistill import checkpoint
   from fdistill.train import loop
   _, objective, mesh, _ = loop.setup(config)
-  abstract, shardings = loop.state_shardings(objective, mesh, config)
-  state, _ = checkpoint.Checkpointer(workdir).restore(checkpoint.with_shardings(abstract, shardings))
+  state, _ = checkpoint.restore_from(workdir, *loop.state_shardings(objective, mesh, config))
   return state
 
 

@@ -44,10 +44,8 @@ def evaluate_checkpoint(config, workdir, step, objective=None, dataset=None, mes
   """Metrics dict for the checkpoint at ``step`` of ``workdir``."""
   if objective is None:
     dataset, objective, mesh, _ = loop.setup(config, mesh)
-  abstract, shardings = loop.state_shardings(objective, mesh, config)
-  ckpt = checkpoint.Checkpointer(workdir)
-  state, _ = ckpt.restore(checkpoint.with_shardings(abstract, shardings), step=step)
-  ckpt.close()
+  state, _ = checkpoint.restore_from(workdir, *loop.state_shardings(objective, mesh, config),
+                                     step=step)
   metric_fn = lookup(METRICS, metric_name(config, dataset), "eval.metric")
   return metric_fn(config, objective, state, dataset, jax.random.key(config.seed + 1))
 
@@ -63,7 +61,7 @@ def run(config, workdir):
   writer = loop.make_writer(eval_dir)
   last_new = time.time()
   while True:
-    steps = checkpoint.Checkpointer(workdir).all_steps()
+    steps = checkpoint.saved_steps(workdir)
     todo = [s for s in sorted(steps) if str(s) not in done]
     for step in todo:
       metrics = evaluate_checkpoint(config, workdir, step, objective, dataset, mesh)

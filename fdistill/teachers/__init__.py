@@ -34,11 +34,10 @@ def _checkpoint(config, ctx):
   abstract = jax.eval_shape(teacher_obj.init, jax.random.key(0))
   # Replicated on every device of this run, whatever mesh the teacher was trained on.
   repl = mesh_lib.replicated(mesh_lib.make_mesh())
-  abstract = checkpoint.with_shardings(abstract, jax.tree_util.tree_map(lambda _: repl, abstract))
-  ckpt = checkpoint.Checkpointer(workdir)
   step = config.teacher.get("step", -1)  # -1 (the config default) or None: the latest
-  state, _ = ckpt.restore(abstract, step=None if step is None or step < 0 else step)
-  ckpt.close()
+  state, _ = checkpoint.restore_from(workdir, abstract,
+                                     jax.tree_util.tree_map(lambda _: repl, abstract),
+                                     step=None if step is None or step < 0 else step)
   return teacher_obj.denoiser(state)
 
 
