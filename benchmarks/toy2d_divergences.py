@@ -29,12 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import toy2d_fdistill  # noqa: E402
 from fdistill import objectives  # noqa: E402
-from fdistill import plotting  # noqa: E402
+from fdistill.io import plotting  # noqa: E402
 from fdistill import teachers  # noqa: E402
 from fdistill.eval import toy_metrics  # noqa: E402
 from fdistill.objectives import divergences  # noqa: E402
-from fdistill.teachers import analytic  # noqa: E402
-from fdistill.data import toy  # noqa: E402
+from fdistill.diffusion import gmm as gmm_lib  # noqa: E402
 
 COLUMNS = ("modes_covered", "precision", "weight_recall", "log_density")
 DEFAULT_DIVERGENCES = ("reverse_kl", "softened_rkl", "js", "squared_hellinger", "forward_kl",
@@ -48,7 +47,7 @@ def make_objective(divergence, steps, overrides=None, teacher_dir=""):
   for key, value in (overrides or {}).items():
     section, field = key.split(".", 1)
     config[section][field] = value
-  gmm = toy.toy_gmm(config.data.distribution)
+  gmm = gmm_lib.named(config.data.distribution)
   ctx = objectives.Context((2,), 0)
   ctx = objectives.Context((2,), 0, *teachers.load(config, ctx))
   return config, objectives.build(config, ctx), ctx.teacher_params, gmm
@@ -62,7 +61,7 @@ def distill(divergence, seeds, steps, num_samples, chunk=250, overrides=None, te
 
   def one_step(state, key):
     data_key, step_key = jax.random.split(key)
-    batch = {"x": analytic.sample(gmm, data_key, batch_size)}
+    batch = {"x": gmm_lib.sample(gmm, data_key, batch_size)}
     return objective.step(state, frozen, batch, step_key)[0], None
 
   def run_chunk(state, keys):

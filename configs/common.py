@@ -6,6 +6,10 @@ a single variant name or ``key=value,key=value`` pairs.
 """
 import ml_collections
 
+# data.distribution of toy2d (fdistill/diffusion/gmm.py; configs import no fdistill module,
+# tests/test_configs.py checks the two lists agree).
+TOY_DISTRIBUTIONS = ("gmm8", "gmm25", "checkerboard")
+
 
 def base_config():
   """All sections a run may read: data, model, teacher, generator, objective, optim, train, eval, mesh."""

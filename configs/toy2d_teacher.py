@@ -4,14 +4,14 @@
 Variants: gmm8 | gmm25 (default) | checkerboard.
 """
 from configs import common
-from fdistill.data import toy
+
 
 
 def get_config(arg=None):
   a = common.parse_arg(arg, variant="gmm25")
   c = common.base_config()
   c.data.name = "toy2d"
-  c.data.distribution = common.check_choice(a.variant, list(toy.TOY_DISTRIBUTIONS), "variant")
+  c.data.distribution = common.check_choice(a.variant, common.TOY_DISTRIBUTIONS, "variant")
   c.model.name = "mlp"
   c.model.hidden = (256, 256, 256)
   c.model.emb_dim = 64

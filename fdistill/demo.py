@@ -36,11 +36,10 @@ def teacher_stage(workdir, quick):
 def exact_data_row(num=5000):
   """The metrics of true samples: the ceiling every model is compared with."""
   import jax
-  from fdistill.data import toy
+  from fdistill.diffusion import gmm as gmm_lib
   from fdistill.eval import toy_metrics
-  from fdistill.teachers import analytic
-  gmm = toy.gmm25()
-  stats = toy_metrics.mode_statistics(gmm, analytic.sample(gmm, jax.random.key(1), num))
+  gmm = gmm_lib.gmm25()
+  stats = toy_metrics.mode_statistics(gmm, gmm_lib.sample(gmm, jax.random.key(1), num))
   return {"eval/" + k: v for k, v in stats.items()}
 
 

@@ -21,7 +21,7 @@ def sample(config, workdir, num=0):
   """Restores the latest checkpoint and writes ``samples.png`` (+ samples.npy)."""
   import jax
   import numpy as np
-  from fdistill import checkpoint
+  from fdistill.io import checkpoint
   from fdistill.train import loop
   dataset, objective, mesh, _ = loop.setup(config)
   state, meta = checkpoint.restore_from(workdir, *loop.state_shardings(objective, mesh, config))

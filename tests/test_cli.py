@@ -71,7 +71,7 @@ def test_mode_objective_mismatch_is_rejected():
 
 
 def _params(workdir, config):
-  from fdistill import checkpoint
+  from fdistill.io import checkpoint
   from fdistill.train import loop
   _, objective, mesh, _ = loop.setup(config)
   state, _ = checkpoint.restore_from(workdir, *loop.state_shardings(objective, mesh, config))

@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 
 from fdistill import data
 from fdistill.data import images
+from fdistill.io import plotting
 
 
 def _cfg(**kw):
@@ -177,7 +178,7 @@ def test_cifar10_shapes_and_protocol(mock_tfds):
 def test_cifar10_epochs_are_permutations(mock_tfds, mock_cifar_raw):
   ds = _cifar(random_flip=False, seed=2)
   x = _concat(_take(ds.iterator(10), 2 * N_MOCK // 10))["x"]
-  seen = [images.to_uint8(img).tobytes() for img in x]
+  seen = [plotting.to_uint8(img).tobytes() for img in x]
   assert sorted(seen[:N_MOCK]) == sorted(mock_cifar_raw)
   assert sorted(seen[N_MOCK:]) == sorted(mock_cifar_raw)
   assert seen[:N_MOCK] != seen[N_MOCK:] and seen[:N_MOCK] != mock_cifar_raw
@@ -222,12 +223,12 @@ def test_missing_tfds_data_fails_fast_naming_data_dir(tmp_path):
 def test_image_grid_layout_and_values():
   u = np.random.default_rng(0).integers(0, 256, (5, 4, 3, 2), dtype=np.uint8)
   x = u.astype(np.float32) / 127.5 - 1.0
-  grid = images.image_grid(x, nrow=3, padding=1)
+  grid = plotting.image_grid(x, nrow=3, padding=1)
   assert grid.shape == (2 * 5 - 1, 3 * 4 - 1, 2) and grid.dtype == np.uint8
   np.testing.assert_array_equal(grid[0:4, 0:3], u[0])  # exact inverse of u / 127.5 - 1
   np.testing.assert_array_equal(grid[5:9, 4:7], u[4])  # row 2, column 2
   assert grid[4].max() == 0 and grid[5:9, 8:11].max() == 0  # padding and the empty cell
-  clipped = images.image_grid(np.array([[[[-3.0]], [[3.0]]]]))
+  clipped = plotting.image_grid(np.array([[[[-3.0]], [[3.0]]]]))
   np.testing.assert_array_equal(clipped[..., 0], [[0], [255]])
 
 
@@ -235,10 +236,10 @@ def test_image_grid_layout_and_values():
 def test_save_image_grid_roundtrip(tmp_path, channels):
   from PIL import Image
   x = np.random.default_rng(1).uniform(-1, 1, (4, 6, 6, channels))
-  path = images.save_image_grid(tmp_path / "sub" / "grid.png", x)
+  path = plotting.save_image_grid(tmp_path / "sub" / "grid.png", x)
   with Image.open(path) as im:
     saved = np.asarray(im)
-  want = images.image_grid(x)
+  want = plotting.image_grid(x)
   np.testing.assert_array_equal(saved, want[..., 0] if channels == 1 else want)
 
 
@@ -283,4 +284,4 @@ def test_cifar10_real_records_resume_and_epochs(real_cifar_dir):
     _assert_batches_equal(got, want)
   plain = data.build(_cfg(name="cifar10", data_dir=data_dir, random_flip=False))
   x = next(plain.iterator(n))["x"]
-  assert len({images.to_uint8(img).tobytes() for img in x}) == n
+  assert len({plotting.to_uint8(img).tobytes() for img in x}) == n

@@ -4,9 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill.data import toy
+from fdistill.diffusion import gmm as gmm_lib
 from fdistill.diffusion import edm
-from fdistill.teachers import analytic
 
 
 def test_preconditioning_closed_form():
@@ -30,7 +29,7 @@ def test_karras_grid_matches_formula():
 
 def test_precondition_is_exact_denoiser_for_exact_raw_network():
   """Feeding the F that reproduces a known D through ``precondition`` gives D back."""
-  gmm = toy.gmm8()
+  gmm = gmm_lib.gmm8()
   x = jax.random.normal(jax.random.key(0), (16, 2))
   sigma = jnp.exp(jax.random.normal(jax.random.key(1), (16,)))
 
@@ -38,20 +37,20 @@ def test_precondition_is_exact_denoiser_for_exact_raw_network():
     s = jnp.exp(4 * c_noise)[:, None]
     c_skip, c_out, c_in, _ = edm.preconditioning(s)
     xs = x_in / c_in
-    return (analytic.denoiser(gmm, xs, s[:, 0]) - c_skip * xs) / c_out
+    return (gmm_lib.denoiser(gmm, xs, s[:, 0]) - c_skip * xs) / c_out
 
   d = edm.precondition(exact_raw)(None, x, sigma)
-  np.testing.assert_allclose(d, analytic.denoiser(gmm, x, sigma), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(d, gmm_lib.denoiser(gmm, x, sigma), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gmm8", "gmm25"])
 def test_heun_sampler_with_exact_denoiser_matches_mixture_moments(name):
   """Noise -> samples with the exact denoiser: mean/cov equal the mixture's closed form."""
-  gmm = toy.TOY_DISTRIBUTIONS[name]()
+  gmm = gmm_lib.TOY_DISTRIBUTIONS[name]()
   n = 20000
   noise = jax.random.normal(jax.random.key(2), (n, 2))
-  x = edm.heun_sampler(analytic.as_apply_fn(), gmm, noise, num_steps=40)
-  mean_ref, cov_ref = np.asarray(analytic.mean(gmm)), np.asarray(analytic.covariance(gmm))
+  x = edm.heun_sampler(gmm_lib.as_apply_fn(), gmm, noise, num_steps=40)
+  mean_ref, cov_ref = np.asarray(gmm_lib.mean(gmm)), np.asarray(gmm_lib.covariance(gmm))
   # Monte-Carlo standard errors: sqrt(diag(cov)/n) ~ 0.005; allow 4 sigma.
   se = np.sqrt(np.diag(cov_ref) / n)
   np.testing.assert_array_less(np.abs(np.mean(x, 0) - mean_ref), 4 * se + 1e-3)
@@ -60,22 +59,22 @@ def test_heun_sampler_with_exact_denoiser_matches_mixture_moments(name):
 
 def test_heun_sampler_fails_with_wrong_denoiser():
   """The moment check above can fail: a denoiser of another mixture misses the moments."""
-  gmm, wrong = toy.gmm8(), toy.gmm8(radius=0.5)
-  x = edm.heun_sampler(analytic.as_apply_fn(), wrong, jax.random.normal(jax.random.key(3), (4000, 2)),
+  gmm, wrong = gmm_lib.gmm8(), gmm_lib.gmm8(radius=0.5)
+  x = edm.heun_sampler(gmm_lib.as_apply_fn(), wrong, jax.random.normal(jax.random.key(3), (4000, 2)),
                        num_steps=20)
-  assert abs(np.trace(np.cov(np.asarray(x).T)) - np.trace(np.asarray(analytic.covariance(gmm)))) > 0.3
+  assert abs(np.trace(np.cov(np.asarray(x).T)) - np.trace(np.asarray(gmm_lib.covariance(gmm)))) > 0.3
 
 
 def test_analytic_score_is_gradient_of_log_density():
-  gmm = toy.gmm25()
+  gmm = gmm_lib.gmm25()
   x = jax.random.normal(jax.random.key(4), (8, 2))
   s = jnp.full((8,), 0.3)
-  auto = jax.vmap(jax.grad(lambda xi, si: analytic.log_prob(gmm, xi[None], si[None])[0]))(x, s)
-  np.testing.assert_allclose(analytic.score(gmm, x, s), auto, rtol=1e-3, atol=1e-4)
+  auto = jax.vmap(jax.grad(lambda xi, si: gmm_lib.log_prob(gmm, xi[None], si[None])[0]))(x, s)
+  np.testing.assert_allclose(gmm_lib.score(gmm, x, s), auto, rtol=1e-3, atol=1e-4)
 
 
 def test_one_step_generate_is_denoiser_at_init_sigma():
-  gmm = toy.gmm8()
+  gmm = gmm_lib.gmm8()
   z = jax.random.normal(jax.random.key(5), (4, 2))
-  out = edm.one_step_generate(analytic.as_apply_fn(), gmm, z, sigma_init=2.5)
-  np.testing.assert_allclose(out, analytic.denoiser(gmm, 2.5 * z, jnp.full((4,), 2.5)), rtol=1e-6)
+  out = edm.one_step_generate(gmm_lib.as_apply_fn(), gmm, z, sigma_init=2.5)
+  np.testing.assert_allclose(out, gmm_lib.denoiser(gmm, 2.5 * z, jnp.full((4,), 2.5)), rtol=1e-6)

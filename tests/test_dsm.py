@@ -3,23 +3,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill.data import toy
+from fdistill.diffusion import gmm as gmm_lib
 from fdistill.objectives import dsm
-from fdistill.teachers import analytic
 
 
 def _loss_at(gmm_denoiser_params, data_gmm, rng, delta=None):
-  apply = analytic.as_apply_fn()
+  apply = gmm_lib.as_apply_fn()
   if delta is not None:
     base = apply
     apply = lambda p, x, s, c=None, **kw: base(p, x, s, c) + delta
   loss = dsm.make_loss(apply)
-  x0 = analytic.sample(data_gmm, jax.random.fold_in(rng, 0), 4096)
+  x0 = gmm_lib.sample(data_gmm, jax.random.fold_in(rng, 0), 4096)
   return float(loss(gmm_denoiser_params, None, {"x": x0}, jax.random.fold_in(rng, 1))[0])
 
 
 def test_exact_denoiser_minimises_dsm():
-  gmm = toy.gmm8()
+  gmm = gmm_lib.gmm8()
   for seed in range(3):
     rng = jax.random.key(seed)
     exact = _loss_at(gmm, gmm, rng)
@@ -32,7 +31,7 @@ def test_exact_denoiser_minimises_dsm():
 def test_dsm_excess_equals_weighted_squared_offset():
   """With the same draws, loss(D + c) - loss(D) = mean(lambda(s) * (|c|^2 + 2 c.(D - x0))/d);
   check against the closed form E[lambda] |c|^2 / d up to Monte-Carlo error."""
-  gmm = toy.gmm8()
+  gmm = gmm_lib.gmm8()
   rng = jax.random.key(7)
   c = jnp.array([0.02, 0.0])
   diff = _loss_at(gmm, gmm, rng, delta=c) - _loss_at(gmm, gmm, rng)
@@ -46,7 +45,7 @@ def test_dsm_excess_equals_weighted_squared_offset():
 def test_optimizer_without_warmup_updates_at_full_rate_from_the_first_step():
   """Adam's first step moves each parameter by lr (bias-corrected moments: |m/sqrt(v)| = 1)."""
   import ml_collections
-  from fdistill.train import state as state_lib
+  from fdistill.optim import state as state_lib
   for warmup, expected in ((0, 0.1), (10, 0.0)):  # with warm-up the schedule starts at 0
     tx = state_lib.make_optimizer(ml_collections.ConfigDict(
         {"lr": 0.1, "warmup_steps": warmup, "grad_clip": 0.0, "eps": 1e-12}))

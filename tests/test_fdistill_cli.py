@@ -12,7 +12,7 @@ import numpy as np
 
 from fdistill import modes
 from fdistill import objectives
-from fdistill.teachers import analytic
+from fdistill.diffusion import gmm as gmm_lib
 from test_fdistill_objective import GMM, analytic_objective, batch, tiny_config
 
 

@@ -10,7 +10,7 @@ from configs import architectures
 from fdistill import models
 from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import fdistill
-from fdistill.teachers import analytic
+from fdistill.diffusion import gmm as gmm_lib
 
 # Two known 2-D Gaussians standing in for noised data (p) and noised generator samples (q).
 P_MEAN, P_STD = np.array([0.0, 0.0]), 1.0
@@ -91,8 +91,8 @@ def test_feature_heads_give_one_logit_per_head(arch, indices):
 
 
 def test_feature_heads_need_a_network_teacher():
-  shapes = disc_lib.teacher_feature_shapes(analytic.as_apply_fn(),
-                                           analytic.make_gmm([1.0], [[0.0, 0.0]], 1.0), (2,))
+  shapes = disc_lib.teacher_feature_shapes(gmm_lib.as_apply_fn(),
+                                           gmm_lib.make_gmm([1.0], [[0.0, 0.0]], 1.0), (2,))
   assert shapes is None
   with pytest.raises(ValueError, match="encoder features"):
     disc_lib.build(ml_collections.ConfigDict({"name": "unet_heads"}), (2,), shapes)

@@ -16,12 +16,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import toy2d_fdistill
 from fdistill import models
 from fdistill import objectives
-from fdistill.data import toy
+from fdistill.diffusion import gmm as gmm_lib
 from fdistill.objectives import divergences
 from fdistill.objectives import fdistill
-from fdistill.teachers import analytic
 
-GMM = toy.toy_gmm("gmm8")
+GMM = gmm_lib.named("gmm8")
 BATCH = 32
 
 
@@ -37,12 +36,12 @@ def tiny_config(arg="js,teacher=analytic", **objective):
 @functools.lru_cache(maxsize=None)
 def analytic_objective():
   """(objective, jitted init, jitted step) with the exact teacher; gen_every = 3."""
-  obj = objectives.build(tiny_config(), objectives.Context((2,), 0, analytic.as_apply_fn(), GMM))
+  obj = objectives.build(tiny_config(), objectives.Context((2,), 0, gmm_lib.as_apply_fn(), GMM))
   return obj, jax.jit(obj.init), jax.jit(obj.step)
 
 
 def batch(step, nan=False, seed=0):
-  x = analytic.sample(GMM, jax.random.fold_in(jax.random.key(seed), step), BATCH)
+  x = gmm_lib.sample(GMM, jax.random.fold_in(jax.random.key(seed), step), BATCH)
   return {"x": jnp.full_like(x, jnp.nan) if nan else x}
 
 

@@ -29,9 +29,9 @@ import pytest
 from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import divergences
 from fdistill.objectives import fdistill
-from fdistill.teachers import analytic
+from fdistill.diffusion import gmm as gmm_lib
 
-TEACHER = analytic.make_gmm([0.3, 0.7], [[-1.0], [1.5]], [0.3, 0.5])
+TEACHER = gmm_lib.make_gmm([0.3, 0.7], [[-1.0], [1.5]], [0.3, 0.5])
 CHUNKS, CHUNK = 32, 16384
 # (A, b, s): q wider than p (bounded r); q narrower than one teacher component (r -> inf in
 # the tails, finite variance).
@@ -47,7 +47,7 @@ def _q_log_prob(theta, x, s):
 
 def _log_ratio(theta, x, s):
   """Exact log p_s(x) - log q_s(x) for x [N, 1]."""
-  return analytic.log_prob(TEACHER, x, s) - _q_log_prob(theta, x[:, 0], s)
+  return gmm_lib.log_prob(TEACHER, x, s) - _q_log_prob(theta, x[:, 0], s)
 
 
 def _oracle_nets():
@@ -64,7 +64,7 @@ def _oracle_nets():
     return _log_ratio(theta, x_t, sigma[0])[:, None]
 
   disc = disc_lib.Discriminator(init=None, apply=disc_apply, uses_features=False)
-  return fdistill.Nets(gen_apply, analytic.as_apply_fn(), fake_apply, disc, (1,), 1.0)
+  return fdistill.Nets(gen_apply, gmm_lib.as_apply_fn(), fake_apply, disc, (1,), 1.0)
 
 
 def _oracle_settings(name, alpha, s):
@@ -109,7 +109,7 @@ def quadrature_divergence(f, theta, s):
   """D_f(p_s || q_s) by the trapezoid rule on [-14, 14] (float64; both tails < 1e-20)."""
   x = jnp.linspace(-14.0, 14.0, 28001, dtype=jnp.float64)
   log_q = _q_log_prob(theta, x, s)
-  log_p = analytic.log_prob(TEACHER, x[:, None], s)
+  log_p = gmm_lib.log_prob(TEACHER, x[:, None], s)
   return jnp.trapezoid(jnp.exp(log_q) * f(jnp.exp(log_p - log_q)), x)
 
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 import multiprocess_utils as mp
-from fdistill import checkpoint
+from fdistill.io import checkpoint
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.train import loop
 

@@ -18,7 +18,7 @@ import sharding_checks as checks
 from fdistill import objectives
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.parallel import partition
-from fdistill.train import steps
+from fdistill.optim import update
 
 BATCH = checks.BATCH
 SHARDED_MESH = checks.SHARDED_MESH
@@ -157,9 +157,9 @@ def test_gradient_accumulation_equals_the_full_batch_gradient():
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.ones((3,))}
   batch = mesh_lib.global_batch({"x": rng.normal(size=(BATCH, 4)).astype(np.float32)}, mesh)
-  full = jax.jit(functools.partial(steps.accumulated_value_and_grad, _quadratic_loss,
+  full = jax.jit(functools.partial(update.accumulated_value_and_grad, _quadratic_loss,
                                    micro_batches=1))(params, None, batch, jax.random.key(0))
-  micro = jax.jit(functools.partial(steps.accumulated_value_and_grad, _quadratic_loss,
+  micro = jax.jit(functools.partial(update.accumulated_value_and_grad, _quadratic_loss,
                                     micro_batches=4))(params, None, batch, jax.random.key(0))
   (loss_f, _), grads_f = full
   (loss_m, aux_m), grads_m = micro
@@ -167,10 +167,10 @@ def test_gradient_accumulation_equals_the_full_batch_gradient():
   for g_m, g_f in zip(jax.tree_util.tree_leaves(grads_m), jax.tree_util.tree_leaves(grads_f)):
     np.testing.assert_allclose(g_m, g_f, rtol=1e-5, atol=1e-7)
   assert "err_max" in aux_m
-  split = steps.split_micro_batches({"x": jnp.arange(8)}, 4)["x"]
+  split = update.split_micro_batches({"x": jnp.arange(8)}, 4)["x"]
   np.testing.assert_array_equal(split, [[0, 4], [1, 5], [2, 6], [3, 7]])
   with pytest.raises(ValueError, match="micro_batches=3"):
-    steps.split_micro_batches({"x": jnp.arange(8)}, 3)
+    update.split_micro_batches({"x": jnp.arange(8)}, 3)
 
 
 def test_grad_and_update_accumulates_and_skips_nothing_when_finite():
@@ -181,7 +181,7 @@ def test_grad_and_update_accumulates_and_skips_nothing_when_finite():
   net = {"params": params, "opt_state": tx.init(params)}
   batch = {"x": jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)}
   one, four = jax.jit(lambda net, batch, rng: [
-      steps.grad_and_update(net, _quadratic_loss, None, batch, rng, tx, micro_batches=m)
+      update.grad_and_update(net, _quadratic_loss, None, batch, rng, tx, micro_batches=m)
       for m in (1, 4)])(net, batch, jax.random.key(0))
   assert bool(one[3]) and bool(four[3])
   for a, b in zip(jax.tree_util.tree_leaves(one[0]), jax.tree_util.tree_leaves(four[0])):

@@ -16,7 +16,6 @@ Images are float32 NHWC in [-1, 1]. TensorFlow is imported only by the tfds
 datasets, so ``digits`` runs never pay for it.
 """
 import functools
-import io
 import os
 
 import jax
@@ -302,38 +301,3 @@ def _build_imagenet64(config):
 
 # ----------------------------------------------------------------------------
 # Image grids for --mode=sample.
-
-
-def to_uint8(x):
-  """[-1, 1] floats -> uint8, the exact inverse of ``u / 127.5 - 1`` (round half up)."""
-  return np.clip((np.asarray(x, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-
-
-def image_grid(x, nrow=None, padding=0):
-  """[N, H, W, C] images in [-1, 1] -> one uint8 [rows*(H+p)-p, nrow*(W+p)-p, C] grid.
-
-  ``nrow`` images per row (default ceil(sqrt(N))); unused cells and ``padding``
-  pixels between cells are black.
-  """
-  x = np.asarray(x, np.float32)
-  n, h, w, c = x.shape
-  nrow = nrow or int(np.ceil(np.sqrt(n)))
-  rows = -(-n // nrow)
-  grid = np.zeros((rows * (h + padding) - padding, nrow * (w + padding) - padding, c), np.uint8)
-  for i, img in enumerate(to_uint8(x)):
-    r, col = divmod(i, nrow)
-    grid[r * (h + padding):r * (h + padding) + h, col * (w + padding):col * (w + padding) + w] = img
-  return grid
-
-
-def save_image_grid(path, x, nrow=None, padding=0):
-  """Writes ``image_grid(x)`` as a PNG to ``path`` (local or any etils.epath URL, e.g. gs://)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  grid = image_grid(x, nrow, padding)
-  buf = io.BytesIO()
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(buf.getvalue())
-  return path

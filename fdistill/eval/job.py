@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from fdistill import checkpoint
+from fdistill.io import checkpoint
 from fdistill.train import loop
 from fdistill.registry import lookup
 

@@ -13,17 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill.teachers import analytic
+from fdistill.diffusion import gmm as gmm_lib
 
 
-def mahalanobis_to_modes(gmm: analytic.GMM, x):
+def mahalanobis_to_modes(gmm: gmm_lib.GMM, x):
   """[N, K] Mahalanobis distances of samples to each mode."""
   resid = x[:, None, :] - gmm.means[None]
   prec = jnp.linalg.inv(gmm.covs)
   return jnp.sqrt(jnp.einsum("nki,kij,nkj->nk", resid, prec, resid))
 
 
-def mode_statistics(gmm: analytic.GMM, x, radius=3.0, min_frac=0.1):
+def mode_statistics(gmm: gmm_lib.GMM, x, radius=3.0, min_frac=0.1):
   """Dict of the metrics above for samples ``x`` [N, D]."""
   x = jnp.asarray(x, jnp.float32)
   n = x.shape[0]
@@ -40,11 +40,11 @@ def mode_statistics(gmm: analytic.GMM, x, radius=3.0, min_frac=0.1):
       "num_modes": int(k),
       "precision": float(jnp.mean(precise)),
       "weight_recall": float(jnp.sum(jnp.minimum(share, weights))),
-      "log_density": float(jnp.mean(analytic.log_prob(gmm, x))),
+      "log_density": float(jnp.mean(gmm_lib.log_prob(gmm, x))),
   }
 
 
-def reference_log_density(gmm: analytic.GMM, rng=None, n=20000):
+def reference_log_density(gmm: gmm_lib.GMM, rng=None, n=20000):
   """Mean log p_data over true samples (Monte-Carlo estimate of minus the entropy)."""
   rng = jax.random.key(0) if rng is None else rng
-  return float(jnp.mean(analytic.log_prob(gmm, analytic.sample(gmm, rng, n))))
+  return float(jnp.mean(gmm_lib.log_prob(gmm, gmm_lib.sample(gmm, rng, n))))

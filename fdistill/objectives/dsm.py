@@ -5,8 +5,8 @@ import jax.numpy as jnp
 from fdistill import models
 from fdistill.diffusion import edm
 from fdistill.objectives import Objective
-from fdistill.train import state as state_lib
-from fdistill.train import steps
+from fdistill.optim import state as state_lib
+from fdistill.optim import update
 
 
 def make_loss(apply_fn, sigma_data=edm.SIGMA_DATA, p_mean=-1.2, p_std=1.2):
@@ -44,13 +44,13 @@ def build(config, ctx) -> Objective:
 
   def init(rng):
     params = models.init_params(module, rng, (1,) + tuple(ctx.x_shape), ctx.cond_dim)
-    return dict(steps.init_counters(), net=state_lib.init_net_state(params, tx))
+    return dict(update.init_counters(), net=state_lib.init_net_state(params, tx))
 
   def step(state, frozen, batch, rng):
     del frozen  # teacher training has no teacher
-    net, loss_val, aux, ok = steps.grad_and_update(state["net"], loss, None, batch, rng, tx,
-                                                   ema_decay, steps.micro_batch_count(config))
-    return steps.count_step(dict(state, net=net), ok), {"train/" + k: v for k, v in aux.items()}
+    net, loss_val, aux, ok = update.grad_and_update(state["net"], loss, None, batch, rng, tx,
+                                                   ema_decay, update.micro_batch_count(config))
+    return update.count_step(dict(state, net=net), ok), {"train/" + k: v for k, v in aux.items()}
 
   def sample(state, rng, num, cond=None):
     noise = jax.random.normal(rng, (num,) + tuple(ctx.x_shape))

@@ -27,7 +27,7 @@ position or the lognormal CDF), so every bin receives the same share.
 Update schedule (DMD2 / FastGen ``student_update_freq``): the generator is
 updated on every ``gen_every``-th step, the fake score and the discriminator
 on the others, each with its own optax optimiser, gradient clipping and the
-NaN guard of :func:`fdistill.train.steps.grad_and_update`. The two kinds of
+NaN guard of :func:`fdistill.train.update.grad_and_update`. The two kinds of
 step are separate functions (``Objective.branches``) that the training loop
 jits and picks on the host; ``Objective.step`` combines them with a
 ``lax.cond`` for callers that want one function.
@@ -56,8 +56,8 @@ from fdistill.objectives import Objective
 from fdistill.objectives import divergences
 from fdistill.parallel import partition
 from fdistill.registry import lookup
-from fdistill.train import state as state_lib
-from fdistill.train import steps
+from fdistill.optim import state as state_lib
+from fdistill.optim import update
 
 # Sub-sections of ``config.objective`` that are not :class:`Settings` fields.
 _SECTIONS = ("name", "discriminator", "fake_optim", "disc_optim")
@@ -354,7 +354,7 @@ def critic_batch(nets: Nets, st: Settings, gen_params, batch, rng):
   cond = batch.get("cond")
   real = batch["x"]
   (z, eps, real_eps), (e, real_e) = draw_noise(rng, real.shape[0], nets.x_shape, 3, 2)
-  # Whole generator weights for this forward (FSDP), as inside steps.grad_and_update.
+  # Whole generator weights for this forward (FSDP), as inside update.grad_and_update.
   x_gen = jax.lax.stop_gradient(generate(nets, partition.gather_fsdp(gen_params), z, cond))
   sigma, _ = sample_sigma(e, st)
   if st.same_noise_real:
@@ -425,7 +425,7 @@ def build(config, ctx) -> Objective:
   tx_fake = _section_optimizer(config.optim, config.objective.get("fake_optim"))
   tx_disc = _section_optimizer(config.optim, config.objective.get("disc_optim"))
   ema_decay = config.optim.get("ema_decay", 0.999)
-  micro = steps.micro_batch_count(config)  # micro-batches: bins are averaged over them
+  micro = update.micro_batch_count(config)  # micro-batches: bins are averaged over them
   gen_loss = make_generator_loss(nets, div, st)
   fake_loss = make_fake_score_loss(nets, st)
   disc_loss = make_discriminator_loss(nets)
@@ -434,7 +434,7 @@ def build(config, ctx) -> Objective:
     net_rng, disc_rng = jax.random.split(rng)
     params = models.init_params(module, net_rng, x_example, ctx.cond_dim)
     last = {k: jnp.zeros((), jnp.float32) for k in GEN_METRICS + CRITIC_METRICS}
-    return dict(steps.init_counters(),
+    return dict(update.init_counters(),
                 gen=state_lib.init_net_state(params, tx_gen),
                 fake=state_lib.init_net_state(params, tx_fake, ema=False),
                 disc=state_lib.init_net_state(disc.init(disc_rng), tx_disc, ema=False),
@@ -450,22 +450,22 @@ def build(config, ctx) -> Objective:
   def generator_step(state, frozen, batch, rng):
     gen_frozen = {"teacher": frozen, "fake": state["fake"]["params"],
                   "disc": state["disc"]["params"], "bins": state["ratio_bins"]}
-    gen, loss, aux, ok = steps.grad_and_update(state["gen"], gen_loss, gen_frozen, batch, rng,
+    gen, loss, aux, ok = update.grad_and_update(state["gen"], gen_loss, gen_frozen, batch, rng,
                                                tx_gen, ema_decay, micro)
     bins = jnp.where(ok, aux.pop("bins"), state["ratio_bins"])
     last = dict(state["last"], gen_loss=loss, gen_grad_norm=aux.pop("grad_norm"), **aux)
-    return steps.count_step(dict(state, gen=gen, ratio_bins=bins, last=last), ok)
+    return update.count_step(dict(state, gen=gen, ratio_bins=bins, last=last), ok)
 
   def critic_step(state, frozen, batch, rng):
     c_rng, f_rng, d_rng = jax.random.split(rng, 3)
     cb = critic_batch(nets, st, state["gen"]["params"], batch, c_rng)
-    fake, _, f_aux, f_ok = steps.grad_and_update(state["fake"], fake_loss, None, cb, f_rng,
+    fake, _, f_aux, f_ok = update.grad_and_update(state["fake"], fake_loss, None, cb, f_rng,
                                                  tx_fake, micro_batches=micro)
-    disc_state, _, d_aux, d_ok = steps.grad_and_update(state["disc"], disc_loss, frozen, cb,
+    disc_state, _, d_aux, d_ok = update.grad_and_update(state["disc"], disc_loss, frozen, cb,
                                                        d_rng, tx_disc, micro_batches=micro)
     last = dict(state["last"], fake_grad_norm=f_aux.pop("grad_norm"),
                 disc_grad_norm=d_aux.pop("grad_norm"), **f_aux, **d_aux)
-    return steps.count_step(dict(state, fake=fake, disc=disc_state, last=last),
+    return update.count_step(dict(state, fake=fake, disc=disc_state, last=last),
                             jnp.logical_and(f_ok, d_ok))
 
   def branch(update):

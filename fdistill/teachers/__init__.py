@@ -17,9 +17,8 @@ def _none(config, ctx):
 
 
 def _analytic(config, ctx):
-  from fdistill.data import toy
-  from fdistill.teachers import analytic
-  return analytic.as_apply_fn(), toy.toy_gmm(config.data.distribution)
+  from fdistill.diffusion import gmm as gmm_lib
+  return gmm_lib.as_apply_fn(), gmm_lib.named(config.data.distribution)
 
 
 def _checkpoint(config, ctx):

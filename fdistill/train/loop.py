@@ -173,7 +173,7 @@ def train(config, workdir: str, mesh=None):
 
 def write_samples(objective, state, rng, config, path, dataset, num=None):
   """Samples of the model being trained as a PNG: scatter for 2-D data, a grid for images."""
-  from fdistill import plotting
+  from fdistill.io import plotting
   num = num or config.eval.get("num_plot_samples", 64)
   cond = None
   if dataset.cond_dim:

@@ -5,14 +5,18 @@ density is ``p_s = sum_k w_k N(mu_k, C_k + s^2 I)`` and, with responsibilities
 ``g_k(x) = w_k N_k(x) / p_s(x)``,
   score    S(x; s) = -sum_k g_k (C_k + s^2 I)^{-1} (x - mu_k)
   denoiser D(x; s) = x + s^2 S(x; s)            (Tweedie)
-Everything is closed form, so an analytic teacher is usable anywhere a trained
-one is, through :func:`as_apply_fn`.
+Everything is closed form, so the analytic teacher (``teacher.kind='analytic'``)
+is usable anywhere a trained one is, through :func:`as_apply_fn`. The named 2-D
+mixtures of the toy data set live here too (:func:`named`).
 """
+import itertools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fdistill.registry import lookup
 
 
 class GMM(NamedTuple):
@@ -94,3 +98,45 @@ def covariance(gmm: GMM):
   second = jnp.einsum("k,kij->ij", gmm.weights,
                       gmm.covs + jnp.einsum("ki,kj->kij", gmm.means, gmm.means))
   return second - jnp.outer(m, m)
+
+
+# ---------------------------------------------------------------------------
+# The named 2-D mixtures of the toy data set (data.distribution), each with an exact density.
+
+
+def _unequal_weights(k, seed=0):
+  """Weights spread over 1..4 (max/min ratio 4), in a fixed shuffled order."""
+  w = np.linspace(1.0, 4.0, k)
+  return np.random.default_rng(seed).permutation(w) / w.sum()
+
+
+def gmm8(radius=1.0, std=0.05):
+  """8 modes on a circle, unequal weights."""
+  ang = 2 * np.pi * np.arange(8) / 8
+  means = radius * np.stack([np.cos(ang), np.sin(ang)], -1)
+  return make_gmm(_unequal_weights(8), means, std)
+
+
+def gmm25(spacing=0.5, std=0.04):
+  """5 x 5 grid of modes, unequal weights."""
+  g = spacing * (np.arange(5) - 2)
+  means = np.array(list(itertools.product(g, g)))
+  return make_gmm(_unequal_weights(25), means, std)
+
+
+def checkerboard(cells=4, size=2.0, per_cell=4, std=0.06):
+  """Checkerboard-like mixture: small Gaussians filling the 'black' cells of a board."""
+  width = size / cells
+  offs = (np.arange(int(np.sqrt(per_cell))) + 0.5) / np.sqrt(per_cell) * width
+  means = [(-size / 2 + i * width + a, -size / 2 + j * width + b)
+           for i in range(cells) for j in range(cells) if (i + j) % 2 == 0
+           for a in offs for b in offs]
+  return make_gmm(np.ones(len(means)), np.array(means), std)
+
+
+TOY_DISTRIBUTIONS = {"gmm8": gmm8, "gmm25": gmm25, "checkerboard": checkerboard}
+
+
+def named(name):
+  """The 2-D mixture called ``name`` (``data.distribution``)."""
+  return lookup(TOY_DISTRIBUTIONS, name, "data.distribution")()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from fdistill.parallel import partition
-from fdistill.train import state as state_lib
+from fdistill.optim import state as state_lib
 
 
 def split_micro_batches(batch, micro_batches: int):
