@@ -22,7 +22,6 @@ feature maps. FastGen's CIFAR-10 config picks forward KL.
 from configs import architectures
 from configs import cifar10_teacher
 from configs import common
-from fdistill.objectives import fdistill
 
 
 def fastgen_recipe(c, a, *, lr, gan_weight, ratio_ema, feature_indices, batch_size, num_steps):
@@ -31,7 +30,7 @@ def fastgen_recipe(c, a, *, lr, gan_weight, ratio_ema, feature_indices, batch_si
   c.teacher.kind = common.check_choice(a.teacher, ["edm_pickle", "checkpoint"], "teacher")
   c.teacher.workdir = a.teacher_dir
   c.generator.sigma_init = 80.0
-  c.objective = fdistill.objective_config(
+  c.objective = common.fdistill_objective(
       divergence=a.variant, alpha=a.alpha, gen_every=5, gan_weight=gan_weight,
       sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, ratio_lower=0.1, ratio_upper=20.0,
       ratio_bins=10, ratio_ema=ratio_ema, fake_loss_weight="none",

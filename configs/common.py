@@ -31,7 +31,8 @@ def base_config():
       "sample_every": 0, "keep_checkpoints": 3})
   c.eval = ml_collections.ConfigDict({
       "num_samples": 5000, "sampler_steps": 18, "num_plot_samples": 64, "batch_size": 1000,
-      "poll_seconds": 60.0, "timeout_seconds": 0.0})
+      "poll_seconds": 60.0, "timeout_seconds": 0.0,
+      "metric": ""})  # metric: "" = toy for toy2d data, else fid
   # data/fsdp/tensor: mesh axis sizes within a slice (-1 = the remaining devices); dcn_*: the
   # same axes across slices of a multi-slice pod (their product = number of slices).
   # rules: [(regex, spec tuple)] matched first; other leaves of at least fsdp_min_size
@@ -41,6 +42,30 @@ def base_config():
       "data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1,
       "fsdp_min_size": 2**14, "fsdp_gather": True, "rules": []})
   return c
+
+
+# f-distill's objective section (fdistill/objectives/fdistill.py:Settings documents each field):
+# FastGen's CIFAR-10 recipe, except the EDM-weighted fake-score loss.
+FDISTILL_OBJECTIVE = dict(
+    name="fdistill", divergence="js", alpha=0.5, gen_every=5, warmup_critic_steps=0,
+    gan_weight=1e-3, logit_clip=10.0, ratio_lower=0.1, ratio_upper=20.0, ratio_bins=10,
+    ratio_ema=0.0, normalise_h=True, weight="abs_mean", fake_loss_weight="edm",
+    same_noise_real=False, sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0,
+    ramp_min=0.002, ramp_max=0.998, p_mean=-1.2, p_std=1.2, sigma_fixed=1.0,
+    discriminator=dict(name="mlp"), fake_optim={}, disc_optim={})
+
+
+def fdistill_objective(**overrides) -> ml_collections.ConfigDict:
+  """A complete ``config.objective`` for f-distill: the defaults above, then ``overrides``."""
+  return _section(FDISTILL_OBJECTIVE, overrides, "f-distill")
+
+
+def _section(defaults, overrides, what):
+  unknown = sorted(set(overrides) - set(defaults))
+  if unknown:
+    raise ValueError(f"objective.{unknown[0]} is not a {what} setting; valid: "
+                     f"{', '.join(sorted(defaults))}")
+  return ml_collections.ConfigDict(dict(defaults, **overrides))
 
 
 def parse_arg(arg, **defaults):

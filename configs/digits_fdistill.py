@@ -16,7 +16,6 @@ scale.
 """
 from configs import common
 from configs import digits_teacher
-from fdistill.objectives import fdistill
 
 
 def get_config(arg=None):
@@ -29,7 +28,7 @@ def get_config(arg=None):
   c.teacher.kind = "checkpoint"
   c.teacher.workdir = a.teacher_dir
   c.generator.sigma_init = 2.5
-  c.objective = fdistill.objective_config(
+  c.objective = common.fdistill_objective(
       divergence=a.variant, alpha=a.alpha, gen_every=5, gan_weight=1e-3,
       sigma_dist="lognormal", p_mean=-1.2, p_std=1.2, ratio_ema=0.5, fake_loss_weight="edm",
       discriminator=dict(name="unet_heads", feature_indices=(0, 1, -1)),

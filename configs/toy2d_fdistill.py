@@ -18,7 +18,6 @@ spans [-1, 1]; a DSM-trained MLP teacher is unreliable far above that) and a GAN
 """
 from configs import common
 from configs import toy2d_teacher
-from fdistill.objectives import fdistill
 
 
 def get_config(arg=None):
@@ -31,7 +30,7 @@ def get_config(arg=None):
   c.teacher.kind = common.check_choice(a.teacher, ["checkpoint", "analytic"], "teacher")
   c.teacher.workdir = a.teacher_dir if a.teacher == "checkpoint" else ""
   c.generator.sigma_init = 2.5
-  c.objective = fdistill.objective_config(
+  c.objective = common.fdistill_objective(
       divergence=a.variant, alpha=a.alpha, gen_every=5, gan_weight=1e-2, sigma_dist="karras",
       sigma_max=10.0, ratio_ema=0.9, fake_loss_weight="edm",
       warmup_critic_steps=200 if a.teacher == "analytic" else 0,

@@ -7,7 +7,7 @@ Multi-process (TPU pods, SLURM, N local CPU processes): every process runs this
 same command; ``--distributed`` and the coordinator flags start
 ``jax.distributed`` (see launch/ and README "Sharded and multi-host training").
 """
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from fdistill.modes import MODES, run

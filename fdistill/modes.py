@@ -18,16 +18,20 @@ def check_mode(mode, config):
 
 
 def sample(config, workdir, num=0):
-  """Restores the latest checkpoint and writes ``samples.png`` (+ samples.npy)."""
+  """Samples the latest checkpoint's exported network into ``samples_step<N>.png`` (+ .npy).
+
+  Needs only the run's own checkpoint (no data set, no teacher).
+  """
   import jax
   import numpy as np
-  from fdistill.io import checkpoint
+  from fdistill import experiment
   from fdistill.train import loop
-  dataset, objective, mesh, _ = loop.setup(config)
-  state, meta = checkpoint.restore_from(workdir, *loop.state_shardings(objective, mesh, config))
-  path = os.path.join(workdir, f"samples_step{meta['step']}.png")
-  samples = loop.write_samples(objective, state, jax.random.key(config.seed + 2), config, path,
-                               dataset, num=num or None)
+  _, task = experiment.task_of_run(workdir)
+  sampling = experiment.build_sampler(config, task)
+  params, step = experiment.restore_export(sampling, workdir)
+  path = os.path.join(workdir, f"samples_step{step}.png")
+  samples = loop.write_samples(sampling, params, jax.random.key(config.seed + 2), config, path,
+                               num=num or None)
   np.save(path.replace(".png", ".npy"), samples)
   logging.info("Wrote %s", path)
   return path

@@ -1,10 +1,21 @@
-"""One tiny helper shared by every registry (models, objectives, divergences, datasets)."""
-from typing import Any, Mapping
+"""The one registry helper (models, objectives, divergences, datasets, teachers, metrics).
+
+Registries are plain dicts built from explicit imports, so an import error
+propagates as itself instead of turning into "unknown name".
+"""
+from typing import Any, Iterable, Mapping
 
 
 def lookup(registry: Mapping[str, Any], name: str, field: str) -> Any:
   """Returns ``registry[name]`` or raises a ValueError naming the field and the valid names."""
-  if name not in registry:
-    raise ValueError(
-        f"Unknown {field}={name!r}; valid values: {', '.join(sorted(registry))}")
+  check_choice(name, registry, field)
   return registry[name]
+
+
+def check_choice(value, choices: Iterable, field: str):
+  """``value`` if it is one of ``choices``, else a ValueError naming ``field`` and the choices."""
+  choices = list(choices)
+  if value not in choices:
+    raise ValueError(f"Unknown {field}={value!r}; valid values: "
+                     f"{', '.join(str(c) for c in sorted(choices, key=str))}")
+  return value

@@ -21,7 +21,7 @@ import os
 import jax
 import numpy as np
 
-from fdistill import data
+from fdistill.data import batching
 
 # ----------------------------------------------------------------------------
 # Shared pieces: pixel scaling, resizing, epoch arithmetic.
@@ -110,7 +110,7 @@ class ArrayImageDataset:
     step = start_step
     while True:
       idx = global_indices(self.seed, step, batch_size, len(self.images))
-      local = data.local_slice({"i": idx}, process_index, process_count)["i"]
+      local = batching.local_slice({"i": idx}, process_index, process_count)["i"]
       yield self.batch(local)
       step += 1
 
@@ -131,8 +131,7 @@ def _array_dataset(config, name, pixels, labels, max_value, default_resolution):
                            conditional=config.get("conditional", False))
 
 
-@data.register("digits")
-def _build_digits(config):
+def build_digits(config):
   """scikit-learn's 8x8 digits (values 0..16), shipped with sklearn: no download."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   digits = load_digits()
@@ -151,8 +150,7 @@ def load_mnist5k():
   return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
 
 
-@data.register("mnist5k")
-def _build_mnist5k(config):
+def build_mnist5k(config):
   images, labels = load_mnist5k()
   return _array_dataset(config, "mnist5k", images, labels, 255.0, 32)
 
@@ -287,14 +285,12 @@ class TfdsImageDataset:
     yield from ds.as_numpy_iterator()
 
 
-@data.register("cifar10")
-def _build_cifar10(config):
+def build_cifar10(config):
   """CIFAR-10 train split, 32x32x3; class-conditional (10) only if ``data.conditional``."""
   return TfdsImageDataset(config, "cifar10", default_conditional=False)
 
 
-@data.register("imagenet64")
-def _build_imagenet64(config):
+def build_imagenet64(config):
   """ImageNet 64x64 (tfds ``imagenet_resized/64x64``), class-conditional over 1000 classes."""
   return TfdsImageDataset(config, "imagenet_resized/64x64", default_conditional=True)
 

@@ -6,7 +6,7 @@ All are GMMs, so the analytic teacher gives their exact noised scores and
 import jax
 import numpy as np
 
-from fdistill import data
+from fdistill.data import batching
 from fdistill.diffusion import gmm as gmm_lib
 
 
@@ -27,10 +27,9 @@ class ToyDataset:
   def iterator(self, batch_size, start_step=0, process_index=0, process_count=1):
     step = start_step
     while True:
-      yield data.local_slice(self.global_batch(step, batch_size), process_index, process_count)
+      yield batching.local_slice(self.global_batch(step, batch_size), process_index, process_count)
       step += 1
 
 
-@data.register("toy2d")
-def _build_toy(config):
+def build_toy(config):
   return ToyDataset(config)

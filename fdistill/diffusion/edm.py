@@ -5,7 +5,7 @@ Notation (DESIGN.md section 4): ``x_s = x0 + s * eps`` and the denoiser
 Every function here takes arrays and, where a network is involved, an
 ``apply_fn(params, x, sigma, cond) -> D`` closure.
 """
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,6 @@
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fdistill.diffusion import gmm as gmm_lib
 

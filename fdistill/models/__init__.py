@@ -2,7 +2,7 @@
 callers get ``apply(params, x, sigma, cond)`` closures from :func:`make_denoiser`.
 """
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +22,6 @@ MODELS = {
 
 # Config fields of ``config.model`` that configure the wrapper, not the module.
 _WRAPPER_FIELDS = ("name", "sigma_data")
-
-
-def register(name: str, cls) -> None:
-  MODELS[name] = cls
 
 
 def build(model_config):

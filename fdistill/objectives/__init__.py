@@ -1,59 +1,81 @@
-"""Objective registry.
+"""Objectives: losses and update schedules as pure closures, and their registry.
 
-An objective is built from the config and a :class:`Context` into an
-:class:`Objective` of pure functions; train/loop.py jits and shards them.
+An objective module has ``build(config, task) -> Objective`` and
+``sampler(config, task) -> Sampler``; the assembly (``fdistill.experiment``)
+jits and shards what they return. ``sampler`` never needs the teacher, so
+sampling and evaluating a trained run works without it.
 """
 import dataclasses
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 from fdistill.registry import lookup
 
 
 @dataclasses.dataclass(frozen=True)
-class Context:
-  """What an objective needs to know beyond the config."""
-  x_shape: Tuple[int, ...]          # per-example data shape
-  cond_dim: int = 0                 # one-hot class width, 0 = unconditional
+class Task:
+  """What an objective needs to know beyond the config.
+
+  ``teacher_abstract`` holds the teacher params' shapes and dtypes
+  (ShapeDtypeStructs), never their values: the values are a sharded argument of
+  every step, so a large teacher is never an HLO constant.
+  """
+  x_shape: Tuple[int, ...]                   # per-example data shape
+  cond_dim: int = 0                          # one-hot class width, 0 = unconditional
   teacher_apply: Optional[Callable] = None   # apply(params, x, sigma, cond) -> D
-  teacher_params: Any = None
+  teacher_abstract: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How a trained run makes samples, from the params it exports (no teacher needed).
+
+  init_params(rng) -> params          fresh params of the sampled network (for shapes)
+  sample(params, rng, num, cond) -> [num, *x_shape] samples (``num`` static)
+  """
+  init_params: Callable
+  sample: Callable
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """Pure functions of one objective.
 
-  init(rng) -> state                            (a dict pytree with "step" and "skipped")
-  step(state, frozen, batch, rng) -> (state, metrics)
-      ``frozen`` is the teacher's params (or None), passed as an argument, never
-      closed over, so a large teacher is a sharded input rather than an HLO constant;
-      metrics is a dict of scalar arrays named "train/...".
-  sample(state, rng, num, cond) -> samples      (the model being trained, EMA weights)
-  denoiser(state) -> (apply_fn, params)         (the trained score model, if there is one)
-  branches, branch_of (optional): an objective that alternates updates (f-distill:
-      generator / critics) gives each kind of step as its own function with ``step``'s
-      signature, and ``branch_of(step: int) -> index`` on the host; the training loop jits
-      each branch and calls the one for the step. ``step`` stays the single-function form
-      (a ``lax.cond``), equivalent: XLA:CPU runs convolutions nested in a conditional ~10x
-      slower, and a host-side choice costs nothing on any backend.
+  init(rng, teacher) -> state
+      a dict pytree with int32 ``step`` and ``skipped``; ``teacher`` (the teacher's
+      params or None) is an argument so a generator can start as a copy of it.
+  steps: {name: step(state, teacher, batch, rng) -> (state, metrics)}
+      one function per kind of update (f-distill: "generator" and "critic"); metrics
+      is a dict of float32 scalars of this step alone (never stored in the state).
+  schedule(step: int) -> name
+      which kind of update runs at a step, decided on the host: the loop jits each
+      kind once and calls one per step (XLA:CPU runs convolutions inside a
+      ``lax.cond`` about 10x slower, and a host-side choice costs nothing anywhere).
+  export(state) -> params
+      the params of the network that samples (its EMA), saved beside every checkpoint.
+  sampler: :class:`Sampler` for the exported params.
   """
   init: Callable
-  step: Callable
-  sample: Callable
-  denoiser: Optional[Callable] = None
-  branches: Optional[Tuple[Callable, ...]] = None
-  branch_of: Optional[Callable[[int], int]] = None
+  steps: Mapping[str, Callable]
+  schedule: Callable[[int], str]
+  export: Callable
+  sampler: Sampler
 
 
-def _registry():
-  from fdistill.objectives import dsm
-  reg = {"dsm": dsm.build}
-  try:
-    from fdistill.objectives import fdistill as fdistill_obj
-    reg["fdistill"] = fdistill_obj.build
-  except ImportError:
-    pass
-  return reg
+def _modules():
+  # Imported here, not at the top, so `fdistill.objectives.Task` is importable by the
+  # objective modules themselves without a cycle.
+  from fdistill.objectives import dsm, fdistill
+  return {"dsm": dsm, "fdistill": fdistill}
 
 
-def build(config, ctx: Context) -> Objective:
-  return lookup(_registry(), config.objective.name, "objective.name")(config, ctx)
+def module(config):
+  """The objective module named ``config.objective.name``."""
+  return lookup(_modules(), config.objective.name, "objective.name")
+
+
+def build(config, task: Task) -> Objective:
+  return module(config).build(config, task)
+
+
+def sampler(config, task: Task) -> Sampler:
+  return module(config).sampler(config, task)

@@ -1,24 +1,24 @@
-"""Denoising score matching (EDM loss): teacher training and fake-score training."""
+"""Denoising score matching (EDM loss): teacher training; its loss also trains fake scores."""
 import jax
 import jax.numpy as jnp
 
 from fdistill import models
 from fdistill.diffusion import edm
-from fdistill.objectives import Objective
+from fdistill.objectives import Objective, Sampler
 from fdistill.optim import state as state_lib
 from fdistill.optim import update
 
 
 def make_loss(apply_fn, sigma_data=edm.SIGMA_DATA, p_mean=-1.2, p_std=1.2):
-  """``loss(params, frozen, batch, rng)``: EDM-weighted ``|D(x0 + s eps; s) - x0|^2``.
+  """``loss(params, inputs, batch, rng)``: EDM-weighted ``|D(x0 + s eps; s) - x0|^2``.
 
-  ``frozen`` is unused (kept for the shared loss signature). The per-sample
-  error is a mean over data dimensions, so learning rates do not depend on
-  the resolution; with lambda(s) the effective weight on F is 1 at every s.
+  ``inputs`` is unused (the shared loss signature). The per-sample error is a
+  mean over data dimensions, so learning rates do not depend on the
+  resolution; with lambda(s) the effective weight on F is 1 at every s.
   """
 
-  def loss(params, frozen, batch, rng):
-    del frozen
+  def loss(params, inputs, batch, rng):
+    del inputs
     x0 = batch["x"]
     s_rng, e_rng, d_rng = jax.random.split(rng, 3)
     sigma = edm.sample_sigma_lognormal(s_rng, x0.shape[:1], p_mean, p_std)
@@ -32,30 +32,40 @@ def make_loss(apply_fn, sigma_data=edm.SIGMA_DATA, p_mean=-1.2, p_std=1.2):
   return loss
 
 
-def build(config, ctx) -> Objective:
-  """Teacher training by DSM for any registered model and dataset."""
+def _network(config, task):
   module = models.build(config.model)
-  sigma_data = config.model.get("sigma_data", edm.SIGMA_DATA)
-  apply_fn = models.make_denoiser(module, sigma_data)
-  tx = state_lib.make_optimizer(config.optim)
-  obj = config.objective
-  loss = make_loss(apply_fn, sigma_data, obj.get("p_mean", -1.2), obj.get("p_std", 1.2))
-  ema_decay = config.optim.get("ema_decay", 0.999)
+  return module, models.make_denoiser(module, config.model.sigma_data)
 
-  def init(rng):
-    params = models.init_params(module, rng, (1,) + tuple(ctx.x_shape), ctx.cond_dim)
-    return dict(update.init_counters(), net=state_lib.init_net_state(params, tx))
 
-  def step(state, frozen, batch, rng):
-    del frozen  # teacher training has no teacher
-    net, loss_val, aux, ok = update.grad_and_update(state["net"], loss, None, batch, rng, tx,
-                                                   ema_decay, update.micro_batch_count(config))
-    return update.count_step(dict(state, net=net), ok), {"train/" + k: v for k, v in aux.items()}
+def sampler(config, task) -> Sampler:
+  """Heun (EDM) sampling of the trained denoiser's EMA, ``eval.sampler_steps`` steps."""
+  module, apply_fn = _network(config, task)
 
-  def sample(state, rng, num, cond=None):
-    noise = jax.random.normal(rng, (num,) + tuple(ctx.x_shape))
-    return edm.heun_sampler(apply_fn, state["net"]["ema"], noise, cond,
-                            num_steps=config.eval.get("sampler_steps", 18))
+  def sample(params, rng, num, cond=None):
+    noise = jax.random.normal(rng, (num,) + tuple(task.x_shape))
+    return edm.heun_sampler(apply_fn, params, noise, cond, num_steps=config.eval.sampler_steps)
 
-  return Objective(init=init, step=step, sample=sample,
-                   denoiser=lambda state: (apply_fn, state["net"]["ema"]))
+  return Sampler(init_params=lambda rng: models.init_params(
+      module, rng, (1,) + tuple(task.x_shape), task.cond_dim), sample=sample)
+
+
+def build(config, task) -> Objective:
+  """Teacher training by DSM for any registered model and dataset."""
+  _, apply_fn = _network(config, task)
+  sample = sampler(config, task)
+  loss = make_loss(apply_fn, config.model.sigma_data, config.objective.p_mean,
+                   config.objective.p_std)
+  net_update = update.updater(config, ema=True)
+
+  def init(rng, teacher=None):
+    del teacher  # teacher training has no teacher
+    return dict(state_lib.init_counters(),
+                net=state_lib.init_net_state(sample.init_params(rng), net_update.tx))
+
+  def step(state, teacher, batch, rng):
+    del teacher
+    net, _, aux, ok = net_update(state["net"], loss, None, batch, rng)
+    return update.count_step(dict(state, net=net), ok), aux
+
+  return Objective(init=init, steps={"dsm": step}, schedule=lambda i: "dsm",
+                   export=lambda state: state["net"]["ema"], sampler=sample)

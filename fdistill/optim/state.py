@@ -3,6 +3,7 @@
 A trainable network's state is ``{"params", "opt_state", "ema"}``; an
 objective's state is a dict of such network states plus counters
 (``step``, ``skipped``) and any statistics it carries (e.g. ratio bins).
+Metrics are never part of the state: steps return them beside it.
 """
 import jax
 import jax.numpy as jnp
@@ -12,17 +13,17 @@ import optax
 def make_optimizer(optim_config) -> optax.GradientTransformation:
   """Adam(W) with linear warm-up and global-norm clipping, from an ``optim`` config section.
 
-  Fields: lr, warmup_steps, grad_clip (0 = off), b1, b2, eps, weight_decay.
+  Fields (all required; defaults live in configs/common.py): lr, warmup_steps,
+  grad_clip (0 = off), b1, b2, eps, weight_decay.
   """
-  warmup = int(optim_config.get("warmup_steps", 0))
+  warmup = int(optim_config.warmup_steps)
   # No warm-up means the full rate from the first update (a 1-step ramp would start at 0).
   lr = optax.linear_schedule(0.0, optim_config.lr, warmup) if warmup > 0 else optim_config.lr
   parts = []
-  if optim_config.get("grad_clip", 0.0):
+  if optim_config.grad_clip:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
-  parts.append(optax.adamw(lr, b1=optim_config.get("b1", 0.9), b2=optim_config.get("b2", 0.999),
-                           eps=optim_config.get("eps", 1e-8),
-                           weight_decay=optim_config.get("weight_decay", 0.0)))
+  parts.append(optax.adamw(lr, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                           weight_decay=optim_config.weight_decay))
   return optax.chain(*parts)
 
 
@@ -32,6 +33,11 @@ def init_net_state(params, tx: optax.GradientTransformation, ema: bool = True):
   if ema:
     state["ema"] = jax.tree_util.tree_map(jnp.array, params)
   return state
+
+
+def init_counters():
+  """``step`` (updates done) and ``skipped`` (non-finite updates skipped), int32 scalars."""
+  return {"step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
 
 
 def all_finite(tree) -> jax.Array:

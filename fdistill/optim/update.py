@@ -1,13 +1,18 @@
-"""Gradient-and-update helpers shared by every objective's step, and step jitting.
+"""The guarded optimiser update every objective's step uses.
 
-``jax.grad`` happens here, never inside an objective (DESIGN section 3).
+``jax.grad`` happens here, never inside an objective: a loss is a pure
+``loss(params, inputs, batch, rng) -> (loss, aux)`` where ``inputs`` are the
+other networks' params (frozen for this update) and statistics.
 """
+import dataclasses
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from fdistill.parallel import partition
 from fdistill.optim import state as state_lib
+from fdistill.parallel import partition
 
 
 def split_micro_batches(batch, micro_batches: int):
@@ -28,56 +33,66 @@ def split_micro_batches(batch, micro_batches: int):
   return jax.tree_util.tree_map(split, batch)
 
 
-def accumulated_value_and_grad(loss_fn, params, frozen, batch, rng, micro_batches: int = 1):
-  """((loss, aux), grads) of ``loss_fn`` averaged over micro-batches scanned one at a time.
+@dataclasses.dataclass(frozen=True)
+class Updater:
+  """How one network is updated: its optimiser, EMA, gradient accumulation and FSDP gather.
 
-  Activation memory is that of one micro-batch; ``micro_batches=1`` is the
-  plain ``jax.value_and_grad`` with the caller's rng. Micro-batch i uses
-  ``fold_in(rng, i)``. Batch statistics inside ``loss_fn`` (normalisers) are
-  then over one micro-batch, still global across devices. Params and
-  ``frozen`` are all-gathered over fsdp for the compute
-  (``partition.gather_fsdp``): FSDP, not weight-sharded activations.
+  tx:            the optax transformation (``state.make_optimizer``).
+  ema_decay:     EMA rate of ``net_state["ema"]``; None = the network keeps no EMA.
+  micro_batches: gradient accumulation: the batch in that many slices scanned one at a
+                 time (activation memory of one slice; batch statistics inside the loss
+                 are then over one slice, still global across devices).
+  fsdp_gather:   all-gather params and inputs over fsdp for the compute
+                 (``config.mesh.fsdp_gather``; see ``partition.gather_fsdp``).
   """
+  tx: optax.GradientTransformation
+  ema_decay: Optional[float] = None
+  micro_batches: int = 1
+  fsdp_gather: bool = True
 
-  def gathered_loss(params, frozen, batch, rng):
-    return loss_fn(partition.gather_fsdp(params), partition.gather_fsdp(frozen), batch, rng)
+  def value_and_grad(self, loss_fn, params, inputs, batch, rng):
+    """((loss, aux), grads) of ``loss_fn`` averaged over micro-batches.
 
-  grad_fn = jax.value_and_grad(gathered_loss, has_aux=True)
-  if micro_batches == 1:
-    return grad_fn(params, frozen, batch, rng)
+    Micro-batch i uses ``fold_in(rng, i)``; ``micro_batches=1`` is the plain
+    ``jax.value_and_grad`` with the caller's rng.
+    """
 
-  def body(total, xs):
-    index, micro = xs
-    out = grad_fn(params, frozen, micro, jax.random.fold_in(rng, index))
-    return jax.tree_util.tree_map(jnp.add, total, out), None
+    def gathered_loss(params, inputs, batch, rng):
+      gather = lambda t: partition.gather_fsdp(t, self.fsdp_gather)
+      return loss_fn(gather(params), gather(inputs), batch, rng)
 
-  micro = split_micro_batches(batch, micro_batches)
-  first = jax.tree_util.tree_map(lambda x: x[0], micro)
-  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                 jax.eval_shape(grad_fn, params, frozen, first, rng))
-  total, _ = jax.lax.scan(body, zeros, (jnp.arange(micro_batches), micro))
-  return jax.tree_util.tree_map(lambda x: x / micro_batches, total)
+    grad_fn = jax.value_and_grad(gathered_loss, has_aux=True)
+    if self.micro_batches == 1:
+      return grad_fn(params, inputs, batch, rng)
 
+    def body(total, xs):
+      index, micro = xs
+      out = grad_fn(params, inputs, micro, jax.random.fold_in(rng, index))
+      return jax.tree_util.tree_map(jnp.add, total, out), None
 
-def grad_and_update(net_state, loss_fn, frozen, batch, rng, tx, ema_decay=None,
-                    micro_batches: int = 1):
-  """One optimizer update of ``net_state`` on ``loss_fn(params, frozen, batch, rng)``.
+    micro = split_micro_batches(batch, self.micro_batches)
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   jax.eval_shape(grad_fn, params, inputs, first, rng))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(self.micro_batches), micro))
+    return jax.tree_util.tree_map(lambda x: x / self.micro_batches, total)
 
-  NaN guard: if the loss or any gradient is non-finite the whole update
-  (params, optimizer state, EMA) is skipped. ``micro_batches`` > 1
-  accumulates the gradient over that many slices of the batch (see
-  :func:`accumulated_value_and_grad`). Returns (net_state, loss, aux, ok).
-  """
-  (loss, aux), grads = accumulated_value_and_grad(loss_fn, net_state["params"], frozen, batch,
-                                                  rng, micro_batches)
-  ok = jnp.logical_and(jnp.isfinite(loss), state_lib.all_finite(grads))
-  updates, opt_state = tx.update(grads, net_state["opt_state"], net_state["params"])
-  new = dict(net_state, params=optax.apply_updates(net_state["params"], updates),
-             opt_state=opt_state)
-  if ema_decay is not None and "ema" in net_state:
-    new["ema"] = state_lib.ema_update(net_state["ema"], new["params"], ema_decay)
-  aux = dict(aux, grad_norm=optax.tree.norm(grads))
-  return state_lib.select_tree(ok, new, net_state), loss, aux, ok
+  def __call__(self, net_state, loss_fn, inputs, batch, rng):
+    """One update of ``net_state`` on ``loss_fn``; returns (net_state, loss, aux, ok).
+
+    NaN guard: if the loss, a gradient or the gradient norm is non-finite, the
+    whole update (params, optimiser state, EMA) is skipped and ``ok`` is False.
+    ``aux`` gains ``grad_norm``.
+    """
+    (loss, aux), grads = self.value_and_grad(loss_fn, net_state["params"], inputs, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & state_lib.all_finite(grads) & jnp.isfinite(grad_norm)
+    updates, opt_state = self.tx.update(grads, net_state["opt_state"], net_state["params"])
+    new = dict(net_state, params=optax.apply_updates(net_state["params"], updates),
+               opt_state=opt_state)
+    if self.ema_decay is not None:
+      new["ema"] = state_lib.ema_update(net_state["ema"], new["params"], self.ema_decay)
+    return state_lib.select_tree(ok, new, net_state), loss, dict(aux, grad_norm=grad_norm), ok
 
 
 def count_step(state, ok):
@@ -86,10 +101,13 @@ def count_step(state, ok):
               skipped=state["skipped"] + (1 - ok.astype(jnp.int32)))
 
 
-def micro_batch_count(config) -> int:
-  """``config.optim.micro_batches`` (gradient accumulation; 1 = off)."""
-  return int(config.optim.get("micro_batches", 1))
+def updater(config, optim_config=None, ema: bool = False) -> Updater:
+  """The :class:`Updater` for ``optim_config`` (default ``config.optim``) under ``config``.
 
-
-def init_counters():
-  return {"step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+  ``ema``: keep an EMA at ``config.optim.ema_decay``.
+  """
+  optim_config = config.optim if optim_config is None else optim_config
+  return Updater(tx=state_lib.make_optimizer(optim_config),
+                 ema_decay=float(config.optim.ema_decay) if ema else None,
+                 micro_batches=int(config.optim.micro_batches),
+                 fsdp_gather=bool(config.mesh.fsdp_gather))

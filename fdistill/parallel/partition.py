@@ -11,8 +11,6 @@ The same rules apply to every state pytree, so a parameter, its Adam moments
 and its EMA copy (same shape, same path suffix) are always sharded alike, and
 the generator, fake score, discriminator and the frozen teacher all get them.
 """
-import contextlib
-import contextvars
 import re
 from typing import Sequence, Tuple
 
@@ -137,28 +135,6 @@ def place(tree, tree_shardings):
   return jax.tree_util.tree_map(put, tree, tree_shardings)
 
 
-_GATHER = contextvars.ContextVar("fdistill_fsdp_gather", default=True)
-
-
-@contextlib.contextmanager
-def fsdp_gather(enabled: bool = True):
-  """Whether :func:`gather_fsdp` gathers, for steps traced inside this context.
-
-  ``config.mesh.fsdp_gather``; train/loop.py traces the step inside it. True
-  (default): FSDP as such, whole weights for the compute and batch-sharded
-  activations. False: weight placement is left to XLA's sharding propagation,
-  which may move activations instead of weights; for huge models at a small
-  per-device batch its peak memory can be much lower (benchmarks/sharding_memory.py
-  --no_gather), at the price of less predictable communication. Read at trace
-  time: a function already jitted and traced keeps its first choice.
-  """
-  token = _GATHER.set(bool(enabled))
-  try:
-    yield
-  finally:
-    _GATHER.reset(token)
-
-
 def _fsdp_mesh(x):
   """The (abstract) mesh ``x`` lives on if it has an fsdp axis worth gathering, else None."""
   mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
@@ -169,7 +145,7 @@ def _fsdp_mesh(x):
   return mesh
 
 
-def gather_fsdp(tree):
+def gather_fsdp(tree, enabled: bool = True):
   """FSDP's all-gather: ``tree`` (params inside a jitted step) unsharded for the compute.
 
   Called on the params inside the differentiated function, so the forward
@@ -177,9 +153,16 @@ def gather_fsdp(tree):
   compute, no weight-shaped resharding of activations) and the transpose
   reduces the gradient back onto the fsdp shards. A no-op off a mesh, on an
   fsdp axis of 1, with a tensor axis > 1 (then XLA places everything) and
-  inside ``fsdp_gather(False)``.
+  for ``enabled=False``.
+
+  ``enabled`` is ``config.mesh.fsdp_gather``, passed explicitly from the config
+  through the objective's :class:`fdistill.optim.update.Updater`. False leaves
+  weight placement to XLA's sharding propagation, which may move activations
+  instead of weights; for huge models at a small per-device batch its peak
+  memory can be much lower (benchmarks/sharding_memory.py --no_gather), at the
+  price of less predictable communication.
   """
-  if not _GATHER.get():
+  if not enabled:
     return tree
 
   def gather(x):

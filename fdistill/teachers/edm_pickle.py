@@ -38,7 +38,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from fdistill.io import torch_pickle
-from fdistill.io.torch_pickle import PersistentObject, Tensor, read  # noqa: F401  (public API)
+from fdistill.io.torch_pickle import PersistentObject, read
 
 # One error type for every unreadable or unfit teacher file (a ValueError).
 EDMPickleError = torch_pickle.TorchPickleError

@@ -1,0 +1,164 @@
+"""FID as the papers compute it: streaming float64 statistics, Frechet distance, EDM references.
+
+Why float64 and sums: FID is reported to 2-3 decimals from 50k samples of 2048-d
+features, so the statistics are accumulated in float64 as a sample count, a
+feature sum and an outer-product sum (EDM's ``calc_fid`` /
+StyleGAN3's ``FeatureStats`` do the same). That keeps memory at 2048^2
+doubles whatever the sample count, lets per-host or per-chunk partial
+statistics be merged exactly, and gives the unbiased covariance EDM's
+``fid-refs`` hold (``mu`` (2048,), ``sigma`` (2048, 2048)).
+
+:func:`feature_fn` wraps :func:`fdistill.eval.inception.features` in one jit,
+with the batch split over the devices of a mesh when one is given.
+"""
+import os
+from typing import Callable, Optional, Tuple
+
+import jax
+import numpy as np
+import scipy.linalg
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fdistill.eval import inception
+
+
+class FeatureStats:
+  """Running float64 count / sum / outer-product sum of feature vectors (mergeable)."""
+
+  def __init__(self, dim: int = inception.FEATURE_DIM):
+    self.dim = int(dim)
+    self.count = 0
+    self.sum = np.zeros(self.dim, np.float64)
+    self.outer = np.zeros((self.dim, self.dim), np.float64)
+
+  def update(self, features) -> "FeatureStats":
+    x = np.asarray(features, np.float64).reshape(-1, self.dim)
+    self.count += x.shape[0]
+    self.sum += x.sum(axis=0)
+    self.outer += x.T @ x
+    return self
+
+  def merge(self, other: "FeatureStats") -> "FeatureStats":
+    """Adds ``other``'s samples in place (e.g. statistics gathered on another host)."""
+    if other.dim != self.dim:
+      raise ValueError(f"FeatureStats: cannot merge dim {other.dim} into dim {self.dim}")
+    self.count += other.count
+    self.sum += other.sum
+    self.outer += other.outer
+    return self
+
+  def mean(self) -> np.ndarray:
+    if self.count < 1:
+      raise ValueError("FeatureStats: no samples")
+    return self.sum / self.count
+
+  def cov(self) -> np.ndarray:
+    """Unbiased (N - 1) covariance, as EDM's references and ``np.cov`` compute it."""
+    if self.count < 2:
+      raise ValueError(f"FeatureStats: the covariance needs >= 2 samples, got {self.count}")
+    mu = self.mean()
+    return (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+
+  def mean_cov(self) -> Tuple[np.ndarray, np.ndarray]:
+    return self.mean(), self.cov()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, strict: bool = False) -> float:
+  """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
+
+  ``sqrtm`` of the (non-symmetric) product can come back complex with tiny
+  imaginary parts from round-off; EDM and pytorch-fid keep the real part, which
+  is done here. As in pytorch-fid, a non-finite square root (singular product)
+  is retried with ``eps`` added to both diagonals, and ``strict`` raises when
+  the imaginary diagonal exceeds 1e-3 (with fewer samples than dimensions that
+  happens legitimately, hence off by default, as in EDM).
+  """
+  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+  sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    raise ValueError(f"frechet_distance: mismatched statistics mu {mu1.shape} / {mu2.shape}, "
+                     f"sigma {sigma1.shape} / {sigma2.shape}")
+  diff = mu1 - mu2
+  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+  if not np.isfinite(covmean).all():
+    offset = np.eye(sigma1.shape[0]) * eps
+    covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+  if np.iscomplexobj(covmean):
+    if strict and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+      raise ValueError(f"frechet_distance: imaginary component "
+                       f"{np.max(np.abs(covmean.imag)):.3g} in sqrtm(S1 S2)")
+    covmean = covmean.real
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid_from_stats(stats: FeatureStats, reference: Tuple[np.ndarray, np.ndarray]) -> float:
+  mu, sigma = stats.mean_cov()
+  return frechet_distance(mu, sigma, *reference)
+
+
+def load_reference(path: str) -> Tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) float64 from an EDM ``fid-refs`` npz (keys ``mu``, ``sigma``) or :func:`save_reference`.
+
+  Raises:
+    ValueError: missing file or keys, or shapes that are not (D,) and (D, D).
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f"FID reference {path!r} does not exist (EDM's fid-refs .npz with 'mu' and "
+                     "'sigma', or one written by fdistill.eval.fid.save_reference)")
+  with np.load(path, allow_pickle=False) as data:
+    if "mu" not in data.files or "sigma" not in data.files:
+      raise ValueError(f"FID reference {path}: needs arrays 'mu' and 'sigma', has {data.files}")
+    mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+  if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+    raise ValueError(f"FID reference {path}: mu {mu.shape} / sigma {sigma.shape} are not "
+                     "(D,) / (D, D)")
+  return mu, sigma
+
+
+def save_reference(path: str, mu, sigma) -> None:
+  """Writes EDM's ``fid-refs`` layout (``mu``, ``sigma``) atomically (tmp + os.replace)."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def feature_fn(params, mesh: Optional[Mesh] = None) -> Callable[[np.ndarray], np.ndarray]:
+  """A function uint8 NHWC images (host array, any N) -> float32 numpy features [N, 2048].
+
+  One jit of preprocess + network. With a ``mesh``, the batch is split over all
+  of its devices (one batch axis made of every mesh axis) and the params are
+  replicated; a batch whose size is not a multiple of the device count is
+  padded with zero images and the padding dropped from the result. Each
+  distinct (padded) batch shape compiles once, so keep the batch size fixed.
+  Single-process: the images are the whole batch, not a per-host slice.
+  """
+  if mesh is None:
+    devices = 1
+    run = jax.jit(inception.features)
+  else:
+    devices = mesh.size
+    batch = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(params, replicated)
+    run = jax.jit(inception.features, in_shardings=(replicated, batch), out_shardings=batch)
+
+  def extract(images) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+      raise ValueError(f"feature_fn: expected uint8 images, got {images.dtype} (quantise to "
+                       "[0, 255] first, as the papers' pipelines save PNGs)")
+    n = images.shape[0]
+    pad = -n % devices
+    if pad:
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+    return np.asarray(run(params, images))[:n]
+
+  return extract

@@ -1,0 +1,48 @@
+"""Noise for the distillation objectives: one Gaussian draw per step, and noise-level samplers.
+
+Each step draws all its Gaussian noise in one ``jax.random.normal`` call
+(every separate call adds a threefry expansion that XLA compiles, seconds on
+CPU). A noise-level sampler maps a standard normal ``e`` [B] to ``(sigma, u)``,
+``u`` in (0, 1) the sampler's own uniform coordinate, used to bin the density
+ratio. Samplers read these settings (``config.objective`` fields): sigma_dist,
+sigma_min, sigma_max, rho, ramp_min, ramp_max, p_mean, p_std, sigma_fixed.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def draw_noise(rng, n, x_shape, num_x, num_scalar):
+  """``num_x`` standard normal arrays [n, *x_shape] and ``num_scalar`` of shape [n]."""
+  size = math.prod(x_shape)
+  flat = jax.random.normal(rng, (n, num_x * size + num_scalar))
+  xs = [flat[:, i * size:(i + 1) * size].reshape((n,) + tuple(x_shape)) for i in range(num_x)]
+  return xs, [flat[:, num_x * size + j] for j in range(num_scalar)]
+
+
+def _karras(e, st):
+  """FastGen's 'polynomial': a uniform position on EDM's Karras (rho) grid from s_max to s_min."""
+  u = st.ramp_min + (st.ramp_max - st.ramp_min) * jax.scipy.stats.norm.cdf(e)
+  hi, lo = st.sigma_max**(1 / st.rho), st.sigma_min**(1 / st.rho)
+  return (hi + u * (lo - hi))**st.rho, u
+
+
+def _lognormal(e, st):
+  """EDM training levels ``log s ~ N(p_mean, p_std^2)``; u is the normal CDF."""
+  return jnp.exp(st.p_mean + st.p_std * e), jax.scipy.stats.norm.cdf(e)
+
+
+def _fixed(e, st):
+  """One noise level (analysis and the oracle tests)."""
+  return jnp.full_like(e, st.sigma_fixed), jnp.full_like(e, 0.5)
+
+
+SIGMA_DISTS = {"karras": _karras, "lognormal": _lognormal, "fixed": _fixed}
+
+
+def sample_sigma(e, st):
+  """(sigma, u) from standard normals ``e`` [B]."""
+  return SIGMA_DISTS[st.sigma_dist](e, st)
+
+
