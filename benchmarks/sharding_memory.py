@@ -5,10 +5,12 @@
   python benchmarks/sharding_memory.py --no_gather               # mesh.fsdp_gather=False
   python benchmarks/sharding_memory.py --objective=dsm --depth=4  # quicker
 
-For each fsdp size the mesh is (data = 8 / fsdp, fsdp). The step (generator,
-fake score and discriminator updates, with the frozen teacher as an argument)
-is lowered from ``jax.eval_shape`` structures and compiled, never run, so
-nothing of the model's size is allocated. Prints one markdown row per fsdp:
+For each fsdp size the mesh is (data = 8 / fsdp, fsdp). The steps are the
+assembly's own (``fdistill.experiment.build``: the programs the training loop
+runs; f-distill has a generator step and a critic step, the fake score and
+discriminator updates, both with the frozen teacher as an argument); they are
+lowered from ``jax.eval_shape`` structures and compiled, never run, so nothing
+of the model's size is allocated. Prints one markdown row per fsdp and kind of step:
 
   state+teacher/dev  bytes of this device's shards of the train state (params,
                      Adam moments, EMA of generator, fake score, discriminator)
@@ -39,11 +41,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import architectures, common  # noqa: E402
-from fdistill import checkpoint, models, objectives  # noqa: E402
-from fdistill.objectives import fdistill  # noqa: E402
+from fdistill import experiment, models, teachers  # noqa: E402
+from fdistill.io import checkpoint  # noqa: E402
 from fdistill.parallel import mesh as mesh_lib  # noqa: E402
-from fdistill.parallel import partition  # noqa: E402
-from fdistill.train import loop  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -74,19 +74,28 @@ def make_config(args):
                       dtype=args.dtype, remat=args.remat))
   c.optim.micro_batches = args.micro_batches
   c.train.batch_size = args.batch
+  c.mesh.fsdp_gather = not args.no_gather
   if args.objective == "fdistill":
     c.teacher.kind = "checkpoint"  # generator and fake score start from the teacher
-    c.objective = fdistill.objective_config(discriminator=dict(name="unet_heads"))
+    c.objective = common.fdistill_objective(discriminator=dict(name="unet_heads"))
   return c
 
 
-def abstract_context(config, x_shape, cond_dim):
-  """Context whose teacher is the model itself, as ShapeDtypeStructs (nothing allocated)."""
+class ShapeOnlyData:
+  """A stand-in dataset: the shapes the assembly needs, no data."""
+
+  def __init__(self, x_shape, cond_dim):
+    self.x_shape, self.cond_dim = x_shape, cond_dim
+
+
+def abstract_teacher(config, x_shape, cond_dim):
+  """(Teacher whose params are the model's ShapeDtypeStructs (nothing allocated), params)."""
   module = models.build(config.model)
   params = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0),
                                                      (1,) + x_shape, cond_dim))
-  teacher = models.make_denoiser(module) if config.objective.name != "dsm" else None
-  return objectives.Context(x_shape, cond_dim, teacher, params if teacher else None), params
+  if config.objective.name == "dsm":
+    return None, params
+  return teachers.Teacher(models.make_denoiser(module), params, load=None), params
 
 
 def shard_bytes(tree):
@@ -95,25 +104,21 @@ def shard_bytes(tree):
              for x in jax.tree_util.tree_leaves(tree))
 
 
-def compile_step(config, ctx, mesh):
-  """(compiled step, abstract state, abstract frozen) on ``mesh``, from shapes only."""
-  objective = objectives.build(config, ctx)
-  abstract, state_sh = loop.state_shardings(objective, mesh, config)
-  state = checkpoint.with_shardings(abstract, state_sh)
+def compile_steps(config, dataset, teacher, mesh):
+  """({kind: compiled step}, abstract state, abstract teacher) of the assembly on ``mesh``."""
+  exp = experiment.build(config, mesh, teacher_params=False, dataset=dataset, teacher=teacher)
+  state = checkpoint.with_shardings(exp.abstract_state, exp.state_shardings)
   frozen = None
-  if ctx.teacher_params is not None:
-    frozen = checkpoint.with_shardings(
-        ctx.teacher_params, partition.config_shardings(ctx.teacher_params, mesh, config.mesh))
+  if teacher is not None:
+    frozen = checkpoint.with_shardings(teacher.abstract, exp.teacher_shardings)
   batch_sh = mesh_lib.batch_sharding(mesh)
   b = config.train.batch_size
-  batch = {"x": jax.ShapeDtypeStruct((b,) + ctx.x_shape, jnp.float32, sharding=batch_sh),
-           "cond": jax.ShapeDtypeStruct((b, ctx.cond_dim), jnp.float32, sharding=batch_sh)}
-  repl = mesh_lib.replicated(mesh)
-  step = jax.jit(objective.step,
-                 in_shardings=(state_sh, loop.shardings_of(frozen, mesh), batch_sh, repl),
-                 out_shardings=(state_sh, repl), donate_argnums=0)
+  batch = {"x": jax.ShapeDtypeStruct((b,) + dataset.x_shape, jnp.float32, sharding=batch_sh),
+           "cond": jax.ShapeDtypeStruct((b, dataset.cond_dim), jnp.float32, sharding=batch_sh)}
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  return step.lower(state, frozen, batch, rng).compile(), state, frozen
+  compiled = {kind: step.lower(state, frozen, batch, rng).compile()
+              for kind, step in exp.steps.items()}
+  return compiled, state, frozen
 
 
 def gib(n):
@@ -124,29 +129,30 @@ def main(argv=None):
   args = parse_args(argv)
   config = make_config(args)
   x_shape = (args.resolution, args.resolution, args.channels)
-  ctx, params = abstract_context(config, x_shape, 1000)
+  dataset = ShapeOnlyData(x_shape, 1000)
+  teacher, params = abstract_teacher(config, x_shape, 1000)
   print(f"# {args.objective} step, DiT hidden={args.hidden} depth={args.depth} "
         f"({models.param_count(params) / 1e9:.3f}B params per network), batch {args.batch}, "
         f"compute {args.dtype}, remat={args.remat}, micro_batches={args.micro_batches}, "
         f"fsdp_gather={not args.no_gather}, {jax.device_count()} {jax.devices()[0].platform} "
         "devices\n")
-  print("| fsdp | mesh (data, fsdp) | state+teacher/dev | arguments/dev | temp/dev | ratio | "
-        "compile |")
-  print("|---|---|---|---|---|---|---|")
+  print("| fsdp | mesh (data, fsdp) | step | state+teacher/dev | arguments/dev | temp/dev | "
+        "ratio | compile |")
+  print("|---|---|---|---|---|---|---|---|")
   base = None
   for fsdp in [int(f) for f in args.fsdp.split(",")]:
     config.mesh.update({"data": jax.device_count() // fsdp, "fsdp": fsdp})
     mesh = mesh_lib.make_mesh(config.mesh)
     start = time.time()
-    with partition.fsdp_gather(not args.no_gather):
-      compiled, state, frozen = compile_step(config, ctx, mesh)
+    compiled, state, frozen = compile_steps(config, dataset, teacher, mesh)
     seconds = time.time() - start
     held = shard_bytes(state) + (shard_bytes(frozen) if frozen is not None else 0)
     base = base or held
-    memory = compiled.memory_analysis()
-    print(f"| {fsdp} | ({mesh.shape['data']}, {fsdp}) | {gib(held)} | "
-          f"{gib(memory.argument_size_in_bytes)} | {gib(memory.temp_size_in_bytes)} | "
-          f"{held / base:.3f} | {seconds:.0f} s |", flush=True)
+    for kind, program in compiled.items():
+      memory = program.memory_analysis()
+      print(f"| {fsdp} | ({mesh.shape['data']}, {fsdp}) | {kind} | {gib(held)} | "
+            f"{gib(memory.argument_size_in_bytes)} | {gib(memory.temp_size_in_bytes)} | "
+            f"{held / base:.3f} | {seconds:.0f} s (all steps) |", flush=True)
 
 
 if __name__ == "__main__":

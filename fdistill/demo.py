@@ -43,13 +43,31 @@ def exact_data_row(num=5000):
   return {"eval/" + k: v for k, v in stats.items()}
 
 
-def distill_stages(teacher_dir, workdir, quick):
-  """Distils the teacher with each objective the demo lists; {name: metrics}."""
-  try:
-    from fdistill import demo_distill
-  except ImportError:
-    return {}
-  return demo_distill.run(teacher_dir, workdir, quick)
+# Distillation stages: for each divergence, the same three CLI modes a user would run
+# (distill, sample, eval) on configs/toy2d_fdistill.py:<divergence>,teacher_dir=<teacher>.
+DIVERGENCES = ("reverse_kl", "js", "forward_kl")
+STEPS, QUICK_STEPS = 2000, 20
+
+
+def distill_one(divergence, teacher_dir, workdir, steps):
+  """Distils, samples and evaluates one divergence; returns the final eval metrics."""
+  from configs import toy2d_fdistill
+  from fdistill import modes
+  config = toy2d_fdistill.get_config(f"{divergence},teacher_dir={teacher_dir},steps={steps}")
+  if steps < STEPS:  # quick: fewer eval samples too
+    config.eval.num_samples = 500
+  modes.run(config, workdir, "distill")
+  modes.run(config, workdir, "sample")
+  return modes.run(config, workdir, "eval")[steps]
+
+
+def distill_stages(teacher_dir, workdir, quick=False):
+  """{row name: eval metrics} of one-step generators distilled from ``teacher_dir``."""
+  steps = QUICK_STEPS if quick else STEPS
+  return {f"f-distill {name} (1 step)": distill_one(name, teacher_dir,
+                                                    os.path.join(workdir, f"fdistill_{name}"),
+                                                    steps)
+          for name in DIVERGENCES}
 
 
 def summary_table(rows):

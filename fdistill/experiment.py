@@ -38,6 +38,7 @@ class Experiment:
   task: objectives.Task
   objective: objectives.Objective
   teacher: Any                          # teacher params on the mesh, or None
+  teacher_shardings: Any                # their shardings (the state's rules)
   abstract_state: Any
   state_shardings: Any
   init: Callable
@@ -84,16 +85,20 @@ def _sampler(config, mesh, task) -> Sampling:
   return Sampling(mesh, task, abstract, shardings, sample)
 
 
-def build(config, mesh=None, teacher_params: bool = True) -> Experiment:
+def build(config, mesh=None, *, teacher_params: bool = True, dataset=None,
+          teacher=None) -> Experiment:
   """The training experiment of ``config`` on ``mesh`` (default: ``config.mesh`` over all devices).
 
   ``teacher_params=False`` builds everything but reads no teacher weights
   (``Experiment.teacher`` is then None): for compiling, memory analysis and tests.
+  ``dataset`` / ``teacher`` (a :class:`fdistill.teachers.Teacher`) replace the ones
+  the config names, e.g. shape-only stand-ins for benchmarks of models without data.
   """
   mesh = make_mesh(config, mesh)
   mesh_lib.check_batch_size(config.train.batch_size, mesh)
-  dataset = data.build(config.data)
-  teacher = teachers.spec(config, dataset.x_shape, dataset.cond_dim)
+  dataset = data.build(config.data) if dataset is None else dataset
+  if teacher is None:
+    teacher = teachers.spec(config, dataset.x_shape, dataset.cond_dim)
   task = objectives.Task(tuple(dataset.x_shape), dataset.cond_dim,
                          teacher.apply if teacher else None, teacher.abstract if teacher else None)
   objective = objectives.build(config, task)
@@ -112,8 +117,8 @@ def build(config, mesh=None, teacher_params: bool = True) -> Experiment:
                                            mesh_lib.batch_sharding(mesh), repl),
                          out_shardings=(state_sh, repl), donate_argnums=0)
            for name, fn in objective.steps.items()}
-  return Experiment(config, mesh, dataset, task, objective, placed, abstract, state_sh, init,
-                    steps, objective.schedule, _sampler(config, mesh, task))
+  return Experiment(config, mesh, dataset, task, objective, placed, teacher_shardings, abstract,
+                    state_sh, init, steps, objective.schedule, _sampler(config, mesh, task))
 
 
 def task_of_run(workdir: str) -> Tuple[Any, objectives.Task]:

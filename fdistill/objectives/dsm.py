@@ -4,7 +4,7 @@ import jax.numpy as jnp
 
 from fdistill import models
 from fdistill.diffusion import edm
-from fdistill.objectives import Objective, Sampler
+from fdistill.objectives.base import Objective, Sampler
 from fdistill.optim import state as state_lib
 from fdistill.optim import update
 

@@ -51,7 +51,7 @@ import ml_collections
 from fdistill import models
 from fdistill.diffusion import edm
 from fdistill.models import discriminator as disc_lib
-from fdistill.objectives import Objective, Sampler
+from fdistill.objectives.base import Objective, Sampler
 from fdistill.objectives import critics
 from fdistill.objectives import divergences
 from fdistill.objectives import noise

@@ -12,8 +12,8 @@ import signal
 import jax
 import numpy as np
 
-import multiprocess_utils as mp
-from fdistill.io import checkpoint
+from support import multiprocess as mp
+from support import runs
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.train import loop
 
@@ -83,7 +83,6 @@ def test_sigterm_to_one_of_two_processes_saves_one_agreed_checkpoint(tmp_path):
   config = mp.load_config(config_path)
   config.mesh.update({"data": 1, "fsdp": 2})
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:2])
-  _, objective, mesh, _ = loop.setup(config, mesh)
-  state, meta = checkpoint.restore_from(str(workdir), *loop.state_shardings(objective, mesh, config))
+  state, meta = runs.restored_state(workdir, config, mesh)
   assert meta["step"] == steps[0] == int(state["step"])
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(jax.device_get(state)))

@@ -6,14 +6,14 @@ ratio bins with the 1-device run checks exactly that.
 """
 import numpy as np
 
-import sharding_checks as checks
-from fdistill.objectives import fdistill
+from fdistill.objectives import ratio
+from support import sharding as checks
 
 
 def test_fdistill_step_on_8_devices_equals_1_device():
   checks.check_step_on_8_devices_equals_1_device("fdistill")
   state, metrics = checks.stepped("fdistill", True)
-  assert {"train/h_mean", "train/ratio_mean", "train/disc_loss"} <= set(metrics)
+  assert {"generator/h_mean", "generator/ratio_mean", "critic/disc_loss"} <= set(metrics)
   assert not np.allclose(state["ratio_bins"], 1.0)  # the bins were updated from the batch
 
 
@@ -22,7 +22,7 @@ def test_fdistill_state_is_really_sharded():
 
 
 def test_fdistill_compiled_step_gathers_only_params_over_fsdp():
-  # Each network's weights are used by both branches (generator step, critic step).
+  # Each network's weights are used by both kinds of step (generator, critic).
   checks.check_gathers_only_params_over_fsdp("fdistill", uses_per_param=2)
 
 
@@ -37,6 +37,6 @@ def test_fdistill_normaliser_over_a_sharded_batch_is_the_global_mean():
   mesh = mesh_lib.make_mesh(checks.SHARDED_MESH)
   h = np.random.default_rng(0).uniform(0.1, 3.0, size=(checks.BATCH,)).astype(np.float32)
   sharded = mesh_lib.global_batch({"h": h}, mesh)["h"]
-  out = jax.jit(fdistill.normalise_by_batch_mean)(sharded)
+  out = jax.jit(ratio.normalise_by_batch_mean)(sharded)
   np.testing.assert_allclose(out, h / (h.mean() + 1e-6), rtol=1e-5)
   assert not jnp.allclose(out, h)  # a per-shard mean would give the same only by accident

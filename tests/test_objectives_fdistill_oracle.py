@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import common
 from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import divergences
+from fdistill.objectives import critics
 from fdistill.objectives import fdistill
 from fdistill.diffusion import gmm as gmm_lib
 
@@ -64,14 +66,14 @@ def _oracle_nets():
     return _log_ratio(theta, x_t, sigma[0])[:, None]
 
   disc = disc_lib.Discriminator(init=None, apply=disc_apply, uses_features=False)
-  return fdistill.Nets(gen_apply, gmm_lib.as_apply_fn(), fake_apply, disc, (1,), 1.0)
+  return critics.Nets(gen_apply, gmm_lib.as_apply_fn(), fake_apply, disc, (1,), 1.0)
 
 
 def _oracle_settings(name, alpha, s):
-  return fdistill.Settings(divergence=name, alpha=alpha if alpha is not None else 0.5,
-                           gan_weight=0.0, logit_clip=1e4, ratio_lower=0.0,
-                           ratio_upper=float("inf"), ratio_bins=0, normalise_h=False,
-                           weight="sigma2", sigma_dist="fixed", sigma_fixed=s)
+  return fdistill.Settings.from_config(common.fdistill_objective(
+      divergence=name, alpha=alpha if alpha is not None else 0.5, gan_weight=0.0,
+      logit_clip=1e4, ratio_lower=0.0, ratio_upper=float("inf"), ratio_bins=0,
+      normalise_h=False, weight="sigma2", sigma_dist="fixed", sigma_fixed=s))
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,7 +86,7 @@ def surrogate_gradients(case):
   """
   a, b, s = CASES[case]
   theta = {"A": jnp.float32(a), "b": jnp.float32(b)}
-  frozen = {"teacher": TEACHER, "fake": theta, "disc": theta, "bins": jnp.ones((1,))}
+  inputs = {"teacher": TEACHER, "fake": theta, "disc": theta, "bins": jnp.ones((1,))}
   batch = {"x": jnp.zeros((CHUNK, 1))}
 
   def all_gradients(rng):
@@ -92,7 +94,7 @@ def surrogate_gradients(case):
     for name, alpha in DIVS:
       loss = fdistill.make_generator_loss(_oracle_nets(), divergences.get(name, alpha),
                                           _oracle_settings(name, alpha, s))
-      out[(name, alpha)] = jax.grad(lambda p: loss(p, frozen, batch, rng)[0])(theta)
+      out[(name, alpha)] = jax.grad(lambda p: loss(p, inputs, batch, rng)[0])(theta)
     return out
 
   rngs = jax.random.split(jax.random.key(1), CHUNKS)

@@ -9,7 +9,7 @@ Every loss must equal the single-process run's on a (data=2, fsdp=2) mesh.
 import jax
 import numpy as np
 
-import multiprocess_utils as mp
+from support import multiprocess as mp
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.train import loop
 

@@ -1,6 +1,8 @@
-"""Configs, the CLI modes, clear errors, and bit-for-bit checkpoint resume."""
+"""Configs, the CLI modes (main.py, modes.py), clear errors, bit-for-bit resume, and f-distill's
+distill -> resume -> sample -> eval, also with the teacher workdir gone."""
 import glob
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -11,20 +13,14 @@ import pytest
 
 from fdistill import data, models, modes
 from fdistill.main import unknown_override
+from support import runs, toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*_*.py"))
                       if not p.endswith(("__init__.py", "common.py", "architectures.py")))
 
 
-def tiny_toy_config(steps=20):
-  from configs import toy2d_teacher
-  c = toy2d_teacher.get_config("gmm8")
-  c.model.hidden = (32, 32)
-  c.train.update(dict(batch_size=64, num_steps=steps, save_every=10, log_every=10))
-  c.eval.update(dict(num_samples=200, batch_size=100, sampler_steps=4, num_plot_samples=50,
-                     timeout_seconds=0.0))
-  return c
+tiny_toy_config = toy.tiny_teacher_config
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
@@ -71,11 +67,7 @@ def test_mode_objective_mismatch_is_rejected():
 
 
 def _params(workdir, config):
-  from fdistill.io import checkpoint
-  from fdistill.train import loop
-  _, objective, mesh, _ = loop.setup(config)
-  state, _ = checkpoint.restore_from(workdir, *loop.state_shardings(objective, mesh, config))
-  return state
+  return runs.restored_state(workdir, config)[0]
 
 
 def test_resume_is_bit_for_bit(tmp_path):
@@ -89,7 +81,6 @@ def test_resume_is_bit_for_bit(tmp_path):
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # The loss logged at step 20 is the same number in both runs.
-  import json
   last = lambda d: [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl")) if "train/loss" in l][-1]
   assert last(straight)["train/loss"] == last(resumed)["train/loss"]
 
@@ -120,3 +111,24 @@ def test_digits_teacher_modes_smoke(tmp_path):
   png = modes.run(config, str(tmp_path), "sample")
   assert os.path.getsize(png) > 100
   assert np.load(png.replace(".png", ".npy")).shape == (4, 8, 8, 1)
+
+
+def test_distill_resume_sample_eval(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = toy.tiny_fdistill_config()
+  config.train.update(num_steps=5, save_every=5, log_every=5)
+  config.eval.update(num_samples=200, batch_size=100, num_plot_samples=100)
+  modes.run(config, workdir, "distill")
+  config.train.num_steps = 7  # resumes at step 5 (a critic step) and runs a generator step at 6
+  modes.run(config, workdir, "distill")
+  logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  losses = [m for m in logged if "train/generator/gen_loss" in m]
+  assert [m["step"] for m in losses] == [5, 7]
+  assert all(np.isfinite(v) for m in losses for v in m.values())
+  assert losses[-1]["train/skipped"] == 0
+  # Steps 5, 6 = critic, generator: the record at 7 holds exactly one step of each kind.
+  assert losses[-1]["train/generator/steps"] == 1 and losses[-1]["train/critic/steps"] == 1
+  assert os.path.exists(modes.run(config, workdir, "sample", num_samples=50))
+  results = modes.run(config, workdir, "eval")
+  assert set(results) == {5, 7}
+  assert 0 <= results[7]["eval/modes_covered"] <= 8 and "eval/log_density" in results[7]

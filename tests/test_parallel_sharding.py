@@ -1,9 +1,10 @@
 """Sharded training on 8 fake CPU devices: mesh, partition rules, step equivalence, HLO,
 global batch statistics, gradient accumulation, mixed precision.
 
-The central check (DESIGN section 6): a step on a 1-device mesh and on a
-(data=2, fsdp=4) mesh gives the same loss, params and optimizer state
-(tests/sharding_checks.py; f-distill's in test_sharding_fdistill.py).
+The central check (docs/design.md section 6): the assembly's steps (the programs the
+training loop runs) on a 1-device mesh and on a (data=2, fsdp=4) mesh give the same
+losses, params and optimizer state (tests/support/sharding.py; f-distill's in
+test_parallel_sharding_fdistill.py).
 """
 import functools
 
@@ -14,8 +15,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import sharding_checks as checks
-from fdistill import objectives
+from fdistill import models, objectives
+from support import sharding as checks
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.parallel import partition
 from fdistill.optim import update
@@ -100,10 +101,9 @@ def test_gather_fsdp_constrains_only_fsdp_sharded_traces_and_can_be_switched_off
   mesh = mesh_lib.make_mesh(SHARDED_MESH)
   x = jax.device_put(jnp.zeros((8, 16)), jax.sharding.NamedSharding(mesh, P(None, "fsdp")))
   # A new function each time: traces are cached per function, the switch is read when tracing.
-  traced = lambda: str(jax.make_jaxpr(lambda t: partition.gather_fsdp(t))(x))
-  assert "sharding_constraint" in traced()
-  with partition.fsdp_gather(False):
-    assert "sharding_constraint" not in traced()
+  traced = lambda enabled: str(jax.make_jaxpr(lambda t: partition.gather_fsdp(t, enabled))(x))
+  assert "sharding_constraint" in traced(True)
+  assert "sharding_constraint" not in traced(False)
   assert "sharding_constraint" not in str(jax.make_jaxpr(partition.gather_fsdp)(jnp.zeros(3)))
 
 
@@ -131,10 +131,10 @@ def test_batch_statistics_over_a_sharded_batch_are_global():
   """A jnp.mean inside a jitted function over a globally sharded batch is the full-batch mean:
   the DSM loss (a batch mean) and a normaliser h / mean(h) match the unsharded values."""
   from fdistill.objectives import dsm
-  _, state, _, batch, _ = checks.compiled_step("dsm", True)
-  objective = objectives.build(checks.dsm_config(), objectives.Context((2,)))
-  loss = jax.jit(dsm.make_loss(objective.denoiser(state)[0]))
-  params = state["net"]["params"]
+  exp, _, batch = checks.compiled_steps("dsm", True)
+  config = checks.dsm_config()
+  loss = jax.jit(dsm.make_loss(models.make_denoiser(models.build(config.model))))
+  params = checks.fresh_state(exp)["net"]["params"]
   host_params, host_batch = jax.device_get((params, batch))
   sharded = loss(params, None, batch, jax.random.key(3))[0]
   single = loss(host_params, None, host_batch, jax.random.key(3))[0]
@@ -145,9 +145,9 @@ def test_batch_statistics_over_a_sharded_batch_are_global():
   np.testing.assert_allclose(normalised, host_h / host_h.mean(), rtol=1e-5)
 
 
-def _quadratic_loss(params, frozen, batch, rng):
+def _quadratic_loss(params, inputs, batch, rng):
   """Deterministic (ignores rng), so micro-batched and full-batch gradients must agree."""
-  del frozen, rng
+  del inputs, rng
   err = jnp.mean(jnp.square(batch["x"] @ params["w"] + params["b"]), axis=-1)
   return jnp.mean(err), {"err_max": jnp.max(err)}
 
@@ -157,10 +157,10 @@ def test_gradient_accumulation_equals_the_full_batch_gradient():
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.ones((3,))}
   batch = mesh_lib.global_batch({"x": rng.normal(size=(BATCH, 4)).astype(np.float32)}, mesh)
-  full = jax.jit(functools.partial(update.accumulated_value_and_grad, _quadratic_loss,
-                                   micro_batches=1))(params, None, batch, jax.random.key(0))
-  micro = jax.jit(functools.partial(update.accumulated_value_and_grad, _quadratic_loss,
-                                    micro_batches=4))(params, None, batch, jax.random.key(0))
+  full, micro = [jax.jit(functools.partial(update.Updater(optax.identity(), micro_batches=m)
+                                           .value_and_grad, _quadratic_loss))(
+                                               params, None, batch, jax.random.key(0))
+                 for m in (1, 4)]
   (loss_f, _), grads_f = full
   (loss_m, aux_m), grads_m = micro
   np.testing.assert_allclose(loss_m, loss_f, rtol=1e-6)
@@ -173,15 +173,15 @@ def test_gradient_accumulation_equals_the_full_batch_gradient():
     update.split_micro_batches({"x": jnp.arange(8)}, 3)
 
 
-def test_grad_and_update_accumulates_and_skips_nothing_when_finite():
-  """grad_and_update with micro-batches applies the same Adam update as one full batch."""
+def test_updater_accumulates_and_skips_nothing_when_finite():
+  """An Updater with micro-batches applies the same Adam update as one full batch."""
   rng = np.random.default_rng(1)
   params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.zeros((3,))}
   tx = optax.adam(1e-2)
   net = {"params": params, "opt_state": tx.init(params)}
   batch = {"x": jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)}
   one, four = jax.jit(lambda net, batch, rng: [
-      update.grad_and_update(net, _quadratic_loss, None, batch, rng, tx, micro_batches=m)
+      update.Updater(tx, micro_batches=m)(net, _quadratic_loss, None, batch, rng)
       for m in (1, 4)])(net, batch, jax.random.key(0))
   assert bool(one[3]) and bool(four[3])
   for a, b in zip(jax.tree_util.tree_leaves(one[0]), jax.tree_util.tree_leaves(four[0])):
@@ -191,17 +191,16 @@ def test_grad_and_update_accumulates_and_skips_nothing_when_finite():
 def test_bfloat16_compute_keeps_float32_params_and_loss():
   """model.dtype=bfloat16: activations in bf16; params, optimizer state and loss in float32,
   and the loss close to the float32 model's on the same params."""
-  from fdistill.objectives import dsm
   config = checks.dsm_config()
   config.model.dtype = "bfloat16"
   config.teacher.kind = "none"
-  objective = objectives.build(config, objectives.Context((2,)))
-  _, state, _, batch, _ = checks.compiled_step("dsm", False)
-  state = jax.device_get(state)
-  new_state, metrics = jax.jit(objective.step)(state, None, batch, jax.random.key(2))
+  objective = objectives.build(config, objectives.Task((2,)))
+  exp, _, batch = checks.compiled_steps("dsm", False)
+  state = jax.device_get(checks.fresh_state(exp))
+  new_state, metrics = jax.jit(objective.steps["dsm"])(state, None, batch, jax.random.key(2))
   dtypes = {x.dtype for x in jax.tree_util.tree_leaves(new_state["net"])
             if jnp.issubdtype(x.dtype, jnp.floating)}
   assert dtypes == {jnp.dtype(jnp.float32)}
-  assert metrics["train/loss"].dtype == jnp.float32
-  ref = checks.stepped("dsm", False)[1]["train/loss"][0]  # float32 model, same params, batch and rng
-  np.testing.assert_allclose(metrics["train/loss"], ref, rtol=3e-2)
+  assert metrics["loss"].dtype == jnp.float32
+  ref = checks.stepped("dsm", False)[1]["dsm/loss"][0]  # float32 model, same params, batch and rng
+  np.testing.assert_allclose(metrics["loss"], ref, rtol=3e-2)

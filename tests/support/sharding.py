@@ -1,9 +1,9 @@
-"""Shared checks of the sharding tests: one objective's step on 1 device vs (data=2, fsdp=4).
+"""Shared checks of the sharding tests: an objective's steps on 1 device vs (data=2, fsdp=4).
 
-Each objective's step is compiled once per mesh (AOT, cached), and the same
-executable serves the numerics, the HLO inspection and the memory check; the
-test files (one per objective family, to keep each file's compile time short)
-call the ``check_*`` functions.
+The programs are the assembly's own (``fdistill.experiment.build``), the ones
+the training loop runs: one jitted function per kind of step. Each is compiled
+once per mesh (AOT, cached), and the same executables serve the numerics, the
+HLO inspection and the memory check.
 """
 import functools
 import re
@@ -14,11 +14,11 @@ import numpy as np
 from configs import toy2d_teacher
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.parallel import partition
-from fdistill.train import loop
+from fdistill import experiment
 
 BATCH = 32
 SHARDED_MESH = {"data": 2, "fsdp": 4}
-NUM_STEPS = 2  # f-distill: one generator and one critic update
+NUM_STEPS = 2  # f-distill: one generator and one critic update (gen_every=2)
 
 
 def dsm_config():
@@ -52,33 +52,36 @@ def _with_mesh(config, mesh_fields):
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_step(name, sharded):
-  """(compiled step, state, frozen, batch, state shardings) of objective ``name`` on a mesh."""
+def compiled_steps(name, sharded):
+  """(experiment, {kind: compiled step}, batch) of objective ``name`` on a 1- or 8-device mesh."""
   config = _with_mesh(CONFIGS[name](), SHARDED_MESH if sharded else {"data": 1, "fsdp": 1})
   devices = jax.devices() if sharded else jax.devices()[:1]
-  dataset, objective, mesh, ctx = loop.setup(config, mesh_lib.make_mesh(config.mesh, devices))
-  _, state_sh = loop.state_shardings(objective, mesh, config)
-  state = jax.jit(objective.init, out_shardings=state_sh)(jax.random.key(1))
-  frozen = loop.frozen_params(ctx, mesh, config.mesh)
-  batch = mesh_lib.global_batch(next(dataset.iterator(BATCH)), mesh)
-  repl = mesh_lib.replicated(mesh)
-  step = jax.jit(objective.step,
-                 in_shardings=(state_sh, loop.shardings_of(frozen, mesh),
-                               mesh_lib.batch_sharding(mesh), repl),
-                 out_shardings=(state_sh, repl))
-  compiled = step.lower(state, frozen, batch, jax.random.key(2)).compile()
-  return compiled, state, frozen, batch, state_sh
+  exp = experiment.build(config, mesh_lib.make_mesh(config.mesh, devices))
+  batch = exp.global_batch(next(exp.dataset.iterator(BATCH)))
+  state = fresh_state(exp)
+  compiled = {kind: step.lower(state, exp.teacher, batch, jax.random.key(2)).compile()
+              for kind, step in exp.steps.items()}
+  return exp, compiled, batch
+
+
+def fresh_state(exp):
+  return exp.init(jax.random.key(1), exp.teacher)
 
 
 @functools.lru_cache(maxsize=None)
 def stepped(name, sharded):
-  """State and metrics after NUM_STEPS steps (the metrics of each step, stacked)."""
-  compiled, state, frozen, batch, _ = compiled_step(name, sharded)
-  history = []
+  """State and metrics after NUM_STEPS steps as the loop runs them (kinds by the schedule)."""
+  exp, compiled, batch = compiled_steps(name, sharded)
+  state, history = fresh_state(exp), []
   for i in range(NUM_STEPS):
-    state, metrics = compiled(state, frozen, batch, jax.random.key(2 + i))
-    history.append(jax.device_get(metrics))
-  return jax.device_get(state), jax.tree_util.tree_map(lambda *m: np.stack(m), *history)
+    kind = exp.schedule(i)
+    state, metrics = compiled[kind](state, exp.teacher, batch, jax.random.key(2 + i))
+    history.append({f"{kind}/{k}": v for k, v in jax.device_get(metrics).items()})
+  merged = {}
+  for row in history:
+    for key, value in row.items():
+      merged.setdefault(key, []).append(value)
+  return jax.device_get(state), {k: np.stack(v) for k, v in merged.items()}
 
 
 def check_step_on_8_devices_equals_1_device(name):
@@ -103,8 +106,9 @@ def sharded_leaves(tree, shardings):
 
 def check_state_is_really_sharded(name):
   """Params, their Adam moments and EMA are split over fsdp: 1/4 of each on every device."""
-  _, state, frozen, _, state_sh = compiled_step(name, True)
-  sharded = sharded_leaves(state, state_sh)
+  exp, _, _ = compiled_steps(name, True)
+  state, teacher = fresh_state(exp), exp.teacher
+  sharded = sharded_leaves(state, exp.state_shardings)
   assert sharded, "no leaf is sharded over fsdp"
   names = [path for path, _ in sharded]
   for path in names:
@@ -120,9 +124,9 @@ def check_state_is_really_sharded(name):
     assert {s.data.shape for s in leaf.addressable_shards} == {expected}, path
     assert len(leaf.addressable_shards) == 8
   assert state["step"].sharding.is_fully_replicated
-  if frozen is not None:
+  if teacher is not None:
     assert all(x.sharding.mesh == state["step"].sharding.mesh
-               for x in jax.tree_util.tree_leaves(frozen))
+               for x in jax.tree_util.tree_leaves(teacher))
 
 
 _COLLECTIVE = re.compile(r"= (.+?) (all-gather|reduce-scatter|all-reduce|all-to-all|"
@@ -160,13 +164,14 @@ def check_gathers_only_params_over_fsdp(name, uses_per_param=1):
   """FSDP needs each sharded weight all-gathered over the fsdp groups (4 devices) where it is
   used (``uses_per_param``: code paths using the same weights) and the gradient reduced over all
   8; it must not gather optimizer state, EMA or activations."""
-  compiled, state, frozen, _, state_sh = compiled_step(name, True)
-  found = collectives(compiled.as_text())
+  exp, compiled, _ = compiled_steps(name, True)
+  found = [c for program in compiled.values() for c in collectives(program.as_text())]
   gathers = [(shape, size) for op, shape, size in found if op == "all-gather"]
-  params = [(p, x) for p, x in sharded_leaves(state, state_sh)
+  state, teacher = fresh_state(exp), exp.teacher
+  params = [(p, x) for p, x in sharded_leaves(state, exp.state_shardings)
             if "params/" in p and "opt_state" not in p]
-  if frozen is not None:
-    params += sharded_leaves(frozen, loop.shardings_of(frozen, state["step"].sharding.mesh))
+  if teacher is not None:
+    params += sharded_leaves(teacher, experiment.shardings_of(teacher, exp.mesh))
   param_shapes = {_shape_text(x) for _, x in params}
   assert gathers, "no all-gather: the sharded params are not gathered for the compute"
   for shape, size in gathers:
@@ -179,7 +184,8 @@ def check_gathers_only_params_over_fsdp(name, uses_per_param=1):
 
 
 def check_sharded_arguments_use_less_memory(name):
-  """Per-device argument bytes (state, teacher, batch) shrink with fsdp=4."""
-  one = compiled_step(name, False)[0].memory_analysis().argument_size_in_bytes
-  eight = compiled_step(name, True)[0].memory_analysis().argument_size_in_bytes
-  assert eight < 0.5 * one, (eight, one)
+  """Per-device argument bytes (state, teacher, batch) of every step shrink with fsdp=4."""
+  for kind, program in compiled_steps(name, False)[1].items():
+    one = program.memory_analysis().argument_size_in_bytes
+    eight = compiled_steps(name, True)[1][kind].memory_analysis().argument_size_in_bytes
+    assert eight < 0.5 * one, (kind, eight, one)

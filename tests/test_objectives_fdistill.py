@@ -4,7 +4,6 @@ Tiny networks (one hidden layer) on the 8-mode toy mixture; the compiled steps
 are cached at module level and shared by the tests (compiling a step is most
 of the cost on CPU).
 """
-import functools
 import importlib
 
 import jax
@@ -13,45 +12,25 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import toy2d_fdistill
+from configs import common, toy2d_fdistill
 from fdistill import models
 from fdistill import objectives
-from fdistill.diffusion import gmm as gmm_lib
 from fdistill.objectives import divergences
 from fdistill.objectives import fdistill
+from fdistill.objectives import noise
+from fdistill.objectives import ratio
+from support import toy
 
-GMM = gmm_lib.named("gmm8")
-BATCH = 32
-
-
-def tiny_config(arg="js,teacher=analytic", **objective):
-  c = toy2d_fdistill.get_config(arg + ",distribution=gmm8,steps=8")
-  c.model.hidden, c.model.emb_dim = (32,), 16
-  c.objective.discriminator.update(hidden=(16,), emb_dim=16)
-  c.objective.update(dict(warmup_critic_steps=0, gen_every=3, **objective))
-  c.train.batch_size = BATCH
-  return c
+GMM, batch, tiny_config = toy.GMM, toy.batch, toy.tiny_fdistill_config
 
 
-@functools.lru_cache(maxsize=None)
-def analytic_objective():
-  """(objective, jitted init, jitted step) with the exact teacher; gen_every = 3."""
-  obj = objectives.build(tiny_config(), objectives.Context((2,), 0, gmm_lib.as_apply_fn(), GMM))
-  return obj, jax.jit(obj.init), jax.jit(obj.step)
-
-
-def batch(step, nan=False, seed=0):
-  x = gmm_lib.sample(GMM, jax.random.fold_in(jax.random.key(seed), step), BATCH)
-  return {"x": jnp.full_like(x, jnp.nan) if nan else x}
-
-
-def run(seed, num_steps, frozen=GMM):
+def run(seed, num_steps, teacher=GMM):
   """``num_steps`` steps from ``init``; the seed sets the init, the data and the step keys."""
-  _, init, step = analytic_objective()
+  step = toy.analytic_fdistill()
   key = jax.random.key(seed)
-  state, history = init(key), []
+  state, history = step.init(key, teacher), []
   for i in range(num_steps):
-    state, metrics = step(state, frozen, batch(i, seed=seed),
+    state, metrics = step(state, teacher, batch(i, seed=seed),
                           jax.random.fold_in(jax.random.fold_in(key, 1), i))
     history.append(jax.device_get(metrics))
   return state, history
@@ -69,7 +48,7 @@ def changed(a, b):
 def test_generator_every_kth_step_critics_otherwise():
   """Steps 3..8, after every branch has run once."""
   state, _ = run(0, 3)
-  _, _, step = analytic_objective()
+  step = toy.analytic_fdistill()
   for i in range(3, 9):
     new, _ = step(state, GMM, batch(i), jax.random.key(i))
     is_gen = i % 3 == 0
@@ -86,18 +65,20 @@ def test_generator_moves_toward_the_data():
   """Sanity of the sign: a few hundred steps on the exact teacher spread the initial tiny blob
   (G(z) ~ 0.1 z, median radius 0.11) out toward the mixture's modes at radius 1 (measured:
   median radius 0.22 after 300 steps, 100 of them generator updates)."""
-  obj, init, _ = analytic_objective()
+  step = toy.analytic_fdistill()
+  obj = step.objective
   median_radius = lambda state: float(jnp.median(jnp.linalg.norm(
-      obj.sample(state, jax.random.key(5), 512), axis=-1)))
-  before = median_radius(init(jax.random.key(0)))
+      obj.sampler.sample(obj.export(state), jax.random.key(5), 512), axis=-1)))
+  before = median_radius(step.init(jax.random.key(0), GMM))
   after = median_radius(run(0, 300)[0])
   assert after > 1.5 * before, (before, after)
 
 
 def test_schedule_with_critic_warmup():
-  st = fdistill.Settings(gen_every=4, warmup_critic_steps=3)
-  gen = [int(s) for s in range(12) if fdistill.is_generator_step(jnp.int32(s), st)]
-  assert gen == [3, 7, 11]
+  obj = objectives.build(tiny_config(gen_every=4, warmup_critic_steps=3),
+                         toy.analytic_task())
+  assert [i for i in range(12) if obj.schedule(i) == "generator"] == [3, 7, 11]
+  assert {obj.schedule(i) for i in range(12)} == {"generator", "critic"}
 
 
 def test_same_seed_same_losses():
@@ -106,18 +87,18 @@ def test_same_seed_same_losses():
   _, other = run(1, 4)
   for a, b in zip(first, again):
     assert a == b  # bit-for-bit
-  assert first[-1]["train/fake_loss"] != other[-1]["train/fake_loss"]
+  assert first[1]["fake_loss"] != other[1]["fake_loss"]  # step 1 is a critic step
   assert all(np.isfinite(v) for m in first for v in m.values())
 
 
 def test_non_finite_updates_are_skipped_and_counted():
   """A NaN teacher poisons the generator step (step 0), NaN data the discriminator step
   (step 1): those updates are skipped, the step counted, the rest of the state intact."""
-  _, init, step = analytic_objective()
-  state = init(jax.random.key(0))
+  step = toy.analytic_fdistill()
+  state = step.init(jax.random.key(0), GMM)
   bad_teacher = GMM._replace(means=jnp.full_like(GMM.means, jnp.nan))
   new, metrics = step(state, bad_teacher, batch(0), jax.random.key(0))
-  assert int(new["skipped"]) == 1 and int(metrics["train/skipped"]) == 1
+  assert int(new["skipped"]) == 1 and not np.isfinite(float(metrics["gen_loss"]))
   assert not changed(state["gen"], new["gen"])
   assert not changed(state["ratio_bins"], new["ratio_bins"])
   state = new
@@ -128,23 +109,25 @@ def test_non_finite_updates_are_skipped_and_counted():
 
 
 def test_checkpoint_teacher_initialises_generator_and_fake_score():
-  """With teacher.kind='checkpoint' the first step copies the teacher's params into the
-  generator (params and EMA) and the fake score; learning rates 0 isolate the copy."""
+  """With teacher.kind='checkpoint' init copies the teacher's params into the generator
+  (params and EMA) and the fake score; learning rates 0 keep them there after a step."""
   config = tiny_config("js,teacher=checkpoint", fake_optim={"lr": 0.0}, disc_optim={"lr": 0.0})
   config.optim.lr = 0.0
   module = models.build(config.model)
   teacher = models.init_params(module, jax.random.key(7), (1, 2))
   teacher = jax.tree_util.tree_map(lambda x: x + 0.1, teacher)  # output layer no longer zero
-  ctx = objectives.Context((2,), 0, models.make_denoiser(module), teacher)
-  obj = objectives.build(config, ctx)
-  state = obj.init(jax.random.key(0))
-  assert changed(state["gen"]["params"], teacher)
-  state, _ = jax.jit(obj.step)(state, teacher, batch(0), jax.random.key(0))
+  task = objectives.Task((2,), 0, models.make_denoiser(module), jax.eval_shape(lambda: teacher))
+  step = toy.Stepper(objectives.build(config, task))
+  fresh = models.init_params(module, jax.random.split(jax.random.key(0))[0], (1, 2))
+  assert changed(fresh, teacher)
+  state = step.init(jax.random.key(0), teacher)
+  state, _ = step(state, teacher, batch(0), jax.random.key(0))
   for tree in (state["gen"]["params"], state["gen"]["ema"], state["fake"]["params"]):
     assert not changed(tree, teacher)
-  samples = obj.sample(state, jax.random.key(1), 4)
+  obj = step.objective
+  samples = obj.sampler.sample(obj.export(state), jax.random.key(1), 4)
   z = jax.random.normal(jax.random.key(1), (4, 2))
-  np.testing.assert_allclose(samples, ctx.teacher_apply(teacher, 2.5 * z, jnp.full((4,), 2.5)),
+  np.testing.assert_allclose(samples, task.teacher_apply(teacher, 2.5 * z, jnp.full((4,), 2.5)),
                              rtol=1e-5, atol=1e-6)
 
 
@@ -154,19 +137,24 @@ def test_generator_must_match_teacher_architecture():
   other_config.hidden = (16,)
   other = models.build(other_config)
   teacher = models.init_params(other, jax.random.key(0), (1, 2))
-  ctx = objectives.Context((2,), 0, models.make_denoiser(other), teacher)
+  task = objectives.Task((2,), 0, models.make_denoiser(other), jax.eval_shape(lambda: teacher))
   with pytest.raises(ValueError, match="teacher's architecture"):
-    objectives.build(config, ctx)
+    objectives.build(config, task)
 
 
 # ---------------------------------------------------------------------------
 # The weight and its normalisers.
 
 
+def settings(**overrides):
+  """f-distill Settings: the configs' defaults with ``overrides``."""
+  return fdistill.Settings.from_config(common.fdistill_objective(**overrides))
+
+
 def test_ratio_is_clipped_logit_mean_exponentiated_and_clipped():
-  st = fdistill.Settings()
+  st = settings()
   logits = jnp.array([[0.0, 2.0], [30.0, 30.0], [-30.0, -30.0], [0.5, 0.5]])
-  np.testing.assert_allclose(fdistill.density_ratio(logits, st),
+  np.testing.assert_allclose(ratio.density_ratio(logits, st),
                              [np.e, st.ratio_upper, st.ratio_lower, np.exp(0.5)], rtol=1e-6)
 
 
@@ -174,27 +162,27 @@ def test_ratio_bins_follow_an_ema_of_bin_means_and_skip_empty_bins():
   bins = jnp.array([1.0, 2.0, 3.0])
   r = jnp.array([4.0, 6.0, 10.0])
   idx = jnp.array([0, 0, 2])
-  new = fdistill.update_ratio_bins(bins, r, idx, ema=0.25)
+  new = ratio.update_ratio_bins(bins, r, idx, ema=0.25)
   np.testing.assert_allclose(new, [0.25 * 1 + 0.75 * 5, 2.0, 0.25 * 3 + 0.75 * 10], rtol=1e-5)
 
 
 def test_bin_normalised_ratios_average_one_per_bin():
   """With ratio_ema = 0 each bin's ratios are divided by this batch's bin mean."""
-  st = fdistill.Settings(ratio_bins=4, ratio_ema=0.0, normalise_h=False, divergence="forward_kl")
+  st = settings(ratio_bins=4, ratio_ema=0.0, normalise_h=False, divergence="forward_kl")
   rng_l, rng_u = jax.random.split(jax.random.key(0))
   logits = jax.random.normal(rng_l, (512, 1))
   u = jax.random.uniform(rng_u, (512,))
-  h, bins, _ = fdistill.f_weight(logits, u, jnp.ones((4,)), divergences.get("forward_kl"), st)
-  idx = np.asarray(fdistill.bin_index(u, 4))
+  h, bins, _ = ratio.f_weight(logits, u, jnp.ones((4,)), divergences.get("forward_kl"), st)
+  idx = np.asarray(ratio.bin_index(u, 4))
   for b in range(4):  # forward KL: h = r, so h is the normalised ratio itself
     np.testing.assert_allclose(np.mean(np.asarray(h)[idx == b]), 1.0, rtol=1e-4)
   assert not np.allclose(bins, 1.0)
 
 
 def test_h_is_normalised_to_mean_one_and_weight_uses_abs_mean():
-  st = fdistill.Settings(divergence="js", ratio_bins=0)
+  st = settings(divergence="js", ratio_bins=0)
   logits = jax.random.normal(jax.random.key(0), (64, 3))
-  h, _, stats = fdistill.f_weight(logits, jnp.zeros((64,)), jnp.ones((1,)),
+  h, _, stats = ratio.f_weight(logits, jnp.zeros((64,)), jnp.ones((1,)),
                                   divergences.get("js"), st)
   np.testing.assert_allclose(jnp.mean(h), 1.0, rtol=1e-5)
   assert float(stats["h_max"]) > 1.0 > float(stats["h_min"])
@@ -213,7 +201,7 @@ def test_h_normaliser_is_the_global_batch_mean_across_devices():
                        devices=devices[:8])
   h = jnp.repeat(jnp.arange(1.0, 9.0), 4)  # device i holds only the value i + 1
   sharded = jax.device_put(h, NamedSharding(mesh, P("data")))
-  out = jax.jit(fdistill.normalise_by_batch_mean)(sharded)
+  out = jax.jit(ratio.normalise_by_batch_mean)(sharded)
   np.testing.assert_allclose(out, h / (4.5 + 1e-6), rtol=1e-6)
 
 
@@ -221,9 +209,9 @@ def test_h_normaliser_is_the_global_batch_mean_across_devices():
 def test_noise_level_bins_are_equally_populated(dist):
   """Bins are over the sampler's own uniform coordinate, so each gets ~1/num_bins of the batch
   (FastGen's linear bins in sigma put ~2/3 of Karras samples in the first)."""
-  st = fdistill.Settings(sigma_dist=dist)
-  sigma, u = fdistill.sample_sigma(jax.random.normal(jax.random.key(0), (20000,)), st)
-  counts = np.bincount(np.asarray(fdistill.bin_index(u, 10)), minlength=10) / 20000
+  st = settings(sigma_dist=dist)
+  sigma, u = noise.sample_sigma(jax.random.normal(jax.random.key(0), (20000,)), st)
+  counts = np.bincount(np.asarray(ratio.bin_index(u, 10)), minlength=10) / 20000
   np.testing.assert_allclose(counts, 0.1, atol=0.012)
   if dist == "karras":
     assert float(sigma.min()) >= st.sigma_min and float(sigma.max()) <= st.sigma_max
@@ -246,8 +234,19 @@ def test_configs_build_settings_for_every_divergence(name, divergence):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_reject_unknown_divergence(name):
+  config = importlib.import_module(f"configs.{name}").get_config("kl")
   with pytest.raises(ValueError, match="forward_kl"):
-    importlib.import_module(f"configs.{name}").get_config("kl")
+    fdistill.Settings.from_config(config.objective)
+
+
+def test_settings_have_one_default_each_in_the_configs():
+  """The defaults live in configs/common.py alone; Settings needs every field."""
+  names = {f.name for f in __import__("dataclasses").fields(fdistill.Settings)}
+  assert names | set(fdistill.SECTIONS) == set(common.FDISTILL_OBJECTIVE)
+  section = common.fdistill_objective()
+  del section["rho"]
+  with pytest.raises(ValueError, match="objective.rho is missing"):
+    fdistill.Settings.from_config(section)
 
 
 def test_alpha_variant_and_unknown_settings():
@@ -255,7 +254,7 @@ def test_alpha_variant_and_unknown_settings():
   st = fdistill.Settings.from_config(config.objective)
   assert divergences.get(st.divergence, st.alpha).name == "alpha(1.5)"
   with pytest.raises(ValueError, match="objective.ratio_clip is not"):
-    fdistill.objective_config(ratio_clip=3.0)
+    common.fdistill_objective(ratio_clip=3.0)
   config.objective.sigma_dist = "uniform"
   with pytest.raises(ValueError, match="karras"):
     fdistill.Settings.from_config(config.objective)

@@ -9,7 +9,7 @@ import pytest
 from configs import architectures
 from fdistill import models
 from fdistill.models import discriminator as disc_lib
-from fdistill.objectives import fdistill
+from fdistill.objectives import critics
 from fdistill.diffusion import gmm as gmm_lib
 
 # Two known 2-D Gaussians standing in for noised data (p) and noised generator samples (q).
@@ -37,7 +37,7 @@ def train_mlp_discriminator(steps=1500, batch=512, lr=3e-3):
     r_rng, f_rng = jax.random.split(rng)
     real = P_MEAN + P_STD * jax.random.normal(r_rng, (batch, 2))
     fake = Q_MEAN + Q_STD * jax.random.normal(f_rng, (batch, 2))
-    return fdistill.discriminator_loss(disc.apply(params, real, sigma),
+    return critics.discriminator_loss(disc.apply(params, real, sigma),
                                        disc.apply(params, fake, sigma))
 
   def step(carry, rng):
@@ -71,7 +71,7 @@ def test_logit_approaches_true_log_density_ratio():
                                           (architectures.tiny_adm, (-1,))])
 def test_feature_heads_give_one_logit_per_head(arch, indices):
   """Heads on the teacher U-Net's encoder features (CIFAR: every resolution; ImageNet-64 ADM:
-  the bottleneck), shapes from ``jax.eval_shape`` of the teacher as in ``fdistill.build``."""
+  the bottleneck), shapes from ``jax.eval_shape`` of the teacher as in the f-distill objective's build."""
   model_config = arch()
   module = models.build(model_config)
   teacher_apply = models.make_denoiser(module)

@@ -1,0 +1,54 @@
+"""The objective interface: what the assembly gets from every objective module."""
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What an objective needs to know beyond the config.
+
+  ``teacher_abstract`` holds the teacher params' shapes and dtypes
+  (ShapeDtypeStructs), never their values: the values are a sharded argument of
+  every step, so a large teacher is never an HLO constant.
+  """
+  x_shape: Tuple[int, ...]                   # per-example data shape
+  cond_dim: int = 0                          # one-hot class width, 0 = unconditional
+  teacher_apply: Optional[Callable] = None   # apply(params, x, sigma, cond) -> D
+  teacher_abstract: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How a trained run makes samples, from the params it exports (no teacher needed).
+
+  init_params(rng) -> params          fresh params of the sampled network (for shapes)
+  sample(params, rng, num, cond) -> [num, *x_shape] samples (``num`` static)
+  """
+  init_params: Callable
+  sample: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Pure functions of one objective.
+
+  init(rng, teacher) -> state
+      a dict pytree with int32 ``step`` and ``skipped``; ``teacher`` (the teacher's
+      params or None) is an argument so a generator can start as a copy of it.
+  steps: {name: step(state, teacher, batch, rng) -> (state, metrics)}
+      one function per kind of update (f-distill: "generator" and "critic"); metrics
+      is a dict of float32 scalars of this step alone (never stored in the state).
+  schedule(step: int) -> name
+      which kind of update runs at a step, decided on the host: the loop jits each
+      kind once and calls one per step (XLA:CPU runs convolutions inside a
+      ``lax.cond`` about 10x slower, and a host-side choice costs nothing anywhere).
+  export(state) -> params
+      the params of the network that samples (its EMA), saved beside every checkpoint.
+  sampler: :class:`Sampler` for the exported params.
+  """
+  init: Callable
+  steps: Mapping[str, Callable]
+  schedule: Callable[[int], str]
+  export: Callable
+  sampler: Sampler

@@ -1,0 +1,126 @@
+"""The package's import graph: layers point one way, no cycles; configs import no fdistill module.
+
+Layers (docs/design.md section 2), lowest first. A module may import modules of
+its own package and of lower layers only:
+
+  0 registry
+  1 diffusion, ops, parallel           pure math, kernels, mesh and partition rules
+  2 models, optim, io, data            networks; update helpers; checkpoints, readers,
+                                        writers, plots; datasets
+  3 objectives, teachers               losses and schedules; teacher params
+  4 experiment                         the assembly
+  5 train, eval                        the loop, the eval job
+  6 modes                              the run modes
+  7 main, demo                         entry points
+"""
+import ast
+import glob
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYERS = {"registry": 0, "diffusion": 1, "ops": 1, "parallel": 1, "models": 2, "optim": 2,
+          "io": 2, "data": 2, "objectives": 3, "teachers": 3, "experiment": 4, "train": 5,
+          "eval": 5, "modes": 6, "main": 7, "demo": 7}
+
+
+def module_name(path):
+  rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+  return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def fdistill_imports(path, modules):
+  """Every ``fdistill.*`` module ``path`` imports (top level or inside functions)."""
+  out = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names if a.name.startswith("fdistill")}
+    elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fdistill"):
+      # ``from fdistill.x import y`` imports the module fdistill.x.y if there is one, else x.
+      out |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+              for a in node.names}
+  return out
+
+
+def graph():
+  files = glob.glob(os.path.join(ROOT, "fdistill", "**", "*.py"), recursive=True)
+  modules = {module_name(f) for f in files}
+  return {module_name(f): fdistill_imports(f, modules) for f in files}
+
+
+def layer(module):
+  parts = module.split(".")
+  return LAYERS.get(parts[1]) if len(parts) > 1 else None
+
+
+def test_every_package_module_has_a_layer():
+  assert [m for m in graph() if m != "fdistill" and layer(m) is None] == []
+
+
+def test_imports_point_down_only():
+  bad = []
+  for module, imports in graph().items():
+    for target in imports:
+      same_package = target.split(".")[:2] == module.split(".")[:2]
+      if not same_package and layer(target) is not None and layer(target) >= layer(module):
+        bad.append(f"{module} -> {target}")
+  assert bad == []
+
+
+def test_no_import_cycles():
+  edges = {m: {t for t in imports if t in graph_modules} for m, imports in graph().items()
+           for graph_modules in [set(graph())]}
+  state = {}
+
+  def visit(node, stack):
+    state[node] = "open"
+    for nxt in edges[node]:
+      if state.get(nxt) == "open":
+        raise AssertionError("import cycle: " + " -> ".join(stack + [node, nxt]))
+      if nxt not in state:
+        visit(nxt, stack + [node])
+    state[node] = "done"
+
+  for node in edges:
+    if node not in state:
+      visit(node, [])
+
+
+def test_configs_import_only_configs_and_ml_collections():
+  for path in glob.glob(os.path.join(ROOT, "configs", "*.py")):
+    for node in ast.walk(ast.parse(open(path).read())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module] if isinstance(node, ast.ImportFrom) else [])
+      for name in names:
+        assert name.split(".")[0] in ("configs", "ml_collections"), (path, name)
+
+
+def test_parsing_every_config_imports_no_kernel_module():
+  """Loading every config and variant (as --config does) imports nothing of fdistill/ops."""
+  code = (
+      "import glob, sys\n"
+      "from fdistill.main import load_config_file\n"
+      "for path in sorted(glob.glob('configs/*_*.py')):\n"
+      "  if path.endswith(('__init__.py', 'common.py', 'architectures.py')):\n"
+      "    continue\n"
+      "  load_config_file(path)\n"
+      "bad = sorted(m for m in sys.modules if m.startswith(('fdistill.ops', 'fdistill.models',"
+      " 'fdistill.objectives', 'jax')))\n"
+      "assert not bad, bad\n"
+      "print('ok')\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_no_defaults_shadow_the_base_config():
+  """Sections with a complete base config (configs/common.py) are read by attribute, never by
+  ``.get(key, default)`` that could disagree with it."""
+  sections = ("train", "eval", "optim", "teacher", "generator", "objective")
+  bad = []
+  for path in glob.glob(os.path.join(ROOT, "fdistill", "**", "*.py"), recursive=True):
+    text = open(path).read()
+    bad += [f"{path}: config.{s}.get" for s in sections if f"config.{s}.get(" in text or
+            f"tc.get(" in text]
+  assert bad == []
