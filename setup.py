@@ -38,6 +38,7 @@ setup(
     description="Divergence-based diffusion distillation (f-distill, Uni-Instruct, rCM) in JAX",
     packages=find_packages(include=["fdistill", "fdistill.*"]),
     python_requires=">=3.10",
+    license="Apache-2.0",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

@@ -22,17 +22,15 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import toy2d_fdistill  # noqa: E402
 from fdistill import objectives  # noqa: E402
-from fdistill.io import plotting  # noqa: E402
 from fdistill import teachers  # noqa: E402
+from fdistill.io import plotting  # noqa: E402
 from fdistill.eval import toy_metrics  # noqa: E402
-from fdistill.objectives import divergences  # noqa: E402
 from fdistill.diffusion import gmm as gmm_lib  # noqa: E402
 
 COLUMNS = ("modes_covered", "precision", "weight_recall", "log_density")
@@ -48,35 +46,46 @@ def make_objective(divergence, steps, overrides=None, teacher_dir=""):
     section, field = key.split(".", 1)
     config[section][field] = value
   gmm = gmm_lib.named(config.data.distribution)
-  ctx = objectives.Context((2,), 0)
-  ctx = objectives.Context((2,), 0, *teachers.load(config, ctx))
-  return config, objectives.build(config, ctx), ctx.teacher_params, gmm
+  teacher = teachers.spec(config, (2,), 0)
+  task = objectives.Task((2,), 0, teacher.apply, teacher.abstract)
+  params = teacher.load(jax.tree_util.tree_map(
+      lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), teacher.abstract))
+  return config, objectives.build(config, task), params, gmm
 
 
 def distill(divergence, seeds, steps, num_samples, chunk=250, overrides=None, teacher_dir=""):
   """Samples [len(seeds), num_samples, 2] of each seed's EMA generator after ``steps`` steps."""
-  config, objective, frozen, gmm = make_objective(divergence, steps, overrides, teacher_dir)
+  config, objective, teacher, gmm = make_objective(divergence, steps, overrides, teacher_dir)
   batch_size = config.train.batch_size
-  chunk = min(chunk, steps)
+  warmup, period = min(config.objective.warmup_critic_steps, steps), config.objective.gen_every
+  # The schedule is critic-only for ``warmup`` steps, then periodic: one scan iteration runs
+  # one period of the objective's own steps (kinds from its schedule), so the whole run is a
+  # few compiled scans with no host round trip per step.
+  cycle = tuple(objective.schedule(warmup + i) for i in range(period))
+  chunk = max(period, min(chunk, steps) // period * period)
 
-  def one_step(state, key):
-    data_key, step_key = jax.random.split(key)
-    batch = {"x": gmm_lib.sample(gmm, data_key, batch_size)}
-    return objective.step(state, frozen, batch, step_key)[0], None
+  def run_kinds(kinds):
+    def body(state, key):
+      for i, kind in enumerate(kinds):
+        data_key, step_key = jax.random.split(jax.random.fold_in(key, i))
+        batch = {"x": gmm_lib.sample(gmm, data_key, batch_size)}
+        state = objective.steps[kind](state, teacher, batch, step_key)[0]
+      return state, None
+    return jax.jit(lambda state, keys: jax.lax.scan(body, state, keys)[0], donate_argnums=0)
 
-  def run_chunk(state, keys):
-    return jax.lax.scan(one_step, state, keys)[0]
-
-  run_chunk = jax.jit(run_chunk, donate_argnums=0)
+  run_warmup, run_cycles = run_kinds(("critic",)), run_kinds(cycle)
   init = jax.jit(objective.init)
-  sample = jax.jit(lambda s, k: objective.sample(s, k, num_samples))
+  sample = jax.jit(lambda p, k: objective.sampler.sample(p, k, num_samples))
   out = []
   for seed in seeds:
     key = jax.random.key(seed)
-    state = init(jax.random.fold_in(key, 0))
-    for start in range(0, steps, chunk):  # equal chunks: one compiled scan
-      state = run_chunk(state, jax.random.split(jax.random.fold_in(key, 1 + start), chunk))
-    out.append(np.asarray(sample(state, jax.random.fold_in(key, 2**31))))
+    state = init(jax.random.fold_in(key, 0), teacher)
+    if warmup:
+      state = run_warmup(state, jax.random.split(jax.random.fold_in(key, 1), warmup))
+    for start in range(warmup, steps, chunk):  # equal chunks: one compiled scan
+      keys = jax.random.split(jax.random.fold_in(key, 2 + start), chunk // period)
+      state = run_cycles(state, keys)
+    out.append(np.asarray(sample(objective.export(state), jax.random.fold_in(key, 2**31))))
   return np.stack(out), gmm
 
 

@@ -1,6 +1,6 @@
 """EDM (Karras et al. 2022) noise process as pure functions.
 
-Notation (DESIGN.md section 4): ``x_s = x0 + s * eps`` and the denoiser
+Notation (docs/design.md section 4): ``x_s = x0 + s * eps`` and the denoiser
 ``D(x; s) = c_skip x + c_out F(c_in x; c_noise)``.
 Every function here takes arrays and, where a network is involved, an
 ``apply_fn(params, x, sigma, cond) -> D`` closure.
@@ -102,7 +102,7 @@ def heun_sampler(apply_fn: Callable, params, noise, cond=None, num_steps=18,
 
 
 def one_step_generate(apply_fn: Callable, params, noise, cond=None, sigma_init=2.5):
-  """One-step generator ``G(z) = D_g(s_g z; s_g)`` (DESIGN.md section 4)."""
+  """One-step generator ``G(z) = D_g(s_g z; s_g)`` (docs/design.md section 4)."""
   sigma = jnp.full(noise.shape[:1], sigma_init, jnp.float32)
   return apply_fn(params, sigma_init * noise.astype(jnp.float32), sigma, cond)
 

@@ -4,7 +4,7 @@ Convention (Xu et al. 2025, "One-step Diffusion Models with f-Divergence
 Distribution Matching", Table 1): ``D_f(p || q) = E_q[f(p/q)]`` with ``p`` the
 teacher (data) and ``q`` the one-step generator, both noised at the same level,
 and ``r = p/q``. Every ``f`` here is convex with ``f(1) = 0``. The generator
-gradient of ``D_f`` is ``E_q[h(r) (S_q - S_p)^T dx/dtheta]`` (DESIGN.md
+gradient of ``D_f`` is ``E_q[h(r) (S_q - S_p)^T dx/dtheta]`` (docs/design.md
 section 4), so ``h`` is all the training step needs; ``f`` is kept for the
 tests (``h == r^2 f''`` by autodiff) and for computing the divergence itself.
 

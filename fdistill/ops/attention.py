@@ -16,7 +16,7 @@ impl:
   "auto"      - "flash_jvp" on GPU, "xla" elsewhere: what model configs
                 should set so one setting serves CPU tests and GPU runs.
 
-Routing (DESIGN.md section 5). rCM needs two things from one network:
+Routing (docs/design.md section 5). rCM needs two things from one network:
 forward-mode tangents (``jax.jvp`` at stop_gradient(params), the tangent pass)
 and reverse-mode gradients (``jax.grad`` of the loss). No single JAX primitive
 gives both fast: the fast kernels are ``custom_vjp`` (jvp raises) and the
@@ -33,7 +33,7 @@ fused Pallas kernel has a JVP but no transpose. "flash_jvp" is therefore a
 So ``jax.jvp`` runs fast forward + fused kernel, and ``jax.grad`` (which
 linearises the JVP rule and transposes it) runs fast forward + the fast
 path's backward; the kernel does not run under grad (the transpose replaces
-it, see tests/test_attention.py). A model
+it, see tests/test_ops_attention.py). A model
 built with attn_impl="auto" serves both passes and needs no per-pass switch;
 a jvp taken under stop_gradient inside a jax.grad also works (rCM's loss).
 Zero tangents arrive as symbolic zeros and skip their matmuls in the kernel

@@ -1,7 +1,7 @@
 """Flash attention with a fused forward-mode JVP, as one Pallas kernel.
 
 Given primals ``(q, k, v)`` and tangents ``(dq, dk, dv)`` the kernel computes,
-in a single pass over K/V tiles per query tile (DESIGN.md section 5),
+in a single pass over K/V tiles per query tile (docs/design.md section 5),
 
   O   = P V,                      P  = softmax(S),  S = s Q K^T
   dO  = (P * dS) V + P dV - rowsum(P * dS) O,       dS = s (dQ K^T + Q dK^T)
