@@ -1,4 +1,4 @@
-"""Speed, memory and accuracy of the fused flash-attention JVP (DESIGN.md section 5).
+"""Speed, memory and accuracy of the fused flash-attention JVP (docs/design.md section 5).
 
 On a GPU this prints, for B=1, H=16, bf16, D in {128, 64} and
 S in {1024, 4096, 16384, 32768}, one table with
@@ -141,7 +141,7 @@ def speed_table(dims, seqs, heads, dtype, config, iters):
 
 
 def _reference(q, k, v, dq, dk, dv, scale):
-  """O and dO in float64 on the host (the closed form, as in tests/test_attention.py)."""
+  """O and dO in float64 on the host (the closed form, as in tests/test_ops_attention.py)."""
   q, k, v, dq, dk, dv = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
                          for x in (q, k, v, dq, dk, dv))
   s = scale * np.einsum("bqhd,bkhd->bhqk", q, k)

@@ -5,7 +5,7 @@ Teacher: a 1-D two-component Gaussian mixture with exact noised scores
 is known exactly, and so are the fake score and ``r = p_s / q_s``. The
 generator loss of ``objectives.fdistill`` is run as in training, with the
 oracle plugged in for the fake score and the discriminator, normalisers off
-and ``w = h(r) / s^2`` (DESIGN.md section 6). Its Monte-Carlo gradient over
+and ``w = h(r) / s^2`` (docs/design.md section 6). Its Monte-Carlo gradient over
 (A, b) must match the gradient of ``D_f = int q_s f(p_s/q_s) dx`` computed
 independently: trapezoid quadrature on a fine grid in float64, differentiated
 by autodiff and cross-checked by central finite differences.
