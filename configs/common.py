@@ -60,6 +60,22 @@ def fdistill_objective(**overrides) -> ml_collections.ConfigDict:
   return _section(FDISTILL_OBJECTIVE, overrides, "f-distill")
 
 
+# Uni-Instruct's objective section (fdistill/objectives/uni_instruct.py:Settings documents each
+# field): SiD's recipe (SiD and Uni-Instruct share it) with the expanded forward KL.
+UNI_INSTRUCT_OBJECTIVE = dict(
+    name="uni_instruct", loss="expanded", divergence="forward_kl", alpha=0.5, sid_alpha=1.2,
+    sim_distance="pseudo_huber", sim_c=1.0, scale="sid", gen_every=2, warmup_critic_steps=0,
+    gan_weight=0.0, logit_clip=10.0, fake_loss_weight="edm", same_noise_real=False,
+    sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0, ramp_min=0.2, ramp_max=0.998,
+    p_mean=-1.2, p_std=1.2, sigma_fixed=1.0,
+    discriminator=dict(name="mlp"), fake_optim={}, disc_optim={})
+
+
+def uni_instruct_objective(**overrides) -> ml_collections.ConfigDict:
+  """A complete ``config.objective`` for Uni-Instruct / SiD / SIM: the defaults, then ``overrides``."""
+  return _section(UNI_INSTRUCT_OBJECTIVE, overrides, "Uni-Instruct")
+
+
 def _section(defaults, overrides, what):
   unknown = sorted(set(overrides) - set(defaults))
   if unknown:

@@ -52,3 +52,23 @@ class Objective:
   schedule: Callable[[int], str]
   export: Callable
   sampler: Sampler
+
+
+def settings_from_config(cls, section, subsections, defaults_name):
+  """``cls(**scalars of section)`` after checking every field is known and present.
+
+  ``cls`` is a dataclass with one field per scalar setting; ``subsections`` are
+  the section's other keys (name, optimiser overrides, ...); ``defaults_name``
+  names the configs/common.py helper that builds a complete section.
+  """
+  names = {f.name for f in dataclasses.fields(cls)}
+  values = {k: v for k, v in dict(section).items() if k not in subsections}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f"objective.{unknown[0]} is not a setting of objective.name="
+                     f"{section.name!r}; valid: {', '.join(sorted(names | set(subsections)))}")
+  missing = sorted(names - set(values))
+  if missing:
+    raise ValueError(f"objective.{missing[0]} is missing; build the section with "
+                     f"configs/common.py:{defaults_name}")
+  return cls(**values)

@@ -46,17 +46,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from fdistill import models
 from fdistill.diffusion import edm
-from fdistill.models import discriminator as disc_lib
-from fdistill.objectives.base import Objective, Sampler
 from fdistill.objectives import critics
 from fdistill.objectives import divergences
 from fdistill.objectives import noise
 from fdistill.objectives import ratio
-from fdistill.optim import state as state_lib
+from fdistill.objectives import scaffold
+from fdistill.objectives.base import Objective, Sampler, settings_from_config
 from fdistill.optim import update
 from fdistill.registry import check_choice
 
@@ -94,17 +91,7 @@ class Settings:
 
   @classmethod
   def from_config(cls, objective_config):
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in dict(objective_config).items() if k not in SECTIONS}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ValueError(f"objective.{unknown[0]} is not an f-distill setting; valid: "
-                       f"{', '.join(sorted(names | set(SECTIONS)))}")
-    missing = sorted(names - set(values))
-    if missing:
-      raise ValueError(f"objective.{missing[0]} is missing; build the section with "
-                       "configs/common.py:fdistill_objective")
-    settings = cls(**values)
+    settings = settings_from_config(cls, objective_config, SECTIONS, "fdistill_objective")
     check_choice(settings.sigma_dist, noise.SIGMA_DISTS, "objective.sigma_dist")
     check_choice(settings.weight, WEIGHTS, "objective.weight")
     check_choice(settings.fake_loss_weight, critics.FAKE_LOSS_WEIGHTS,
@@ -170,105 +157,34 @@ def make_generator_loss(nets: critics.Nets, div: divergences.Divergence, st: Set
   return loss
 
 
-def is_generator_step(step, st: Settings):
-  """Generator on steps warmup, warmup + k, warmup + 2k, ...; critic otherwise."""
-  since = step - st.warmup_critic_steps
-  return since >= 0 and since % st.gen_every == 0
-
-
 # ---------------------------------------------------------------------------
 # The objective.
 
 
-def section_optimizer(optim_config, overrides):
-  """``config.optim`` with the fields of ``overrides`` replaced (fake score, discriminator)."""
-  merged = ml_collections.ConfigDict(dict(optim_config))
-  merged.update(dict(overrides))
-  return merged
-
-
-def _generator_net(config):
-  module = models.build(config.model)
-  return module, models.make_denoiser(module, config.model.sigma_data)
-
-
 def sampler(config, task) -> Sampler:
-  """One step: ``G(z) = D_g(s_g z; s_g)`` with the generator's EMA (no teacher needed)."""
-  module, gen_apply = _generator_net(config)
-  sigma_init = float(config.generator.sigma_init)
-
-  def sample(params, rng, num, cond=None):
-    z = jax.random.normal(rng, (num,) + tuple(task.x_shape))
-    return edm.one_step_generate(gen_apply, params, z, cond, sigma_init)
-
-  return Sampler(init_params=lambda rng: models.init_params(
-      module, rng, (1,) + tuple(task.x_shape), task.cond_dim), sample=sample)
+  return scaffold.sampler(config, task)
 
 
 def build(config, task) -> Objective:
   """f-distill of ``task``'s teacher into a one-step generator of architecture ``config.model``."""
-  if task.teacher_apply is None:
-    raise ValueError("objective.name='fdistill' distils a teacher: set teacher.kind to "
-                     "'analytic' (toy data), 'checkpoint' (with teacher.workdir) or "
-                     "'edm_pickle' (with teacher.path)")
   st = Settings.from_config(config.objective)
   div = divergences.get(st.divergence, st.alpha)
-  module, net_apply = _generator_net(config)
-  sample = sampler(config, task)
-  feature_shapes = disc_lib.teacher_feature_shapes(task.teacher_apply, task.teacher_abstract,
-                                                   task.x_shape, task.cond_dim)
-  disc = disc_lib.build(config.objective.discriminator, task.x_shape, feature_shapes,
-                        config.model.sigma_data)
-  nets = critics.Nets(net_apply, task.teacher_apply, net_apply, disc, tuple(task.x_shape),
-                      float(config.generator.sigma_init))
-  fresh = jax.eval_shape(sample.init_params, jax.random.key(0))
-  from_teacher = config.teacher.kind != "analytic"  # a network: checkpoint or edm_pickle
-  if from_teacher and not critics.same_structure(fresh, task.teacher_abstract):
-    raise ValueError("f-distill initialises the generator from the teacher: config.model must "
-                     "be the teacher's architecture (compare with the teacher run's config.json)")
-
-  gen_update = update.updater(config, ema=True)
-  fake_update = update.updater(config, section_optimizer(config.optim,
-                                                         config.objective.fake_optim))
-  disc_update = update.updater(config, section_optimizer(config.optim,
-                                                         config.objective.disc_optim))
-  gen_loss = make_generator_loss(nets, div, st)
-  fake_loss = critics.make_fake_score_loss(nets, st.fake_loss_weight)
-  disc_loss = critics.make_discriminator_loss(nets)
-
-  def init(rng, teacher=None):
-    """Fresh networks; with a network teacher, generator (params, EMA) and fake score copy it."""
-    net_rng, disc_rng = jax.random.split(rng)
-    params = sample.init_params(net_rng)
-    if from_teacher:
-      params = teacher
-    copy = lambda: jax.tree_util.tree_map(jnp.array, params)
-    return dict(state_lib.init_counters(),
-                gen=state_lib.init_net_state(copy(), gen_update.tx),
-                fake=state_lib.init_net_state(copy(), fake_update.tx, ema=False),
-                disc=state_lib.init_net_state(disc.init(disc_rng), disc_update.tx, ema=False),
-                ratio_bins=jnp.ones((max(st.ratio_bins, 1),), jnp.float32))
+  parts = scaffold.build(config, task, st, "fdistill")
+  gen_loss = make_generator_loss(parts.nets, div, st)
 
   def generator_step(state, teacher, batch, rng):
     inputs = {"teacher": teacher, "fake": state["fake"]["params"],
               "disc": state["disc"]["params"], "bins": state["ratio_bins"]}
-    gen, loss, aux, ok = gen_update(state["gen"], gen_loss, inputs, batch, rng)
+    gen, loss, aux, ok = parts.gen_update(state["gen"], gen_loss, inputs, batch, rng)
     bins = jnp.where(ok, aux.pop("bins"), state["ratio_bins"])
     metrics = {**aux, "gen_loss": loss}
     metrics["gen_grad_norm"] = metrics.pop("grad_norm")
     return update.count_step(dict(state, gen=gen, ratio_bins=bins), ok), metrics
 
-  def critic_step(state, teacher, batch, rng):
-    c_rng, f_rng, d_rng = jax.random.split(rng, 3)
-    cb = critics.critic_batch(nets, st, state["gen"]["params"], batch, c_rng,
-                              gen_update.fsdp_gather)
-    fake, _, f_aux, f_ok = fake_update(state["fake"], fake_loss, None, cb, f_rng)
-    disc_state, _, d_aux, d_ok = disc_update(state["disc"], disc_loss, teacher, cb, d_rng)
-    metrics = {**f_aux, "fake_grad_norm": f_aux["grad_norm"], **d_aux,
-               "disc_grad_norm": d_aux["grad_norm"]}
-    del metrics["grad_norm"]
-    return (update.count_step(dict(state, fake=fake, disc=disc_state), f_ok & d_ok), metrics)
+  def init(rng, teacher=None):
+    return dict(parts.init(rng, teacher),
+                ratio_bins=jnp.ones((max(st.ratio_bins, 1),), jnp.float32))
 
-  return Objective(init=init, steps={"generator": generator_step, "critic": critic_step},
-                   schedule=lambda i: "generator" if is_generator_step(i, st) else "critic",
-                   export=lambda state: state["gen"]["ema"], sampler=sample)
+  return Objective(init=init, steps={"generator": generator_step, "critic": parts.critic_step},
+                   schedule=parts.schedule, export=lambda state: state["gen"]["ema"],
+                   sampler=parts.sample)

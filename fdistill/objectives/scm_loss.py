@@ -1,6 +1,6 @@
 """The sCM / rCM consistency loss (Lu & Song 2024; Zheng et al. 2025) as pure functions.
 
-Notation of ``fdistill.diffusion.trigflow`` (DESIGN.md section 4). With the
+Notation of ``fdistill.diffusion.trigflow`` (docs/design.md section 4). With the
 student's consistency function ``f = cos t x_t - sin t sd F(x_t / sd, t)``,
 along the teacher's PF-ODE (``dx_t/dt = sd F_teacher``)
 

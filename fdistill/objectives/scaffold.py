@@ -1,0 +1,123 @@
+"""The parts every one-step score-distillation objective shares (f-distill, Uni-Instruct,
+SiD, SIM, DMD): a generator initialised from the teacher, a fake score and a
+discriminator trained on the same noised generator samples, their optimisers,
+the critic step, the update schedule and the one-step sampler. An objective
+module adds its generator loss and generator step.
+
+Settings read from ``st`` (the objective's settings): gen_every,
+warmup_critic_steps, fake_loss_weight, same_noise_real and the noise-level
+fields of :mod:`fdistill.objectives.noise`.
+"""
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fdistill import models
+from fdistill.diffusion import edm
+from fdistill.models import discriminator as disc_lib
+from fdistill.objectives import critics
+from fdistill.objectives.base import Sampler
+from fdistill.optim import state as state_lib
+from fdistill.optim import update
+
+
+def section_optimizer(optim_config, overrides):
+  """``config.optim`` with the fields of ``overrides`` replaced (fake score, discriminator)."""
+  merged = ml_collections.ConfigDict(dict(optim_config))
+  merged.update(dict(overrides))
+  return merged
+
+
+def _generator_net(config):
+  module = models.build(config.model)
+  return module, models.make_denoiser(module, config.model.sigma_data)
+
+
+def sampler(config, task) -> Sampler:
+  """One step: ``G(z) = D_g(s_g z; s_g)`` with the generator's EMA (no teacher needed)."""
+  module, gen_apply = _generator_net(config)
+  sigma_init = float(config.generator.sigma_init)
+
+  def sample(params, rng, num, cond=None):
+    z = jax.random.normal(rng, (num,) + tuple(task.x_shape))
+    return edm.one_step_generate(gen_apply, params, z, cond, sigma_init)
+
+  return Sampler(init_params=lambda rng: models.init_params(
+      module, rng, (1,) + tuple(task.x_shape), task.cond_dim), sample=sample)
+
+
+def is_generator_step(step: int, st) -> bool:
+  """Generator on steps warmup, warmup + k, warmup + 2k, ...; critics otherwise."""
+  since = step - st.warmup_critic_steps
+  return since >= 0 and since % st.gen_every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaffold:
+  """nets: the closures; init(rng, teacher) -> state; critic_step: the fake score (and, with
+  ``train_disc``, discriminator) update; schedule(step) -> "generator" | "critic"."""
+  nets: critics.Nets
+  sample: Sampler
+  gen_update: update.Updater
+  init: Callable
+  critic_step: Callable
+  schedule: Callable
+
+
+def build(config, task, st, what: str, train_disc: bool = True) -> Scaffold:
+  """The shared parts for objective ``what`` (its name in error messages)."""
+  if task.teacher_apply is None:
+    raise ValueError(f"objective.name={what!r} distils a teacher: set teacher.kind to "
+                     "'analytic' (toy data), 'checkpoint' (with teacher.workdir) or "
+                     "'edm_pickle' (with teacher.path)")
+  _, net_apply = _generator_net(config)
+  sample = sampler(config, task)
+  feature_shapes = disc_lib.teacher_feature_shapes(task.teacher_apply, task.teacher_abstract,
+                                                   task.x_shape, task.cond_dim)
+  disc = disc_lib.build(config.objective.discriminator, task.x_shape, feature_shapes,
+                        config.model.sigma_data)
+  nets = critics.Nets(net_apply, task.teacher_apply, net_apply, disc, tuple(task.x_shape),
+                      float(config.generator.sigma_init))
+  fresh = jax.eval_shape(sample.init_params, jax.random.key(0))
+  from_teacher = config.teacher.kind != "analytic"  # a network: checkpoint or edm_pickle
+  if from_teacher and not critics.same_structure(fresh, task.teacher_abstract):
+    raise ValueError(f"{what} initialises the generator from the teacher: config.model must "
+                     "be the teacher's architecture (compare with the teacher run's config.json)")
+
+  gen_update = update.updater(config, ema=True)
+  fake_update = update.updater(config, section_optimizer(config.optim,
+                                                         config.objective.fake_optim))
+  disc_update = update.updater(config, section_optimizer(config.optim,
+                                                         config.objective.disc_optim))
+  fake_loss = critics.make_fake_score_loss(nets, st.fake_loss_weight)
+  disc_loss = critics.make_discriminator_loss(nets)
+
+  def init(rng, teacher=None):
+    """Fresh networks; with a network teacher, generator (params, EMA) and fake score copy it."""
+    net_rng, disc_rng = jax.random.split(rng)
+    params = teacher if from_teacher else sample.init_params(net_rng)
+    copy = lambda: jax.tree_util.tree_map(jnp.array, params)
+    return dict(state_lib.init_counters(),
+                gen=state_lib.init_net_state(copy(), gen_update.tx),
+                fake=state_lib.init_net_state(copy(), fake_update.tx, ema=False),
+                disc=state_lib.init_net_state(disc.init(disc_rng), disc_update.tx, ema=False))
+
+  def critic_step(state, teacher, batch, rng):
+    c_rng, f_rng, d_rng = jax.random.split(rng, 3)
+    cb = critics.critic_batch(nets, st, state["gen"]["params"], batch, c_rng,
+                              gen_update.fsdp_gather)
+    fake, _, f_aux, ok = fake_update(state["fake"], fake_loss, None, cb, f_rng)
+    metrics = {"fake_loss": f_aux["fake_loss"], "fake_grad_norm": f_aux["grad_norm"]}
+    new = dict(state, fake=fake)
+    if train_disc:
+      new["disc"], _, d_aux, d_ok = disc_update(state["disc"], disc_loss, teacher, cb, d_rng)
+      metrics.update(d_aux, disc_grad_norm=d_aux["grad_norm"])
+      del metrics["grad_norm"]
+      ok = ok & d_ok
+    return update.count_step(new, ok), metrics
+
+  return Scaffold(nets, sample, gen_update, init, critic_step,
+                  lambda i: "generator" if is_generator_step(i, st) else "critic")
