@@ -21,28 +21,40 @@ def _reference_fid(mu1, s1, mu2, s2):
                - 2 * np.sum(np.sqrt(np.clip(eig, 0, None))))
 
 
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
 @pytest.mark.parametrize("dim", [1, 7, 64])
-def test_frechet_distance_matches_independent_computation(dim):
+def test_frechet_distance_matches_independent_computation(dim, method):
   rng = np.random.default_rng(dim)
   mu1, s1 = _random_stats(rng, dim)
   mu2, s2 = _random_stats(rng, dim)
-  got = fid.frechet_distance(mu1, s1, mu2, s2)
+  got = fid.frechet_distance(mu1, s1, mu2, s2, method=method)
   np.testing.assert_allclose(got, _reference_fid(mu1, s1, mu2, s2), rtol=1e-9)
-  np.testing.assert_allclose(fid.frechet_distance(mu2, s2, mu1, s1), got, rtol=1e-9)
+  np.testing.assert_allclose(fid.frechet_distance(mu2, s2, mu1, s1, method=method), got,
+                             rtol=1e-9)
 
 
-def test_frechet_distance_rank_deficient_and_identical():
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_frechet_distance_rank_deficient_and_identical(method):
   rng = np.random.default_rng(0)
-  mu1, s1 = _random_stats(rng, 32, rank=8)  # fewer samples than dims: sqrtm goes complex
-  mu2, s2 = _random_stats(rng, 32, rank=8)
-  np.testing.assert_allclose(fid.frechet_distance(mu1, s1, mu2, s2),
-                             _reference_fid(mu1, s1, mu2, s2), rtol=1e-6)
-  same = fid.frechet_distance(mu1, s1, mu1, s1)
-  assert abs(same) < 1e-6 * np.trace(s1)
+  x1, x2 = rng.standard_normal((6, 32)), rng.standard_normal((6, 32)) + 0.5
+  # Fewer samples than dims (sqrtm of the singular product goes complex): Tr (S1 S2)^(1/2) is
+  # the nuclear norm of A^T B for S1 = A A^T, S2 = B B^T.
+  a, b = [(x - x.mean(0)).T / np.sqrt(len(x) - 1) for x in (x1, x2)]
+  mu1, mu2, s1, s2 = x1.mean(0), x2.mean(0), a @ a.T, b @ b.T
+  want = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+          - 2 * np.linalg.svd(a.T @ b, compute_uv=False).sum())
+  np.testing.assert_allclose(fid.frechet_distance(mu1, s1, mu2, s2, method=method), want,
+                             rtol=1e-6)
+  assert abs(fid.frechet_distance(mu1, s1, mu1, s1, method=method)) < 1e-6 * np.trace(s1)
   mu, s = _random_stats(rng, 16)
-  assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-9 * np.trace(s)
+  assert abs(fid.frechet_distance(mu, s, mu, s, method=method)) < 1e-9 * np.trace(s)
   with pytest.raises(ValueError, match="mismatched"):
-    fid.frechet_distance(mu, s, mu[:3], s[:3, :3])
+    fid.frechet_distance(mu, s, mu[:3], s[:3, :3], method=method)
+
+
+def test_frechet_distance_bad_method():
+  with pytest.raises(ValueError, match="'sqrtm' or 'eigh'"):
+    fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2), method="svd")
 
 
 def test_streaming_stats_equal_numpy_on_concatenated_chunks():

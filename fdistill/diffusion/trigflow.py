@@ -1,6 +1,6 @@
 """TrigFlow (Lu & Song 2024, sCM; used by rCM, Zheng et al. 2025) as pure functions.
 
-Notation (DESIGN.md section 4): ``x_t = cos(t) x0 + sin(t) z`` with
+Notation (docs/design.md section 4): ``x_t = cos(t) x0 + sin(t) z`` with
 ``z ~ N(0, sd^2 I)`` and ``t in [0, pi/2]``; a TrigFlow network is
 ``F(x_t / sd, t)`` and its consistency function / x0 estimate is
 ``f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t / sd, t)``. The probability-flow
@@ -38,7 +38,7 @@ _SIGMA_LO, _SIGMA_HI = 1e-6, 1e4
 
 
 def _bcast(t, x):
-  """Per-sample ``t`` [B] (or a scalar) reshaped to broadcast against ``x`` [B, ...], in x's dtype."""
+  """Per-sample ``t`` [B] (or a scalar) shaped to broadcast against ``x`` [B, ...], in x's dtype."""
   t = jnp.asarray(t, x.dtype)
   if t.ndim == 0:
     return t
@@ -252,22 +252,28 @@ def probability_flow(F_apply: Callable, params, x_t, times, cond=None,
                      sigma_data: float = SIGMA_DATA):
   """Integrates the PF-ODE ``dx_t/dt = sd F(x_t / sd, t)`` over decreasing ``times`` (Heun).
 
-  A final time of 0 is reached by ``f(x, t)`` of the last positive time: the
+  A final time of 0 is reached by ``f(x, t)`` at the last positive time: the
   x0 estimate, EDM's Euler step to sigma = 0 (F is 0/0 at t = 0). For a
   teacher this is the ODE sampler; from any ``(x_t, t)`` it is the teacher's
-  exact consistency function up to discretisation (tests, oracles). A
-  Python loop: meant for short static grids or tests, not for training steps.
+  consistency function up to discretisation (tests, oracles). ``times`` is a
+  concrete 1-D sequence (a scalar time shared by the batch at each step); the
+  steps run in ``lax.scan``, so the cost of compiling does not grow with them.
   """
   times = [float(t) for t in times]
-  x = x_t
-  drift = lambda x, t: sigma_data * F_apply(params, x / sigma_data, _per_sample(t, x), cond)
-  for t_cur, t_next in zip(times[:-1], times[1:]):
-    if t_next == 0.0:
-      return consistency_fn(F_apply, params, x, t_cur, cond, sigma_data)
+  to_zero = times[-1] == 0.0
+  grid = jnp.asarray(times[:-1] if to_zero else times, jnp.result_type(x_t.dtype, jnp.float32))
+
+  def drift(x, t):
+    return sigma_data * F_apply(params, x / sigma_data, _per_sample(t, x), cond)
+
+  def step(x, pair):
+    t_cur, t_next = pair
     d_cur = drift(x, t_cur)
     x_euler = x + (t_next - t_cur) * d_cur
-    x = x + (t_next - t_cur) * 0.5 * (d_cur + drift(x_euler, t_next))
-  return x
+    return x + (t_next - t_cur) * 0.5 * (d_cur + drift(x_euler, t_next)), None
+
+  x, _ = jax.lax.scan(step, x_t, (grid[:-1], grid[1:]))
+  return consistency_fn(F_apply, params, x, grid[-1], cond, sigma_data) if to_zero else x
 
 
 def karras_times(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0,

@@ -35,6 +35,7 @@ live in the ``params`` collection as ``mean``/``var``/``beta`` (a frozen
 detector, one pytree).
 """
 import os
+import zipfile
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -119,7 +120,9 @@ class ConvBN(nn.Module):
   kernel: Tuple[int, int] = (1, 1)
   stride: int = 1
   padding: Tuple[int, int] = (0, 0)
-  precision: Any = lax.Precision.HIGHEST  # no TF32 on GPUs: the reference is float32
+  # HIGHEST: no TF32 on GPUs. Measured on an H200 against the TorchScript on CPU: HIGHEST
+  # 3.9e-6 max feature error, DEFAULT (TF32) 2.3e-3 and a 7e-4 relative FID shift.
+  precision: Any = lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x):
@@ -388,8 +391,13 @@ def resolve_path(path: Optional[str] = None, config=None) -> str:
 def load_params(path: Optional[str] = None, config=None) -> Params:
   """Detector params (float32 numpy, nested dict) from a converted ``.npz``; see :func:`resolve_path`."""
   path = resolve_path(path, config)
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k: np.asarray(data[k], np.float32) for k in data.files if not k.startswith("meta/")}
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      flat = {k: np.asarray(data[k], np.float32) for k in data.files
+              if not k.startswith("meta/")}
+  except (ValueError, OSError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path}: not a converted .npz ({type(e).__name__}); "
+                     f"{missing_weights_message(None).split('. ', 1)[1]}") from e
   params = unflatten(flat)
   try:
     check_params(params)
