@@ -28,7 +28,9 @@ def base_config():
       "micro_batches": 1})  # gradient accumulation: the batch in micro-batches via lax.scan
   c.train = ml_collections.ConfigDict({
       "batch_size": 256, "num_steps": 1000, "log_every": 100, "save_every": 500,
-      "sample_every": 0, "keep_checkpoints": 3})
+      "sample_every": 0, "keep_checkpoints": 3,
+      # A run whose updates are non-finite this many steps in a row stops (nothing saved).
+      "max_consecutive_skips": 50})
   c.eval = ml_collections.ConfigDict({
       "num_samples": 5000, "sampler_steps": 18, "num_plot_samples": 64, "batch_size": 1000,
       "poll_seconds": 60.0, "timeout_seconds": 0.0,
@@ -74,6 +76,28 @@ UNI_INSTRUCT_OBJECTIVE = dict(
 def uni_instruct_objective(**overrides) -> ml_collections.ConfigDict:
   """A complete ``config.objective`` for Uni-Instruct / SiD / SIM: the defaults, then ``overrides``."""
   return _section(UNI_INSTRUCT_OBJECTIVE, overrides, "Uni-Instruct")
+
+
+# rCM's objective section (fdistill/objectives/rcm.py:Settings documents each field): NVlabs/rcm's
+# Wan2.1 T2V 1.3B recipe (rcm/configs/experiments/rcm/wan2pt1_t2v.py over the model defaults of
+# t2v_model_distill_rcm.py; Zheng et al. 2025): sCM times (p_mean, p_std) = (-0.8, 1.6) (p_G),
+# tangent_warmup 1000 iterations (both the r warm-up and the sCM-only phase), the student every
+# 5th step, rollouts of up to 4 steps, DMD times by timestep_shift 5, loss_scale 100 (sCM) vs
+# loss_scale_dmd 1 summed over dims (= dmd_weight 0.01 with this code's means), sigma_max 80,
+# the sampler's intermediate times (1.3, 1.0, 0.6), sCM's normalisation c = 0.1 (Lu & Song
+# 2024). rCM's fake-score optimiser (lr 0.2x the student's) is a config's fake_optim.
+RCM_OBJECTIVE = dict(
+    name="rcm", p_mean=-0.8, p_std=1.6, tangent="jvp", fd_eps=1e-3, warmup="rcm",
+    tangent_warmup_steps=1000, norm_c=0.1, time_embedding="edm", time_scale=1.0,
+    dmd_weight=0.01, dmd_only=False, scm_warmup_steps=1000, warmup_critic_steps=0, gen_every=5,
+    rollout_max_steps=4, dmd_time="shift", dmd_shift=5.0, dmd_p_mean=0.0, dmd_p_std=1.6,
+    sigma_min=0.002, sigma_max=80.0, sampler_times=(1.3, 1.0, 0.6), fake_loss_weight="edm",
+    fake_optim={})
+
+
+def rcm_objective(**overrides) -> ml_collections.ConfigDict:
+  """A complete ``config.objective`` for rCM / sCM / DMD-only: the defaults, then ``overrides``."""
+  return _section(RCM_OBJECTIVE, overrides, "rCM")
 
 
 def _section(defaults, overrides, what):

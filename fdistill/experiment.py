@@ -13,11 +13,14 @@ measures a program the trainer does not run. Two entry points:
   no dataset, no teacher, no optimiser state.
 """
 import dataclasses
+import json
+import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 
-from fdistill import data, objectives, teachers
+from fdistill import data, models, objectives, teachers
+from fdistill.registry import lookup
 from fdistill.io import checkpoint
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.parallel import partition
@@ -64,6 +67,81 @@ class Sampling:
   abstract_params: Any
   param_shardings: Any
   sample: Callable
+
+
+# ---------------------------------------------------------------------------
+# Checks that run before anything is created or written.
+
+
+def _number(value, field, low=None, high=None, low_open=False, integer=False):
+  kinds = (int,) if integer else (int, float)
+  if isinstance(value, bool) or not isinstance(value, kinds):
+    raise ValueError(f"{field}={value!r} must be {'an integer' if integer else 'a number'}")
+  if low is not None and (value <= low if low_open else value < low):
+    raise ValueError(f"{field}={value!r} must be {'>' if low_open else '>='} {low}")
+  if high is not None and value >= high:
+    raise ValueError(f"{field}={value!r} must be < {high}")
+
+
+def validate(config):
+  """Ranges and names of every section (ValueError naming the field); no side effects."""
+  tc, ec = config.train, config.eval
+  _number(tc.batch_size, "train.batch_size", 0, low_open=True, integer=True)
+  _number(tc.num_steps, "train.num_steps", 0, integer=True)
+  for field in ("log_every", "save_every", "keep_checkpoints", "max_consecutive_skips"):
+    _number(tc[field], f"train.{field}", 1, integer=True)
+  _number(tc.sample_every, "train.sample_every", 0, integer=True)
+  optims = {"optim": config.optim}
+  for name in ("fake_optim", "disc_optim"):
+    if name in config.objective:
+      optims[f"objective.{name}"] = dict(config.optim, **dict(config.objective[name]))
+  for prefix, optim in optims.items():
+    _number(optim["lr"], f"{prefix}.lr", 0, low_open=prefix == "optim")
+    _number(optim["grad_clip"], f"{prefix}.grad_clip", 0)
+    _number(optim["warmup_steps"], f"{prefix}.warmup_steps", 0, integer=True)
+  _number(config.optim.ema_decay, "optim.ema_decay", 0, 1)
+  _number(config.optim.micro_batches, "optim.micro_batches", 1, integer=True)
+  for field in ("num_samples", "batch_size", "num_plot_samples", "sampler_steps"):
+    _number(ec[field], f"eval.{field}", 1, integer=True)
+  mesh_lib.check_batch_size(tc.batch_size, make_mesh(config))
+  settings = getattr(objectives.module(config), "Settings", None)
+  if settings is not None:
+    settings.from_config(config.objective)
+  models.lookup_model(config.model)
+  lookup(data.DATASETS, config.data.name, "data.name")
+  lookup(teachers.TEACHERS, config.teacher.kind, "teacher.kind")
+
+
+# Fields that shape a run's state: a workdir's saved run must agree on them.
+SHAPING_FIELDS = ("objective.name", "model", "data.name", "data.distribution", "data.resolution",
+                  "data.conditional", "objective.discriminator", "generator.sigma_init")
+
+
+def _field(config, dotted):
+  node = config
+  for key in dotted.split("."):
+    if not hasattr(node, "keys") or key not in node:
+      return None
+    node = node[key]
+  node = node.to_dict() if hasattr(node, "to_dict") else node
+  return json.loads(json.dumps(node, default=str))  # as config.json holds it (tuples -> lists)
+
+
+def check_workdir(workdir, config=None):
+  """A ValueError unless ``workdir`` can hold this run: not a file, and if it already holds a
+  run (``config.json``), that run agrees with ``config`` on :data:`SHAPING_FIELDS`."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir!r} is a file, not a directory")
+  saved_path = os.path.join(workdir, "config.json")
+  if config is None or not os.path.exists(saved_path):
+    return
+  saved = checkpoint.load_config(workdir)
+  differ = [f for f in SHAPING_FIELDS if _field(saved, f) != _field(config, f)]
+  if differ:
+    details = "; ".join(f"{f}: saved {_field(saved, f)!r}, given {_field(config, f)!r}"
+                        for f in differ[:3])
+    raise ValueError(f"--workdir={workdir!r} holds another run ({details}); use a new workdir "
+                     "or the run's own config")
 
 
 def make_mesh(config, mesh=None):

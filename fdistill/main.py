@@ -3,20 +3,34 @@
   python -m fdistill.main --config=configs/toy2d_teacher.py --workdir=runs/t --mode=train_teacher
 Modes: train_teacher | distill | eval | sample.
 
+Every user error (config, flags, workdir, teacher, data, checkpoints) ends
+the run with one line ``FATAL: <what>`` on stderr and exit status 2, before
+anything is written; ``--traceback`` (or ``FDISTILL_TRACEBACK=1``) shows the
+traceback instead. Bugs (any other exception) keep their traceback.
+
 Multi-process (TPU pods, SLURM, N local CPU processes): every process runs this
 same command; ``--distributed`` and the coordinator flags start
 ``jax.distributed`` (see launch/ and README "Sharded and multi-host training").
 """
+import os
+import sys
+import traceback
+
 from absl import app, flags
 from ml_collections import config_flags
 
+from fdistill.errors import USER_ERRORS
 from fdistill.modes import MODES, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
-_MODE = flags.DEFINE_enum("mode", "train_teacher", MODES, "What to run.")
+_MODE = flags.DEFINE_string("mode", "train_teacher", f"What to run: {' | '.join(MODES)}.")
 _NUM = flags.DEFINE_integer("num_samples", 0, "sample mode: how many (0 = eval.num_plot_samples).")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 0, "sample / eval: sampler steps (0 = "
+                                  "eval.sampler_steps; few-step generators take 1..4).")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the traceback of user errors too "
+                               "(also FDISTILL_TRACEBACK=1).")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "jax.distributed.initialize: auto = when a coordinator is given or srun / Open MPI / a "
@@ -28,10 +42,27 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (def
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (default: detected).")
 
 
+def show_tracebacks(argv=()) -> bool:
+  return (os.environ.get("FDISTILL_TRACEBACK", "") in ("1", "true") or
+          "--traceback" in argv or (flags.FLAGS.is_parsed() and _TRACEBACK.value))
+
+
+def fatal(message: str, argv=()):
+  """One line on stderr and exit status 2 (the traceback too where asked for)."""
+  if show_tracebacks(argv):
+    traceback.print_exc()
+  first = " ".join(str(message).split())  # one line, whatever the exception held
+  print(f"FATAL: {first}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def load_config_file(spec):
   """``path[:arg]`` -> ``get_config(arg)`` of that file (what --config does)."""
   import importlib.util
   path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config={spec}: no such file {path!r} (paths are relative to "
+                            f"the repository root, e.g. configs/toy2d_teacher.py)")
   module_spec = importlib.util.spec_from_file_location("_fdistill_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -51,32 +82,44 @@ def unknown_override(config, override):
 
 
 def parse_flags(argv):
-  """absl flag parsing with a clear error for overrides of unknown config fields."""
+  """absl flag parsing; every error in the flags or the config is one FATAL line."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   try:
+    if spec is not None:
+      load_config_file(spec)  # the config's own errors (missing file, bad variant) first
     return flags.FLAGS(argv)
-  except (KeyError, AttributeError) as e:
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec:
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError,
+          FileNotFoundError) as e:
+    message = str(e)
+    if spec is not None and isinstance(e, (KeyError, AttributeError)):
       config = load_config_file(spec)
-      for arg in argv:
-        message = arg.startswith("--config.") and unknown_override(config, arg)
-        if message:
-          raise SystemExit(f"FATAL: {message}") from e
-    raise
+      message = next((m for m in (arg.startswith("--config.") and unknown_override(config, arg)
+                                  for arg in argv) if m), message)
+    fatal(message, argv)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    fatal(f"unexpected arguments {argv[1:]}; flags are --name=value")
+  if _CONFIG.value is None:
+    fatal("--config is required (e.g. --config=configs/toy2d_teacher.py:gmm25)")
   if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
+    fatal("--workdir is required (a directory; created if missing)")
+  if _MODE.value not in MODES:
+    fatal(f"--mode={_MODE.value!r}; valid values: {', '.join(MODES)}")
   from fdistill.parallel import mesh as mesh_lib
-  mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
-                                        _NUM_PROCESSES.value, _PROCESS_ID.value)
-  mesh_lib.quiet_other_processes()
-  run(_CONFIG.value, _WORKDIR.value, _MODE.value, _NUM.value)
+  try:
+    mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
+                                          _NUM_PROCESSES.value, _PROCESS_ID.value)
+    mesh_lib.quiet_other_processes()
+    config = _CONFIG.value
+    if _NUM_STEPS.value:
+      config = config.copy_and_resolve_references()
+      config.eval.sampler_steps = _NUM_STEPS.value
+    run(config, _WORKDIR.value, _MODE.value, _NUM.value)
+  except USER_ERRORS as e:
+    fatal(e)
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
   app.run(main, flags_parser=parse_flags)

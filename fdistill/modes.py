@@ -6,6 +6,8 @@ from absl import logging
 MODES = ("train_teacher", "distill", "eval", "sample")
 
 
+
+
 def check_mode(mode, config):
   """Teacher training trains by DSM; distillation needs a distillation objective."""
   is_dsm = config.objective.name == "dsm"
@@ -37,15 +39,35 @@ def sample(config, workdir, num=0):
   return path
 
 
+def check_run_exists(workdir):
+  """Sample and eval read a finished or running training run: its config and a checkpoint."""
+  from fdistill.io import checkpoint
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise ValueError(f"--workdir={workdir!r} holds no run (no config.json); train one first "
+                     "with --mode=train_teacher or --mode=distill")
+  if not checkpoint.saved_steps(workdir):
+    raise ValueError(f"--workdir={workdir!r} has no checkpoint yet")
+
+
 def run(config, workdir, mode, num_samples=0):
-  """Runs one mode; importable (tests and notebooks call it)."""
-  from fdistill.eval import job
-  from fdistill.train import loop
+  """Runs one mode; importable (tests and notebooks call it).
+
+  Everything is checked (mode, config ranges and names, the workdir) before
+  anything is created or written.
+  """
+  from fdistill import experiment
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}; valid values: {', '.join(MODES)}")
+  experiment.validate(config)
   if mode in ("train_teacher", "distill"):
     check_mode(mode, config)
+    experiment.check_workdir(workdir, config)
+    from fdistill.train import loop  # after the checks: it imports the metric writers
     return loop.train(config, workdir)
+  experiment.check_workdir(workdir)
+  if mode == "sample" or config.eval.timeout_seconds == 0:
+    check_run_exists(workdir)
+  from fdistill.eval import job
   if mode == "eval":
     return job.run(config, workdir)
   return sample(config, workdir, num_samples)

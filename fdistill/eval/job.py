@@ -68,15 +68,23 @@ def run(config, workdir):
   os.makedirs(eval_dir, exist_ok=True)
   done_path = os.path.join(eval_dir, "done.json")
   done = json.load(open(done_path)) if os.path.exists(done_path) else {}
-  writer = writers.make_writer(eval_dir)
+  writer = writers.make_writer(eval_dir, resume_step=max(map(int, done), default=0))
   sampling = None  # built at the first checkpoint, whose metadata gives the data shape
   last_new = time.time()
   while True:
     todo = [s for s in sorted(checkpoint.saved_steps(workdir)) if str(s) not in done]
     for step in todo:
-      if sampling is None:
-        sampling = experiment.build_sampler(config, experiment.task_of_run(workdir)[1])
-      metrics = evaluate_checkpoint(config, workdir, step, sampling)
+      try:
+        if sampling is None:
+          sampling = experiment.build_sampler(config, experiment.task_of_run(workdir)[1])
+        metrics = evaluate_checkpoint(config, workdir, step, sampling)
+      except Exception:  # pylint: disable=broad-except
+        if step in checkpoint.saved_steps(workdir):
+          raise
+        # The trainer's keep-last-N deleted it while we read it: nothing to evaluate.
+        logging.warning("eval: checkpoint %d of %s was deleted while being read; skipped",
+                        step, workdir)
+        continue
       writer.write_scalars(step, metrics)
       done[str(step)] = metrics
       _write_json(done_path, done)

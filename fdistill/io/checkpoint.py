@@ -10,13 +10,68 @@ Orbax writes each step into a temporary directory and renames it when
 complete, so a crash mid-save never corrupts the latest good checkpoint.
 The metadata holds what the data iterator needs to resume (the step), so a
 restarted run sees the same batches and reproduces the same losses.
+
+Integrity: the metadata also holds a content digest of ``state`` and
+``export`` (one uint32 per leaf, computed on the devices, so nothing is
+gathered to a host). :meth:`Checkpointer.restore_intact` verifies the digest
+and that every float is finite; a checkpoint that fails (unreadable, missing
+files, flipped bytes, non-finite values) is moved aside to
+``<workdir>/checkpoints_corrupt/`` (renamed, never deleted) and the next older
+one is tried. If none is intact the run stops instead of starting afresh.
 """
 import json
 import os
+import time
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
+
+from fdistill.errors import CorruptCheckpointError
+
+
+def _leaf_digest(x):
+  """A position-sensitive uint32 checksum of one array's bits (any single change shows)."""
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  else:
+    bits = x.astype(jnp.uint32)
+  index = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+  return jnp.sum((bits * jnp.uint32(0x9E3779B1) + index) * (index * 2 + 1), dtype=jnp.uint32)
+
+
+@jax.jit
+def _digests(tree):
+  return [_leaf_digest(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def digest(tree):
+  """Per-leaf checksums of ``tree`` (global arrays, any sharding) as a list of ints."""
+  return [int(d) for d in jax.device_get(_digests(tree))]
+
+
+def problems(tree, expected_digest):
+  """Why ``tree`` does not match its saved digest or holds non-finite floats; None if intact."""
+  if expected_digest is None:
+    return "no content digest in its metadata"
+  if digest(tree) != list(expected_digest):
+    return "content digest mismatch (bytes changed after the save)"
+  floats = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  if floats and not all(jax.device_get(_all_finite(floats))):
+    return "non-finite values"
+  return None
+
+
+@jax.jit
+def _all_finite(leaves):
+  return [jnp.all(jnp.isfinite(x)) for x in leaves]
 
 
 class Checkpointer:
@@ -25,7 +80,8 @@ class Checkpointer:
   def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = False):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    self.workdir = os.path.abspath(workdir)
+    self.manager = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"),
                                          options=options)
 
   def latest_step(self) -> Optional[int]:
@@ -37,7 +93,8 @@ class Checkpointer:
   def save(self, step: int, state, export, meta: Optional[dict] = None,
            force: bool = False) -> bool:
     """Saves ``state`` and the ``export`` params at ``step`` (``force``: even off-schedule)."""
-    meta = dict(meta or {}, step=int(step))
+    meta = dict(meta or {}, step=int(step),
+                digest={"state": digest(state), "export": digest(export)})
     return self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), export=ocp.args.StandardSave(export),
         meta=ocp.args.JsonSave(meta)), force=force)
@@ -50,6 +107,40 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_targets(abstract_state)), meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
+
+  def restore_intact(self, abstract_state):
+    """(state, meta) of the newest checkpoint that reads back intact, or None if there is none.
+
+    Each failing checkpoint is moved aside with a warning naming it and why;
+    :class:`CorruptCheckpointError` if checkpoints existed and none is intact.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        state, meta = self.restore(abstract_state, step)
+        problem = problems(state, meta.get("digest", {}).get("state"))
+      except Exception as e:  # any unreadable checkpoint: orbax, tensorstore, JSON, OS errors
+        problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+      if problem is None:
+        return state, meta
+      self.move_aside(step, problem)
+    if steps:
+      raise CorruptCheckpointError(
+          f"no intact checkpoint under {self.manager.directory}: steps {steps} failed and were "
+          f"moved to {os.path.join(self.workdir, 'checkpoints_corrupt')}; nothing was deleted")
+    return None
+
+  def move_aside(self, step: int, why: str) -> str:
+    """Renames checkpoint ``step`` into ``checkpoints_corrupt/`` (process 0), with a warning."""
+    src = os.path.join(str(self.manager.directory), str(step))
+    dst = os.path.join(self.workdir, "checkpoints_corrupt", f"{step}.{int(time.time())}")
+    if jax.process_index() == 0 and os.path.exists(src):
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      os.replace(src, dst)
+    logging.warning("Checkpoint %s is corrupt (%s): moved to %s; trying the previous one",
+                    src, why, dst)
+    self.manager.reload()
+    return dst
 
   def restore_export(self, abstract_params, step: Optional[int] = None):
     """Only the exported params of ``step`` (None = latest), into ``abstract_params``' shardings.

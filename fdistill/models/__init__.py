@@ -24,9 +24,14 @@ MODELS = {
 _WRAPPER_FIELDS = ("name", "sigma_data")
 
 
+def lookup_model(model_config):
+  """The linen module class ``model_config.name`` names (ValueError listing the valid ones)."""
+  return lookup(MODELS, model_config.name, "model.name")
+
+
 def build(model_config):
   """Instantiates the linen module named ``model_config.name`` with the remaining fields."""
-  cls = lookup(MODELS, model_config.name, "model.name")
+  cls = lookup_model(model_config)
   kwargs = {k: v for k, v in dict(model_config).items() if k not in _WRAPPER_FIELDS}
   valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   unknown = sorted(set(kwargs) - valid)

@@ -5,11 +5,11 @@ An objective module has ``build(config, task) -> Objective`` and
 jits and shards what they return. ``sampler`` never needs the teacher, so
 sampling and evaluating a trained run works without it.
 """
-from fdistill.objectives import dsm, fdistill, uni_instruct
+from fdistill.objectives import dsm, fdistill, rcm, uni_instruct
 from fdistill.objectives.base import Objective, Sampler, Task  # noqa: F401  (the interface)
 from fdistill.registry import lookup
 
-OBJECTIVES = {"dsm": dsm, "fdistill": fdistill, "uni_instruct": uni_instruct}
+OBJECTIVES = {"dsm": dsm, "fdistill": fdistill, "rcm": rcm, "uni_instruct": uni_instruct}
 
 
 def module(config):

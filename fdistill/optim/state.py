@@ -36,8 +36,11 @@ def init_net_state(params, tx: optax.GradientTransformation, ema: bool = True):
 
 
 def init_counters():
-  """``step`` (updates done) and ``skipped`` (non-finite updates skipped), int32 scalars."""
-  return {"step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+  """int32 scalars: ``step`` (steps done), ``skipped`` (steps whose update was non-finite and
+  skipped) and ``consecutive_skips`` (skipped steps since the last good one; the loop stops a
+  run whose count reaches ``train.max_consecutive_skips``)."""
+  zero = lambda: jnp.zeros((), jnp.int32)
+  return {"step": zero(), "skipped": zero(), "consecutive_skips": zero()}
 
 
 def all_finite(tree) -> jax.Array:

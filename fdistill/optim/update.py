@@ -96,9 +96,10 @@ class Updater:
 
 
 def count_step(state, ok):
-  """Advances ``step`` and counts skipped (non-finite) steps."""
-  return dict(state, step=state["step"] + 1,
-              skipped=state["skipped"] + (1 - ok.astype(jnp.int32)))
+  """Advances ``step`` and counts skipped (non-finite) steps, in all and in a row."""
+  bad = 1 - ok.astype(jnp.int32)
+  return dict(state, step=state["step"] + 1, skipped=state["skipped"] + bad,
+              consecutive_skips=(state["consecutive_skips"] + 1) * bad)
 
 
 def updater(config, optim_config=None, ema: bool = False) -> Updater:

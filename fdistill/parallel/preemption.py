@@ -7,8 +7,11 @@ same step at which to save, so the collective checkpoint save cannot
 deadlock with half the hosts still training. Its C++ handler owns SIGTERM, so
 no Python handler is installed then.
 
-A single process without ``jax.distributed`` installs a Python SIGTERM handler
-that only sets a flag; the loop saves after the step in flight.
+A single process without ``jax.distributed`` installs a Python handler for
+the signals it is given (the loop: SIGTERM and SIGINT, i.e. Ctrl-C) that only
+sets a flag; the loop saves after the step in flight and exits. A second
+SIGINT aborts at once (KeyboardInterrupt), for a user who does not want to wait
+for the save. Multi-process runs leave SIGINT to its default.
 """
 import signal
 import threading
@@ -35,8 +38,10 @@ class PreemptionWatch:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("Received signal %d: saving a checkpoint after this step, then exiting",
-                    signum)
+    if self.notified and signum == signal.SIGINT:
+      raise KeyboardInterrupt("second Ctrl-C: aborting without the checkpoint")
+    logging.warning("Received signal %d: saving a checkpoint after this step, then exiting "
+                    "(Ctrl-C again aborts at once)", signum)
     self.notified = True
 
   def __enter__(self):

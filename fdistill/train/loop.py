@@ -8,6 +8,7 @@ event: save, then return). Which kind of step runs is decided on the host
 """
 import collections
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from fdistill import experiment
+from fdistill import errors, experiment
 from fdistill.diffusion import gmm as gmm_lib
 from fdistill.io import checkpoint
 from fdistill.io import writers
@@ -50,12 +51,35 @@ class MetricMeans:
 
 
 def init_or_restore(exp: experiment.Experiment, ckpt: checkpoint.Checkpointer, rng):
-  """Restores the latest checkpoint, else initialises the state directly sharded."""
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(checkpoint.with_shardings(exp.abstract_state, exp.state_shardings))
-    logging.info("Restored step %d from %s", meta["step"], ckpt.manager.directory)
-    return state
+  """Restores the newest intact checkpoint (corrupt ones are moved aside), else initialises
+  the state directly sharded."""
+  restored = ckpt.restore_intact(checkpoint.with_shardings(exp.abstract_state,
+                                                           exp.state_shardings))
+  if restored is not None:
+    logging.info("Restored step %d from %s", restored[1]["step"], ckpt.manager.directory)
+    return restored[0]
   return exp.init(rng, exp.teacher)
+
+
+def skip_counts(state, step, last_skipped):
+  """(skipped, in a row) from the state (one host sync); warns if updates were skipped since
+  the last check."""
+  skipped, consecutive = (int(x) for x in jax.device_get((state["skipped"],
+                                                          state["consecutive_skips"])))
+  if skipped > last_skipped:
+    logging.warning("%d non-finite updates skipped up to step %d (%d in a row)",
+                    skipped - last_skipped, step, consecutive)
+  return skipped, consecutive
+
+
+def stop_if_runaway(consecutive, step, max_consecutive):
+  """Stops a run whose last ``max_consecutive`` updates were all skipped (before any save)."""
+  if consecutive >= max_consecutive:
+    raise errors.NonFiniteRunError(
+        f"the last {consecutive} updates (to step {step}) were non-finite and skipped "
+        f"(train.max_consecutive_skips={max_consecutive}); nothing was saved after the last "
+        "good checkpoint. Likely causes: optim.lr too high, noise levels out of range "
+        "(objective sigma_min / sigma_max / p_mean / p_std), or model.dtype")
 
 
 def save(ckpt, exp, step, state, force=False):
@@ -65,7 +89,9 @@ def save(ckpt, exp, step, state, force=False):
 def train(config, workdir: str, mesh=None):
   """Runs ``config.train.num_steps`` steps of ``config.objective``; resumes from ``workdir``.
 
-  Returns (state, experiment, the last logged record).
+  Returns (state, experiment, the last logged record). Nothing is written before
+  the experiment is built (config checked, teacher and data found); SIGTERM and
+  Ctrl-C save after the step in flight (a second Ctrl-C aborts at once).
   """
   exp = experiment.build(config, mesh)
   tc = config.train
@@ -75,8 +101,9 @@ def train(config, workdir: str, mesh=None):
   init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
   state = init_or_restore(exp, ckpt, init_rng)
   start = int(jax.device_get(state["step"]))
+  skipped = int(jax.device_get(state["skipped"]))
 
-  writer = writers.make_writer(workdir)
+  writer = writers.make_writer(workdir, resume_step=start)
   hooks = []
   if mesh_lib.is_main_process():
     hooks.append(periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer,
@@ -86,7 +113,7 @@ def train(config, workdir: str, mesh=None):
 
   # Only logging steps sync with the host. A preemption notice saves after the
   # step in flight and leaves; a restart resumes from there.
-  with preemption.PreemptionWatch() as watch:
+  with preemption.PreemptionWatch((signal.SIGTERM, signal.SIGINT)) as watch:
     for step in range(start, tc.num_steps):
       kind = exp.schedule(step)
       state, metrics = exp.steps[kind](state, exp.teacher, exp.global_batch(next(batches)),
@@ -95,15 +122,21 @@ def train(config, workdir: str, mesh=None):
       done = step + 1
       for hook in hooks:
         hook(done)
-      if done % tc.log_every == 0 or done == tc.num_steps:
-        record = dict(means.flush(len(exp.steps) == 1),
-                      **{"train/skipped": int(jax.device_get(state["skipped"]))})
+      log = done % tc.log_every == 0 or done == tc.num_steps
+      periodic_save = done % tc.save_every == 0 or done == tc.num_steps
+      preempted = watch.reached(done)
+      if log or periodic_save or preempted:
+        skipped, consecutive = skip_counts(state, done, skipped)
+      if log:
+        record = dict(means.flush(len(exp.steps) == 1), **{"train/skipped": skipped})
         writer.write_scalars(done, record)
-      if watch.reached(done):
+      if log or periodic_save or preempted:
+        stop_if_runaway(consecutive, done, tc.max_consecutive_skips)
+      if preempted:
         save(ckpt, exp, done, state, force=True)
         logging.warning("Preempted: saved step %d to %s; exiting", done, ckpt.manager.directory)
         break
-      if done % tc.save_every == 0 or done == tc.num_steps:
+      if periodic_save:
         save(ckpt, exp, done, state)
       if tc.sample_every and done % tc.sample_every == 0:
         write_samples(exp.sampler, exp.export(state), jax.random.fold_in(sample_rng, done),
