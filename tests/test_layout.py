@@ -69,8 +69,8 @@ def test_imports_point_down_only():
 
 
 def test_no_import_cycles():
-  edges = {m: {t for t in imports if t in graph_modules} for m, imports in graph().items()
-           for graph_modules in [set(graph())]}
+  imports_of = graph()
+  edges = {m: {t for t in imports if t in imports_of} for m, imports in imports_of.items()}
   state = {}
 
   def visit(node, stack):
@@ -121,6 +121,6 @@ def test_no_defaults_shadow_the_base_config():
   bad = []
   for path in glob.glob(os.path.join(ROOT, "fdistill", "**", "*.py"), recursive=True):
     text = open(path).read()
-    bad += [f"{path}: config.{s}.get" for s in sections if f"config.{s}.get(" in text or
-            f"tc.get(" in text]
+    bad += [f"{path}: config.{s}.get" for s in sections if f"config.{s}.get(" in text]
+    bad += [f"{path}: tc.get" for _ in [0] if "tc.get(" in text]
   assert bad == []

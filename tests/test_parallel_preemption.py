@@ -11,6 +11,7 @@ import signal
 
 import jax
 import numpy as np
+import pytest
 
 from support import multiprocess as mp
 from support import runs
@@ -32,13 +33,15 @@ def in_process_train(config_path, workdir, num_steps):
   return mp.losses(workdir)
 
 
-def test_sigterm_saves_a_checkpoint_and_the_restart_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_and_the_restart_resumes_exactly(tmp_path, signum):
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) both save after the step in flight, exit 0."""
   config_path = mp.write_config(tmp_path)
   workdir = tmp_path / "run"
   proc = mp.start_main(mp.main_args(config_path, workdir, FOREVER, NO_PERIODIC_SAVES,
                                     *TWO_DEVICE_MESH), tmp_path / "run.log", devices=2)
   mp.wait_for_step(workdir, 3, [proc])
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   assert proc.wait(timeout=60) == 0, (tmp_path / "run.log").read_text()[-3000:]
   steps = mp.checkpoint_steps(workdir)
   assert len(steps) == 1 and 3 <= steps[0] < 1000, steps

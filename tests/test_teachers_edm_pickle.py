@@ -156,14 +156,16 @@ def test_teacher_registry_loads_edm_pickle(snapshot):
   config, net, path = snapshot("adm")
   run = ml_collections.ConfigDict(dict(teacher=dict(kind="edm_pickle", path=path),
                                        model=architectures.tiny_adm()))
-  apply_fn, params = teachers.load(run, ctx=None)
+  spec = teachers.spec(run, (32, 32, 3), 0)  # shapes come from the pickle
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = spec.load(jax.tree_util.tree_map(lambda _: device, spec.abstract))
   x, cond = _inputs(LABELS, seed=3)
-  d = jax.jit(apply_fn)(params, jnp.asarray(x.transpose(0, 2, 3, 1)), SIGMAS, cond)
+  d = jax.jit(spec.apply)(params, jnp.asarray(x.transpose(0, 2, 3, 1)), SIGMAS, cond)
   err = np.abs(np.asarray(d).transpose(0, 3, 1, 2) - _torch_out(net, x, cond)).max()
   assert err < TOL
   run.teacher.path = ""
   with pytest.raises(ValueError, match="teacher.path"):
-    teachers.load(run, ctx=None)
+    teachers.spec(run, (32, 32, 3), 0)
 
 
 def _globals(path):

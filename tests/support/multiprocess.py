@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 
 # A small toy DSM run; the mesh fields are set per test through --config.mesh.* flags.

@@ -1,0 +1,149 @@
+"""Nothing lost on a crash: corrupt checkpoints are detected, moved aside and the previous one
+used; kill -9 at random moments (inside saves too) and restarts end exactly where an
+uninterrupted run ends; the eval job skips checkpoints deleted under it."""
+import glob
+import os
+import random
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fdistill import errors, modes
+from fdistill.io import checkpoint
+from support import multiprocess as mp
+from support import runs, toy
+
+
+def config(steps):
+  c = toy.tiny_teacher_config(steps)
+  c.train.update(dict(save_every=10, log_every=5, keep_checkpoints=3))
+  return c
+
+
+def final_state(workdir, steps):
+  return jax.device_get(runs.restored_state(str(workdir), config(steps), step=steps)[0])
+
+
+def assert_same(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """(a 20-step run with checkpoints 10 and 20, the state of an uninterrupted 30-step run)."""
+  base = tmp_path_factory.mktemp("base")
+  modes.run(config(20), str(base), "train_teacher")
+  straight = tmp_path_factory.mktemp("straight")
+  modes.run(config(30), str(straight), "train_teacher")
+  return str(base), final_state(straight, 30)
+
+
+def truncate_data(step_dir):
+  """Every OCDBT data file cut to half (as a crash of the storage layer would leave it)."""
+  for path in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def flip_bytes(step_dir):
+  """16 bytes inverted in the middle of every OCDBT data file (a file can hold bytes no
+  restore reads, so one file alone may change nothing)."""
+  for path in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")):
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    open(path, "wb").write(bytes(data))
+
+
+def zero_files(step_dir):
+  for path in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True):
+    if os.path.isfile(path):
+      open(path, "wb").write(bytes(os.path.getsize(path)))
+
+
+def delete(name):
+  def corrupt(step_dir):
+    matches = glob.glob(os.path.join(step_dir, "**", name), recursive=True)
+    assert matches, name
+    for path in matches:
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  return corrupt
+
+
+CORRUPTIONS = {"truncate": truncate_data, "flip_16_bytes": flip_bytes, "zero": zero_files,
+               "no_state_dir": delete("state"), "no_meta": delete("meta"),
+               "no_metadata_file": delete("_METADATA"), "no_manifest": delete("manifest.ocdbt")}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_corrupt_latest_checkpoint_is_moved_aside_and_the_run_resumes(reference, tmp_path, name):
+  base, want = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  CORRUPTIONS[name](os.path.join(workdir, "checkpoints", "20"))
+  modes.run(config(30), workdir, "train_teacher")  # resumes from 10, redoes 11..20
+  aside = os.listdir(os.path.join(workdir, "checkpoints_corrupt"))
+  assert len(aside) == 1 and aside[0].startswith("20.")
+  assert_same(final_state(workdir, 30), want)
+
+
+def test_no_intact_checkpoint_stops_instead_of_starting_afresh(reference, tmp_path):
+  base, _ = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  for step in ("10", "20"):
+    flip_bytes(os.path.join(workdir, "checkpoints", step))
+  with pytest.raises(errors.CorruptCheckpointError, match="no intact checkpoint"):
+    modes.run(config(30), workdir, "train_teacher")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints_corrupt"))) != []
+  assert checkpoint.saved_steps(workdir) == []  # nothing new was written
+
+
+def test_kill_9_at_random_moments_then_restart_ends_as_an_uninterrupted_run(tmp_path):
+  """Four SIGKILLs at random times (saves every 2 steps, so several land inside a save),
+  restarts, and the final state equals a run that was never killed."""
+  config_path = mp.write_config(tmp_path)
+  args = lambda workdir: mp.main_args(config_path, workdir, "train.num_steps=40",
+                                      "mesh.fsdp=1")
+  rng = random.Random(0)
+  workdir = tmp_path / "killed"
+  for attempt in range(4):
+    proc = mp.start_main(args(workdir), tmp_path / f"run{attempt}.log", devices=1)
+    mp.wait_for_step(workdir, 1, [proc], timeout=180) if attempt == 0 else time.sleep(3)
+    time.sleep(rng.uniform(0.0, 1.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  proc = mp.start_main(args(workdir), tmp_path / "final.log", devices=1)
+  assert proc.wait(timeout=300) == 0, (tmp_path / "final.log").read_text()[-3000:]
+  reference = tmp_path / "reference"
+  proc = mp.start_main(args(reference), tmp_path / "reference.log", devices=1)
+  assert proc.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+  c = mp.load_config(config_path)
+  c.train.num_steps = 40
+  a = runs.restored_state(str(workdir), c, step=40)[0]
+  b = runs.restored_state(str(reference), c, step=40)[0]
+  assert_same(jax.device_get(a), jax.device_get(b))
+
+
+def test_eval_skips_a_checkpoint_deleted_while_it_reads(reference, tmp_path, monkeypatch):
+  base, _ = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  from fdistill.eval import job
+  real = job.evaluate_checkpoint
+
+  def deleting(config, workdir_, step, sampling=None):
+    if step == 10:  # the trainer's keep-last-N removes it under the reader
+      shutil.rmtree(os.path.join(workdir_, "checkpoints", "10"))
+    return real(config, workdir_, step, sampling)
+
+  monkeypatch.setattr(job, "evaluate_checkpoint", deleting)
+  c = config(20)
+  c.eval.update(num_samples=100, batch_size=100)
+  results = modes.run(c, workdir, "eval")
+  assert set(results) == {20}
