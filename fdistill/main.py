@@ -16,6 +16,8 @@ import os
 import sys
 import traceback
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no TensorFlow banner (before any import)
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -99,6 +101,9 @@ def parse_flags(argv):
 
 
 def main(argv):
+  if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+    from fdistill.io import console
+    console.quiet_libraries()  # the run's own lines only; --verbosity=0 shows library logs
   if len(argv) > 1:
     fatal(f"unexpected arguments {argv[1:]}; flags are --name=value")
   if _CONFIG.value is None:

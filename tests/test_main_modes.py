@@ -132,3 +132,34 @@ def test_distill_resume_sample_eval(tmp_path):
   results = modes.run(config, workdir, "eval")
   assert set(results) == {5, 7}
   assert 0 <= results[7]["eval/modes_covered"] <= 8 and "eval/log_density" in results[7]
+
+
+def test_console_output_of_a_toy_run_is_short(tmp_path):
+  """300 steps print a start line, progress lines, checkpoint lines and a summary: under 15
+  lines of stdout+stderr together, no library chatter; --verbosity=0 shows library logs."""
+  args = ["--config=configs/toy2d_teacher.py:gmm8", "--mode=train_teacher",
+          "--config.train.num_steps=300", "--config.train.save_every=150",
+          "--config.train.log_every=100"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run([sys.executable, "-m", "fdistill.main", *args,
+                        f"--workdir={tmp_path / 'quiet'}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=env)
+  lines = (out.stdout + out.stderr).splitlines()
+  assert out.returncode == 0 and len(lines) < 15, lines
+  text = "\n".join(lines)
+  assert "fdistill dsm: workdir" in text and "from scratch" in text
+  assert "step 300/300" in text and "steps/s" in text and "loss=" in text
+  assert "saved checkpoint 150" in text and "done: step 300" in text
+  assert "tensorflow" not in text.lower() and "orbax" not in text.lower()
+  loud = subprocess.run([sys.executable, "-m", "fdistill.main", *args, "--verbosity=0",
+                         f"--workdir={tmp_path / 'loud'}"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=env)
+  assert loud.returncode == 0 and len((loud.stdout + loud.stderr).splitlines()) > len(lines)
+
+
+def test_loop_and_writers_do_not_import_tensorflow():
+  code = ("import sys\nimport fdistill.train.loop, fdistill.eval.job\n"
+          "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\nprint('ok')")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

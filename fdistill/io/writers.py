@@ -1,4 +1,8 @@
-"""Metric writers: TensorBoard (clu) and a plain ``metrics.jsonl`` beside it, on process 0.
+"""Metric writers: TensorBoard event files and a plain ``metrics.jsonl``, on process 0.
+
+TensorBoard files are written with the ``tensorboard`` package's own event
+writer (protobuf only), so no run imports TensorFlow for its metrics (that
+import costs seconds; TensorFlow loads only for tfds datasets).
 
 ``metrics.jsonl`` is strict JSON, one object per logged step: a non-finite
 value is written as ``null`` and its name listed under ``"nonfinite"``. A
@@ -9,13 +13,34 @@ the run was restarted.
 import json
 import math
 import os
-
-from clu import metric_writers
+import time
 
 from fdistill.parallel import mesh as mesh_lib
 
 
-class JsonlWriter(metric_writers.interface.MetricWriter):
+class TensorBoardWriter:
+  """Scalars as TensorBoard events (``events.out.tfevents.*`` under ``logdir``)."""
+
+  def __init__(self, logdir):
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    os.makedirs(logdir, exist_ok=True)
+    self._writer = EventFileWriter(logdir)
+
+  def write_scalars(self, step, scalars):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    values = [summary_pb2.Summary.Value(tag=name, simple_value=float(value))
+              for name, value in scalars.items()]
+    self._writer.add_event(event_pb2.Event(step=int(step), wall_time=time.time(),
+                                           summary=summary_pb2.Summary(value=values)))
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+class JsonlWriter:
   """Plain ``metrics.jsonl`` log beside the TensorBoard files (one JSON object per write)."""
 
   def __init__(self, path, resume_step=None):
@@ -39,32 +64,30 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
     with open(self._path, "a") as f:
       f.write(json.dumps(row, allow_nan=False) + "\n")
 
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
-
   def flush(self):
     pass
 
   def close(self):
     pass
+
+
+class MultiWriter:
+  """Writes every record to each of ``writers`` (none on processes other than 0)."""
+
+  def __init__(self, writers):
+    self._writers = list(writers)
+
+  def write_scalars(self, step, scalars):
+    for writer in self._writers:
+      writer.write_scalars(step, scalars)
+
+  def flush(self):
+    for writer in self._writers:
+      writer.flush()
+
+  def close(self):
+    for writer in self._writers:
+      writer.close()
 
 
 def drop_rows_after(path, step):
@@ -85,11 +108,9 @@ def drop_rows_after(path, step):
 
 
 def make_writer(workdir, resume_step=None):
-  """TensorBoard + JSONL on process 0, logging only elsewhere; ``resume_step``: the step this
-  run continues from (rows logged after it by an earlier attempt are dropped)."""
+  """TensorBoard + JSONL on process 0, nothing elsewhere; ``resume_step``: the step this run
+  continues from (rows logged after it by an earlier attempt are dropped)."""
   if not mesh_lib.is_main_process():
-    return metric_writers.LoggingWriter()
-  return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step),
-  ])
+    return MultiWriter([])
+  return MultiWriter([TensorBoardWriter(workdir),
+                      JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step)])

@@ -9,16 +9,17 @@ event: save, then return). Which kind of step runs is decided on the host
 import collections
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import periodic_actions
 
 from fdistill import errors, experiment
 from fdistill.diffusion import gmm as gmm_lib
 from fdistill.io import checkpoint
+from fdistill.io import console as console_lib
 from fdistill.io import writers
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.parallel import preemption
@@ -104,10 +105,11 @@ def train(config, workdir: str, mesh=None):
   skipped = int(jax.device_get(state["skipped"]))
 
   writer = writers.make_writer(workdir, resume_step=start)
-  hooks = []
-  if mesh_lib.is_main_process():
-    hooks.append(periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer,
-                                                 every_steps=tc.log_every))
+  console = console_lib.Console(tc.num_steps, start)
+  console.line(f"fdistill {config.objective.name}: workdir {workdir}, {jax.device_count()} "
+               f"{jax.devices()[0].platform} devices (mesh {dict(exp.mesh.shape)}), "
+               + (f"resumed from step {start}" if start else "from scratch")
+               + f", {tc.num_steps} steps")
   batches = exp.dataset.iterator(tc.batch_size, start, jax.process_index(), jax.process_count())
   means, record = MetricMeans(), {}
 
@@ -120,8 +122,6 @@ def train(config, workdir: str, mesh=None):
                                        jax.random.fold_in(train_rng, step))
       means.add(kind, metrics)
       done = step + 1
-      for hook in hooks:
-        hook(done)
       log = done % tc.log_every == 0 or done == tc.num_steps
       periodic_save = done % tc.save_every == 0 or done == tc.num_steps
       preempted = watch.reached(done)
@@ -130,20 +130,26 @@ def train(config, workdir: str, mesh=None):
       if log:
         record = dict(means.flush(len(exp.steps) == 1), **{"train/skipped": skipped})
         writer.write_scalars(done, record)
+      console.progress(done, record if log else None, force=done == tc.num_steps)
       if log or periodic_save or preempted:
         stop_if_runaway(consecutive, done, tc.max_consecutive_skips)
       if preempted:
         save(ckpt, exp, done, state, force=True)
+        console.line(f"Preempted: saved step {done} to {ckpt.manager.directory}; exiting")
         logging.warning("Preempted: saved step %d to %s; exiting", done, ckpt.manager.directory)
         break
       if periodic_save:
         save(ckpt, exp, done, state)
+        console.line(f"saved checkpoint {done} in {ckpt.manager.directory}")
       if tc.sample_every and done % tc.sample_every == 0:
         write_samples(exp.sampler, exp.export(state), jax.random.fold_in(sample_rng, done),
                       config, os.path.join(workdir, f"samples_{done:07d}.png"))
   ckpt.wait()
   ckpt.close()
   writer.flush()
+  elapsed = time.monotonic() - console.started
+  console.line(f"done: step {int(jax.device_get(state['step']))} in {elapsed:.0f} s; "
+               f"{console_lib.summary_values(record, limit=8)}".rstrip("; "))
   return state, exp, record
 
 

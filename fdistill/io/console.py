@@ -1,0 +1,86 @@
+"""What a person sees at the terminal: a start line, a progress line, checkpoint lines, a summary.
+
+Process 0 only. On a terminal the progress line is rewritten in place every
+``every_seconds``; elsewhere (files, CI, multi-process logs) it is printed as
+plain lines at the same interval. Library logs (orbax, absl, TensorFlow, XLA)
+are kept at WARNING by ``quiet_libraries`` unless ``--verbosity`` asks for more.
+"""
+import logging
+import os
+import sys
+import time
+
+from fdistill.parallel import mesh as mesh_lib
+
+LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jaxlib", "tensorflow", "tensorstore", "etils",
+                   "tensorflow_datasets", "matplotlib")
+
+
+def quiet_libraries(level=logging.WARNING):
+  """Third-party loggers at ``level``; TensorFlow's C++ banner off (before TF is imported)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  for name in LIBRARY_LOGGERS:
+    logging.getLogger(name).setLevel(level)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING if level >= logging.WARNING else
+                             absl_logging.INFO)
+
+
+def _format_eta(seconds):
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def summary_values(record, limit=4):
+  """The main losses of a metric record as ``name=value`` (short names, at most ``limit``)."""
+  losses = [(k, v) for k, v in record.items() if k.endswith("loss") and v is not None]
+  return "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in losses[:limit])
+
+
+class Console:
+  """Prints the run's lines on process 0 (``stream`` defaults to stdout)."""
+
+  def __init__(self, total_steps, start_step, every_seconds=10.0, stream=None):
+    self.stream = stream or sys.stdout
+    self.enabled = mesh_lib.is_main_process()
+    self.in_place = self.enabled and self.stream.isatty() and jax_process_count() == 1
+    self.total, self.start = total_steps, start_step
+    self.every = every_seconds
+    self.started = self.last_print = time.monotonic()
+    self.record = {}
+    self._dirty = False
+
+  def line(self, text):
+    """A full line (ends an in-place progress line first)."""
+    if not self.enabled:
+      return
+    if self._dirty:
+      self.stream.write("\n")
+      self._dirty = False
+    self.stream.write(text + "\n")
+    self.stream.flush()
+
+  def progress(self, step, record=None, force=False):
+    """The progress line for ``step`` when ``every_seconds`` have passed (or ``force``)."""
+    if record:
+      self.record = record
+    now = time.monotonic()
+    if not self.enabled or not (force or now - self.last_print >= self.every):
+      return
+    self.last_print = now
+    done = step - self.start
+    rate = done / max(now - self.started, 1e-9)
+    eta = _format_eta((self.total - step) / rate) if rate > 0 else "?"
+    text = (f"step {step}/{self.total}  {rate:.1f} steps/s  ETA {eta}  "
+            f"{summary_values(self.record)}").rstrip()
+    if self.in_place:
+      self.stream.write("\r\033[K" + text)
+      self._dirty = True
+    else:
+      self.stream.write(text + "\n")
+    self.stream.flush()
+
+
+def jax_process_count():
+  import jax
+  return jax.process_count()
