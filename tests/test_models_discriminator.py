@@ -101,3 +101,14 @@ def test_feature_heads_need_a_network_teacher():
 def test_unknown_discriminator_lists_valid_names():
   with pytest.raises(ValueError, match="mlp.*unet_heads"):
     disc_lib.build(ml_collections.ConfigDict({"name": "patchgan"}), (2,))
+
+
+def test_mlp_discriminator_accepts_images():
+  """The default discriminator on an image config gives one logit per image (it used to fail
+  with a broadcasting error)."""
+  disc = disc_lib.build(ml_collections.ConfigDict({"name": "mlp", "hidden": (16,)}), (8, 8, 3))
+  params = disc.init(jax.random.key(0))
+  logits = disc.apply(params, jnp.ones((5, 8, 8, 3)), jnp.full((5,), 0.7))
+  assert logits.shape == (5, 1) and bool(jnp.all(jnp.isfinite(logits)))
+  other = disc.apply(params, -jnp.ones((5, 8, 8, 3)), jnp.full((5,), 0.7))
+  assert not np.allclose(logits, other)

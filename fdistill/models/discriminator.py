@@ -28,8 +28,9 @@ from fdistill.registry import lookup
 
 
 class MLPDiscriminator(nn.Module):
-  """Logit of (x_t, sigma): preconditioned input ``x_t / sqrt(sigma^2 + sd^2)`` and Fourier
-  features of ``log(sigma) / 4`` added to every hidden layer (as in ``ScoreMLP``)."""
+  """Logit of (x_t, sigma): preconditioned input ``x_t / sqrt(sigma^2 + sd^2)`` (flattened,
+  so images work too: a small baseline for tiny image runs) and Fourier features of
+  ``log(sigma) / 4`` added to every hidden layer (as in ``ScoreMLP``)."""
   hidden: Sequence[int] = (128, 128, 128)
   emb_dim: int = 64
   sigma_data: float = 0.5
@@ -37,7 +38,7 @@ class MLPDiscriminator(nn.Module):
   @nn.compact
   def __call__(self, x_t, sigma):
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x_t.shape[:1])
-    h = x_t / jnp.sqrt(sigma**2 + self.sigma_data**2)[:, None]
+    h = x_t.reshape(x_t.shape[0], -1) / jnp.sqrt(sigma**2 + self.sigma_data**2)[:, None]
     emb = nn.silu(nn.Dense(self.emb_dim)(layers.FourierEmbedding(self.emb_dim)(jnp.log(sigma) / 4)))
     for width in self.hidden:
       h = nn.silu(nn.Dense(width)(h) + nn.Dense(width)(emb))
