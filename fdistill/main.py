@@ -31,6 +31,10 @@ _MODE = flags.DEFINE_string("mode", "train_teacher", f"What to run: {' | '.join(
 _NUM = flags.DEFINE_integer("num_samples", 0, "sample mode: how many (0 = eval.num_plot_samples).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 0, "sample / eval: sampler steps (0 = "
                                   "eval.sampler_steps; few-step generators take 1..4).")
+_CACHE = flags.DEFINE_string(
+    "compile_cache", "", "Persistent XLA compilation cache directory, so a restarted run "
+    "reuses its compiled steps: default $JAX_COMPILATION_CACHE_DIR, else <workdir>/compile_cache; "
+    "'none' turns it off. On pods use a shared filesystem or bucket path.")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the traceback of user errors too "
                                "(also FDISTILL_TRACEBACK=1).")
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -100,6 +104,17 @@ def parse_flags(argv):
     fatal(message, argv)
 
 
+def enable_compile_cache(flag_value, workdir):
+  """Turns JAX's persistent compilation cache on (before anything compiles); returns the dir."""
+  import jax
+  path = flag_value or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+      workdir, "compile_cache")
+  if path == "none":
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
 def main(argv):
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
     from fdistill.io import console
@@ -113,6 +128,7 @@ def main(argv):
   if _MODE.value not in MODES:
     fatal(f"--mode={_MODE.value!r}; valid values: {', '.join(MODES)}")
   from fdistill.parallel import mesh as mesh_lib
+  enable_compile_cache(_CACHE.value, _WORKDIR.value)
   try:
     mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
                                           _NUM_PROCESSES.value, _PROCESS_ID.value)

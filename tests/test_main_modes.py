@@ -163,3 +163,26 @@ def test_loop_and_writers_do_not_import_tensorflow():
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_restarted_run_compiles_nothing_new(tmp_path):
+  """The CLI's persistent compilation cache: the first run fills <workdir>/compile_cache; a
+  restart (same programs, same shardings) adds no entry for the step, init or sampler
+  programs, i.e. they are cache hits (only the restore's integrity check is new)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  workdir = tmp_path / "run"
+  cache = workdir / "compile_cache"
+  run = lambda steps: subprocess.run(
+      [sys.executable, "-m", "fdistill.main", "--config=configs/toy2d_teacher.py:gmm8",
+       "--mode=train_teacher", f"--config.train.num_steps={steps}",
+       "--config.train.save_every=10", "--config.model.hidden=(32,)", f"--workdir={workdir}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert run(10).returncode == 0
+  first = set(os.listdir(cache))
+  out = run(20)
+  assert out.returncode == 0 and "resumed from step 10" in out.stdout, out.stdout + out.stderr
+  new = set(os.listdir(cache)) - first
+  assert all(name.startswith(("jit__all_finite", "jit__digests")) for name in new), new
+  assert any(name.startswith("jit_step") for name in first), sorted(first)
