@@ -1,7 +1,9 @@
-"""The 2-D divergence study: f-distill of the exact 25-mode GMM teacher, every divergence.
+"""The 2-D study: one-step distillation of the exact 25-mode GMM teacher, every method.
 
-  python benchmarks/toy2d_divergences.py                       # full study (CPU, minutes)
+  python benchmarks/toy2d_divergences.py                       # f-distill, every divergence
   python benchmarks/toy2d_divergences.py --steps=500 --seeds=1 --divergences=reverse_kl,js
+  python benchmarks/toy2d_divergences.py --config=toy2d_uni_instruct \
+      --divergences=forward_kl,reverse_kl,js,sid,sim_huber,dmd,dmd2   # the Uni-Instruct family
 
 For each divergence and seed: distil the analytic (exact) teacher of
 ``configs/toy2d_fdistill.py:<divergence>,teacher=analytic`` into a one-step MLP
@@ -17,6 +19,7 @@ Each divergence compiles once: the step is scanned over chunks of 250 steps
 (``--steps`` is rounded up to a multiple) and the seeds reuse the compiled scan.
 """
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -26,7 +29,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import toy2d_fdistill  # noqa: E402
 from fdistill import objectives  # noqa: E402
 from fdistill import teachers  # noqa: E402
 from fdistill.io import plotting  # noqa: E402
@@ -38,10 +40,14 @@ DEFAULT_DIVERGENCES = ("reverse_kl", "softened_rkl", "js", "squared_hellinger", 
                        "jeffreys", "alpha")
 
 
-def make_objective(divergence, steps, overrides=None, teacher_dir=""):
-  """(config, objective, teacher params, gmm): the exact teacher, or a DSM teacher run's."""
+def make_objective(divergence, steps, overrides=None, teacher_dir="", config_name="toy2d_fdistill"):
+  """(config, objective, teacher params, gmm): the exact teacher, or a DSM teacher run's.
+
+  ``config_name``: the configs/ module whose variant is ``divergence`` (a method name for
+  ``toy2d_uni_instruct``)."""
   teacher = f"teacher_dir={teacher_dir}" if teacher_dir else "teacher=analytic"
-  config = toy2d_fdistill.get_config(f"{divergence},{teacher},steps={steps}")
+  module = importlib.import_module(f"configs.{config_name}")
+  config = module.get_config(f"{divergence},{teacher},steps={steps}")
   for key, value in (overrides or {}).items():
     section, field = key.split(".", 1)
     config[section][field] = value
@@ -53,9 +59,11 @@ def make_objective(divergence, steps, overrides=None, teacher_dir=""):
   return config, objectives.build(config, task), params, gmm
 
 
-def distill(divergence, seeds, steps, num_samples, chunk=250, overrides=None, teacher_dir=""):
+def distill(divergence, seeds, steps, num_samples, chunk=250, overrides=None, teacher_dir="",
+            config_name="toy2d_fdistill"):
   """Samples [len(seeds), num_samples, 2] of each seed's EMA generator after ``steps`` steps."""
-  config, objective, teacher, gmm = make_objective(divergence, steps, overrides, teacher_dir)
+  config, objective, teacher, gmm = make_objective(divergence, steps, overrides, teacher_dir,
+                                                   config_name)
   batch_size = config.train.batch_size
   warmup, period = min(config.objective.warmup_critic_steps, steps), config.objective.gen_every
   # The schedule is critic-only for ``warmup`` steps, then periodic: one scan iteration runs
@@ -129,6 +137,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=6000)
   parser.add_argument("--num_samples", type=int, default=5000)
   parser.add_argument("--out", default="runs/toy2d_divergences")
+  parser.add_argument("--config", default="toy2d_fdistill",
+                      help="configs/ module whose variants --divergences names")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   rows, panels, gmm = {}, {}, None
@@ -136,7 +146,7 @@ def main(argv=None):
     start = time.time()
     overrides = {"objective.alpha": args.alpha} if name == "alpha" else None
     samples, gmm = distill(name, list(range(args.seeds)), args.steps, args.num_samples,
-                           overrides=overrides)
+                           overrides=overrides, config_name=args.config)
     label = f"alpha ({args.alpha:g})" if name == "alpha" else name
     rows[label] = summarise(samples, gmm)
     panels[label] = samples[0]

@@ -34,7 +34,13 @@ def base_config():
   c.eval = ml_collections.ConfigDict({
       "num_samples": 5000, "sampler_steps": 18, "num_plot_samples": 64, "batch_size": 1000,
       "poll_seconds": 60.0, "timeout_seconds": 0.0,
-      "metric": ""})  # metric: "" = toy for toy2d data, else fid
+      # metric: "" = toy for toy2d, digits_fd for digits / mnist5k, fid otherwise (docs/fid.md).
+      # step: -1 = poll the workdir; N = evaluate only checkpoint N, once, and return.
+      # inception_path: the converted Inception .npz ("" = $FDISTILL_INCEPTION).
+      # fid_ref: EDM-format reference statistics (.npz with mu, sigma; "" = not set).
+      # digits_classifier_path: digits_fd's cached classifier ("" = the default under ~/.cache).
+      "metric": "", "step": -1, "inception_path": "", "fid_ref": "",
+      "digits_classifier_path": ""})
   # data/fsdp/tensor: mesh axis sizes within a slice (-1 = the remaining devices); dcn_*: the
   # same axes across slices of a multi-slice pod (their product = number of slices).
   # rules: [(regex, spec tuple)] matched first; other leaves of at least fsdp_min_size

@@ -1,0 +1,26 @@
+"""The score-distillation family on the digits teacher (16x16 digits, one-step U-Net).
+
+  python -m fdistill.main --config=configs/digits_teacher.py --workdir=runs/digits_teacher --mode=train_teacher
+  python -m fdistill.main --config=configs/digits_uni_instruct.py:forward_kl --workdir=runs/digits_ui --mode=distill
+
+Variant = the method of ``configs/toy2d_uni_instruct.py`` (Uni-Instruct divergences, sid,
+sid_half, sim_l2, sim_huber, dmd, dmd2); other keys as ``digits_fdistill.py``. The recipe is
+``digits_fdistill.py``'s (the teacher's lognormal noise levels, U-Net feature heads as the
+discriminator) with SiD's one fake-score update per generator update.
+"""
+from configs import common
+from configs import digits_fdistill
+from configs import toy2d_uni_instruct
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, variant="forward_kl", teacher_dir="runs/digits_teacher", steps=2000,
+                       resolution=16, conditional=False)
+  c = digits_fdistill.get_config(f"js,teacher_dir={a.teacher_dir},steps={a.steps},"
+                                 f"resolution={a.resolution},conditional={a.conditional}")
+  base = c.objective
+  c.objective = toy2d_uni_instruct.method_objective(
+      a.variant, sigma_dist="lognormal", p_mean=base.p_mean, p_std=base.p_std,
+      fake_loss_weight="edm", discriminator=dict(base.discriminator),
+      fake_optim=dict(base.fake_optim), disc_optim=dict(base.disc_optim))
+  return c
