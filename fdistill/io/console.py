@@ -12,6 +12,8 @@ import time
 
 from fdistill.parallel import mesh as mesh_lib
 
+ENABLED = True  # the demo turns the runs' own lines off (it prints one line per stage)
+
 LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jaxlib", "tensorflow", "tensorstore", "etils",
                    "tensorflow_datasets", "matplotlib")
 
@@ -42,7 +44,7 @@ class Console:
 
   def __init__(self, total_steps, start_step, every_seconds=10.0, stream=None):
     self.stream = stream or sys.stdout
-    self.enabled = mesh_lib.is_main_process()
+    self.enabled = ENABLED and mesh_lib.is_main_process()
     self.in_place = self.enabled and self.stream.isatty() and jax_process_count() == 1
     self.total, self.start = total_steps, start_step
     self.every = every_seconds
