@@ -138,14 +138,22 @@ def _store_tile(ref, start, value, rows, cols):
   plgpu.store(view, value.astype(ref.dtype), mask=mask)
 
 
+def _precision(a):
+  """HIGHEST for fp32 operands: Triton's default lowers fp32 dots to TF32, which measured a
+  2.6e-4 relative error of the tangent on an H200 (bf16 / fp16 operands are unaffected)."""
+  return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+
+
 def _dot(a, b):
   """a @ b with fp32 accumulation (full fp32 for fp32 inputs, not TF32)."""
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a),
+                         preferred_element_type=jnp.float32)
 
 
 def _dot_nt(a, b):
-  """a @ b.T with fp32 accumulation."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  """a @ b.T with fp32 accumulation (full fp32 for fp32 inputs, not TF32)."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a),
+                         preferred_element_type=jnp.float32)
 
 
 def _key_validity(mask_ref, start, block_k: int, skv: int):
