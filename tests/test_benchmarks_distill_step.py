@@ -1,0 +1,73 @@
+"""benchmarks/distill_step.py: its rows are complete and its FLOP counts are per step.
+
+One row of the smallest setting (--small DiT, batch 8, the f-distill generator
+step) through ``main`` in its default mode, a fresh process per row (the mode
+the GPU run uses). The forward-equivalents bound [1, 20] is the check that
+step and forward FLOPs are counted on the same batch: the negative control
+divides by the forward of ONE example instead, which must break it.
+"""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = ("net", "params_M", "objective", "kind", "batch", "dtype", "status", "step_ms",
+          "images_per_s", "peak_bytes", "peak_source", "xla_bytes", "gflops", "gflops_lowered",
+          "forward_gflops", "forward_equivalents", "compile_s", "device")
+BOUNDS = (1.0, 20.0)  # network forwards per generator step: 1 G forward + backward alone is 3
+
+
+def _script():
+  spec = importlib.util.spec_from_file_location(
+      "distill_step", os.path.join(ROOT, "benchmarks", "distill_step.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _within(value):
+  return BOUNDS[0] <= value <= BOUNDS[1]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+  out = tmp_path_factory.mktemp("distill_step") / "rows.json"
+  cache = os.environ.get("FDISTILL_TEST_JAX_CACHE", "/tmp/fdistill_test_jax_cache")
+  returned = _script().main(["--small", "--nets=dit", "--objectives=fdistill",
+                             "--kinds=generator", "--batches=8", "--dtypes=float32",
+                             "--steps=1", "--warmup=0", f"--cache_dir={cache}", f"--out={out}"])
+  with open(out) as f:
+    written = json.load(f)
+  return returned, written
+
+
+def test_rows_are_complete_and_written(result):
+  returned, written = result
+  assert written["rows"] == returned["rows"]
+  (row,) = written["rows"]
+  assert row["status"] == "ok", row["status"]
+  missing = [f for f in FIELDS if f not in row]
+  assert not missing, missing
+  assert (row["net"], row["objective"], row["kind"], row["batch"]) == ("dit", "fdistill",
+                                                                        "generator", 8)
+  assert row["gflops"] > 0 and row["forward_gflops"] > 0 and row["gflops_lowered"] > 0
+  assert row["step_ms"] > 0 and row["images_per_s"] == pytest.approx(8e3 / row["step_ms"])
+  assert row["peak_bytes"] > 0
+
+
+def test_forward_equivalents_bounded_and_the_bound_can_fail(result):
+  (row,) = result[1]["rows"]
+  assert row["forward_equivalents"] == pytest.approx(row["gflops"] / row["forward_gflops"])
+  assert _within(row["forward_equivalents"]), row["forward_equivalents"]
+  # Negative control: step FLOPs over one example's forward (the mix-up the bound guards
+  # against) lands outside it, so a per-example / per-batch error cannot pass unseen.
+  script = _script()
+  config, x_shape, cond_dim = script.make_config(dict(
+      net="dit", objective="fdistill", kind="generator", batch=8, dtype="float32", small=True,
+      dit_size="B", attn_impl=""))
+  teacher, _ = script.random_teacher(config, x_shape, cond_dim)
+  one = script.forward_flops(teacher, 1, x_shape, cond_dim)
+  assert one > 0
+  assert not _within(row["gflops"] * 1e9 / one), row["gflops"] * 1e9 / one
