@@ -21,6 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no TensorFlow banner (befo
 from absl import app, flags
 from ml_collections import config_flags
 
+from fdistill.configfile import load_config_file
 from fdistill.errors import USER_ERRORS
 from fdistill.modes import MODES, run
 
@@ -60,19 +61,6 @@ def fatal(message: str, argv=()):
   first = " ".join(str(message).split())  # one line, whatever the exception held
   print(f"FATAL: {first}", file=sys.stderr, flush=True)
   sys.exit(2)
-
-
-def load_config_file(spec):
-  """``path[:arg]`` -> ``get_config(arg)`` of that file (what --config does)."""
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config={spec}: no such file {path!r} (paths are relative to "
-                            f"the repository root, e.g. configs/toy2d_teacher.py)")
-  module_spec = importlib.util.spec_from_file_location("_fdistill_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 def unknown_override(config, override):

@@ -189,6 +189,16 @@ def test_fid_needs_weights_and_reference_one_line_each(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "run" / "eval")  # failed before writing anything
 
 
+def test_sample_mode_writes_an_image_grid(run_dir):
+  """--mode=sample on the digits U-Net run: a PNG grid and the samples as .npy (the image path
+  of the CLI modes; the toy path is tests/test_main_modes.py)."""
+  config = tiny_config()
+  config.eval.num_plot_samples = 4
+  png = modes.run(config, run_dir, "sample")
+  assert os.path.getsize(png) > 100
+  assert np.load(png.replace(".png", ".npy")).shape == (4, 8, 8, 1)
+
+
 def test_sample_batches_cycle_class_labels():
   calls = []
 

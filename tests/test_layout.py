@@ -3,7 +3,7 @@
 Layers (docs/design.md section 2), lowest first. A module may import modules of
 its own package and of lower layers only:
 
-  0 registry, errors
+  0 registry, errors, configfile
   1 diffusion, ops, parallel           pure math, kernels, mesh and partition rules
   2 models, optim, io, data            networks; update helpers; checkpoints, readers,
                                         writers, plots; datasets
@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = {"registry": 0, "errors": 0, "diffusion": 1, "ops": 1, "parallel": 1, "models": 2, "optim": 2,
+LAYERS = {"registry": 0, "errors": 0, "configfile": 0, "diffusion": 1, "ops": 1, "parallel": 1, "models": 2, "optim": 2,
           "io": 2, "data": 2, "objectives": 3, "teachers": 3, "experiment": 4, "train": 5,
           "eval": 5, "modes": 6, "main": 7, "demo": 7}
 
@@ -100,7 +100,7 @@ def test_parsing_every_config_imports_no_kernel_module():
   """Loading every config and variant (as --config does) imports nothing of fdistill/ops."""
   code = (
       "import glob, sys\n"
-      "from fdistill.main import load_config_file\n"
+      "from fdistill.configfile import load_config_file\n"
       "for path in sorted(glob.glob('configs/*_*.py')):\n"
       "  if path.endswith(('__init__.py', 'common.py', 'architectures.py')):\n"
       "    continue\n"

@@ -100,19 +100,6 @@ def test_toy_modes_smoke(tmp_path):
   assert modes.run(config, workdir, "eval") == results
 
 
-def test_digits_teacher_modes_smoke(tmp_path):
-  """The image path end to end on the shipped digits: U-Net teacher, PNG sample grid."""
-  from configs import digits_teacher
-  config = digits_teacher.get_config("resolution=8")
-  config.model.update(dict(model_channels=8, channel_mult=(1, 2), attn_resolutions=(4,)))
-  config.train.update(dict(batch_size=8, num_steps=2, save_every=2, log_every=1, sample_every=0))
-  config.eval.update(dict(sampler_steps=2, num_plot_samples=4))
-  modes.run(config, str(tmp_path), "train_teacher")
-  png = modes.run(config, str(tmp_path), "sample")
-  assert os.path.getsize(png) > 100
-  assert np.load(png.replace(".png", ".npy")).shape == (4, 8, 8, 1)
-
-
 def test_distill_resume_sample_eval(tmp_path):
   workdir = str(tmp_path / "run")
   config = toy.tiny_fdistill_config()

@@ -19,26 +19,31 @@ images of the dataset's seeded epoch order are used. ``--config.data.data_dir=``
 and other overrides work as in ``fdistill.main``. The file is written
 atomically (``mu`` float64 [2048], ``sigma`` float64 [2048, 2048]).
 """
+import argparse
 import itertools
 import sys
 import time
 
 import jax
 import ml_collections
-import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from fdistill import data
+from fdistill.configfile import load_config_file
 from fdistill.errors import USER_ERRORS
 from fdistill.eval import fid
 from fdistill.eval import job
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
-                                          lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "Output .npz (EDM's fid-refs layout: mu, sigma).")
-_NUM = flags.DEFINE_integer("num", 50_000, "Images to use (0 = the whole dataset).")
-_BATCH = flags.DEFINE_integer("batch_size", 500, "Images decoded per batch.")
+
+def parse_args(argv=None):
+  """argparse, not absl flags: this module is imported by tests and the eval job's process, where
+  absl's global --config flag of fdistill.main may already be defined."""
+  p = argparse.ArgumentParser(description="Reference FID statistics of a config's dataset.")
+  p.add_argument("--config", required=True, help="Config file (path[:variant]).")
+  p.add_argument("--out", required=True, help="Output .npz (EDM's fid-refs layout: mu, sigma).")
+  p.add_argument("--num", type=int, default=50_000, help="Images to use (0 = the whole dataset).")
+  p.add_argument("--batch_size", type=int, default=500, help="Images decoded per batch.")
+  return p.parse_args(argv)
 
 
 def dataset_of(config):
@@ -75,25 +80,23 @@ def reference_stats(config, num: int = 50_000, batch_size: int = 500, detector=N
   return stats
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value")
-  if _CONFIG.value is None or not _OUT.value:
-    raise app.UsageError("--config and --out are required")
+def main(argv=None):
+  args = parse_args(argv)
   try:
     start = time.time()
+    config = load_config_file(args.config)
     devices = jax.device_count()  # the detector's batch split over all devices (one process)
     mesh = jax.make_mesh((devices,), ("batch",)) if devices > 1 else None
-    stats = reference_stats(_CONFIG.value, _NUM.value, _BATCH.value, mesh=mesh)
+    stats = reference_stats(config, args.num, args.batch_size, mesh=mesh)
     mu, sigma = stats.mean_cov()
-    fid.save_reference(_OUT.value, mu, sigma)
+    fid.save_reference(args.out, mu, sigma)
   except USER_ERRORS as e:
     print(f"FATAL: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     sys.exit(2)
   logging.info("ref_stats took %.0f s", time.time() - start)
-  print(f"wrote {_OUT.value}: mu {mu.shape}, sigma {sigma.shape} (float64) from {stats.count} "
-        f"images of data.name={_CONFIG.value.data.name!r}")
+  print(f"wrote {args.out}: mu {mu.shape}, sigma {sigma.shape} (float64) from {stats.count} "
+        f"images of data.name={config.data.name!r}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

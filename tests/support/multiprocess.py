@@ -35,7 +35,7 @@ def write_config(directory):
 
 
 def load_config(path):
-  from fdistill.main import load_config_file
+  from fdistill.configfile import load_config_file
   return load_config_file(path)
 
 

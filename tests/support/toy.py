@@ -16,6 +16,7 @@ def tiny_teacher_config(steps=20):
   """DSM on gmm8 with a small MLP; saves and logs every 10 steps."""
   c = toy2d_teacher.get_config("gmm8")
   c.model.hidden = (32, 32)
+  c.model.input_fourier = 0  # the plain MLP the tests' measurements were made with
   c.train.update(dict(batch_size=64, num_steps=steps, save_every=10, log_every=10))
   c.eval.update(dict(num_samples=200, batch_size=100, sampler_steps=4, num_plot_samples=50,
                      timeout_seconds=0.0))
@@ -25,7 +26,7 @@ def tiny_teacher_config(steps=20):
 def tiny_fdistill_config(arg="js,teacher=analytic", **objective):
   """f-distill on gmm8 with one-hidden-layer networks; generator on every 3rd step."""
   c = toy2d_fdistill.get_config(arg + ",distribution=gmm8,steps=8")
-  c.model.hidden, c.model.emb_dim = (32,), 16
+  c.model.hidden, c.model.emb_dim, c.model.input_fourier = (32,), 16, 0
   c.objective.discriminator.update(hidden=(16,), emb_dim=16)
   c.objective.update(dict(dict(warmup_critic_steps=0, gen_every=3), **objective))
   c.train.batch_size = BATCH
