@@ -43,17 +43,27 @@ def reference(tmp_path_factory):
   return str(base), final_state(straight, 30)
 
 
+def _data_files(step_dir):
+  """The array-data files of the ``state`` item. Orbax's OCDBT writes them per process
+  (``ocdbt.process_*/d``) and may merge them into ``state/d``; which set a restore reads
+  depends on that merge, so a corruption hits both."""
+  files = (glob.glob(os.path.join(step_dir, "state", "d", "*")) +
+           glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")))
+  assert files, os.listdir(os.path.join(step_dir, "state"))
+  return files
+
+
 def truncate_data(step_dir):
-  """Every OCDBT data file cut to half (as a crash of the storage layer would leave it)."""
-  for path in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")):
+  """Every data file cut to half (as a crash of the storage layer would leave it)."""
+  for path in _data_files(step_dir):
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
 
 
 def flip_bytes(step_dir):
-  """16 bytes inverted in the middle of every OCDBT data file (a file can hold bytes no
-  restore reads, so one file alone may change nothing)."""
-  for path in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")):
+  """16 bytes inverted in the middle of every data file (a file can hold bytes no restore
+  reads, so one file alone may change nothing)."""
+  for path in _data_files(step_dir):
     data = bytearray(open(path, "rb").read())
     middle = len(data) // 2
     data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
