@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, Tuple
 import numpy as np
 
 from fdistill.io import torch_pickle
-from fdistill.io.torch_pickle import Storage, StorageType, Tensor, TorchPickleError
+from fdistill.io.torch_pickle import Tensor, TorchPickleError
 
 # torch.jit._pickle.build_*: how TorchScript pickles specialised lists (e.g. a conv's
 # padding [0, 3]); restore_type_tag(value, type_str) only re-attaches a static type.
@@ -46,35 +46,6 @@ class _ScriptUnpickler(torch_pickle._Unpickler):  # pylint: disable=protected-ac
     return super().find_class(module, name)
 
 
-def _load_pickle(zf: zipfile.ZipFile, names, pkl_name: str, tensor_dirs) -> Any:
-  """Unpickles one member; tensor bytes are looked up in ``tensor_dirs`` (first hit wins)."""
-  order = "little"
-  root = pkl_name[:pkl_name.rfind("/") + 1]
-  if root + "byteorder" in names:
-    order = zf.read(root + "byteorder").decode().strip()
-  storages: Dict[str, Storage] = {}
-
-  def persistent_load(pid):
-    if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-      raise TorchPickleError(f"unsupported persistent id {pid!r}")
-    storage_type, key, _location, _numel = pid[1:5]
-    if not isinstance(storage_type, StorageType):
-      raise TorchPickleError(f"unknown storage type {storage_type!r}")
-    if key not in storages:
-      member = next((d + str(key) for d in tensor_dirs if d + str(key) in names), None)
-      if member is None:
-        raise TorchPickleError(f"tensor storage {key!r} missing from the archive")
-      dtype = storage_type.dtype.newbyteorder("<" if order == "little" else ">")
-      raw = zf.read(member)
-      count = len(raw) // dtype.itemsize
-      storages[key] = Storage(dtype, count,
-                              np.frombuffer(raw, dtype, count).astype(dtype.newbyteorder("=")))
-    return storages[key]
-
-  with zf.open(pkl_name) as f:
-    return _ScriptUnpickler(f, persistent_load).load()
-
-
 def read_archive(source) -> Any:
   """The root module object of a TorchScript archive (a path or a binary file object).
 
@@ -91,7 +62,8 @@ def read_archive(source) -> Any:
         raise TorchPickleError("zip file without a data.pkl (not a TorchScript archive)")
       root = pkl[0][:-len("data.pkl")]
       # torch >= 1.6 writes tensors of constants.pkl under constants/, older ones under data/.
-      return _load_pickle(zf, names, pkl[0], (root + "data/", root + "constants/"))
+      return torch_pickle.load_zip_pickle(zf, pkl[0], (root + "data/", root + "constants/"),
+                                           _ScriptUnpickler)
   except TorchPickleError as e:
     raise TorchPickleError(f"{label}: {e}") from e
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError,

@@ -309,35 +309,46 @@ def _load_storage_bytes(blob):
   return _read_legacy_torch_save(io.BytesIO(blob))
 
 
+def load_zip_pickle(zf: zipfile.ZipFile, pkl_name: str, tensor_dirs, unpickler=None) -> Any:
+  """Unpickles member ``pkl_name`` of a torch zip archive; tensor bytes are looked up in
+  ``tensor_dirs`` (first hit wins). ``unpickler``: the restricted unpickler class (default
+  :class:`_Unpickler`; the TorchScript reader passes its subclass)."""
+  names = set(zf.namelist())
+  unpickler = unpickler or _Unpickler
+  root = pkl_name[:pkl_name.rfind("/") + 1]
+  order = "little"
+  if root + "byteorder" in names:
+    order = zf.read(root + "byteorder").decode().strip()
+  storages: Dict[str, Storage] = {}
+
+  def persistent_load(pid):
+    if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+      raise TorchPickleError(f"unsupported persistent id {pid!r}")
+    storage_type, key, _location, _numel = pid[1:5]
+    if not isinstance(storage_type, StorageType):
+      raise TorchPickleError(f"unknown storage type {storage_type!r}")
+    if key not in storages:
+      member = next((d + str(key) for d in tensor_dirs if d + str(key) in names), None)
+      if member is None:
+        raise TorchPickleError(f"tensor storage {key!r} missing from the archive")
+      dtype = storage_type.dtype.newbyteorder("<" if order == "little" else ">")
+      raw = zf.read(member)
+      count = len(raw) // dtype.itemsize
+      storages[key] = Storage(dtype, count,
+                              np.frombuffer(raw, dtype, count).astype(dtype.newbyteorder("=")))
+    return storages[key]
+
+  with zf.open(pkl_name) as f:
+    return unpickler(f, persistent_load).load()
+
+
 def _read_zip_torch_save(file) -> Any:
   """``torch.load`` of the zip format: ``<root>/data.pkl`` + ``<root>/data/<key>``."""
   with zipfile.ZipFile(file) as zf:
-    names = zf.namelist()
-    pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+    pkl = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
     if not pkl:
       raise TorchPickleError("zip file without a data.pkl (not a torch.save file)")
-    root = pkl[0][:-len("data.pkl")]
-    order = "little"
-    if root + "byteorder" in names:
-      order = zf.read(root + "byteorder").decode().strip()
-    storages: Dict[str, Storage] = {}
-
-    def persistent_load(pid):
-      if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-        raise TorchPickleError(f"unsupported persistent id {pid!r}")
-      storage_type, key, _location, numel = pid[1:5]
-      if not isinstance(storage_type, StorageType):
-        raise TorchPickleError(f"unknown storage type {storage_type!r}")
-      if key not in storages:
-        dtype = storage_type.dtype.newbyteorder("<" if order == "little" else ">")
-        raw = zf.read(f"{root}data/{key}")
-        count = len(raw) // dtype.itemsize
-        storages[key] = Storage(dtype, count,
-                                np.frombuffer(raw, dtype, count).astype(dtype.newbyteorder("=")))
-      return storages[key]
-
-    with zf.open(pkl[0]) as f:
-      return _Unpickler(f, persistent_load).load()
+    return load_zip_pickle(zf, pkl[0], (pkl[0][:-len("data.pkl")] + "data/",))
 
 
 def read(path: str) -> Any:
