@@ -27,8 +27,7 @@ from configs import common
 def fastgen_recipe(c, a, *, lr, gan_weight, ratio_ema, feature_indices, batch_size, num_steps):
   """FastGen's EDM f-distill recipe on ``c`` (CIFAR-10 and ImageNet-64 differ only in the
   keyword arguments); ``a``: the parsed config argument (variant, alpha, teacher, teacher_dir)."""
-  c.teacher.kind = common.check_choice(a.teacher, ["edm_pickle", "checkpoint"], "teacher")
-  c.teacher.workdir = a.teacher_dir
+  common.network_teacher(c, a.teacher, a.teacher_dir)
   c.generator.sigma_init = 80.0
   c.objective = common.fdistill_objective(
       divergence=a.variant, alpha=a.alpha, gen_every=5, gan_weight=gan_weight,

@@ -54,7 +54,6 @@ def get_config(arg=None):
   c.data = cifar10_teacher.get_config(f"cond={a.cond}").data
   c.model = architectures.ddpmpp_cifar10(cond=a.cond)
   c.model.attn_impl = "auto"  # the fused JVP attention kernel on GPU, XLA elsewhere
-  c.teacher.kind = common.check_choice(a.teacher, ["edm_pickle", "checkpoint"], "teacher")
-  c.teacher.workdir = a.teacher_dir
+  common.network_teacher(c, a.teacher, a.teacher_dir)
   return rcm_recipe(c, a.variant, p_mean=-1.0, p_std=1.4, lr=1e-4, batch_size=2048,
                     num_steps=100_000)

@@ -42,7 +42,6 @@ def get_config(arg=None):
   c = common.base_config()
   c.data = cifar10_teacher.get_config(f"cond={a.cond}").data
   c.model = architectures.ddpmpp_cifar10(cond=a.cond)
-  c.teacher.kind = common.check_choice(a.teacher, ["edm_pickle", "checkpoint"], "teacher")
-  c.teacher.workdir = a.teacher_dir
+  common.network_teacher(c, a.teacher, a.teacher_dir)
   return sid_recipe(c, a.variant, lr=1e-5, batch_size=256, num_steps=400_000,
                     feature_indices=(0, 1, -1))

@@ -139,6 +139,13 @@ def parse_arg(arg, **defaults):
   return ml_collections.ConfigDict(out)
 
 
+def network_teacher(c, kind, workdir):
+  """``c.teacher`` for the image configs: a published EDM pickle or a train_teacher run."""
+  c.teacher.kind = check_choice(kind, ["edm_pickle", "checkpoint"], "teacher")
+  c.teacher.workdir = workdir
+  return c
+
+
 def check_choice(value, choices, field):
   """Raises a ValueError naming ``field`` and the accepted values when ``value`` is not one."""
   if value not in choices:

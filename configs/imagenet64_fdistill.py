@@ -15,7 +15,6 @@ over [0.002, 80]; generator at sigma 80; gradient clipping at 10 for the generat
 600k iterations; the discriminator is one head on the 8x8 bottleneck (768 channels). FastGen's
 default divergence here is JS. Compute in bfloat16 and FSDP over 8 devices, as the teacher.
 """
-from configs import architectures
 from configs import cifar10_fdistill
 from configs import common
 from configs import imagenet64_teacher
@@ -23,13 +22,7 @@ from configs import imagenet64_teacher
 
 def get_config(arg=None):
   a = common.parse_arg(arg, variant="js", alpha=0.5, teacher="edm_pickle", teacher_dir="")
-  c = common.base_config()
-  teacher = imagenet64_teacher.get_config()
-  c.data = teacher.data
-  c.data.conditional = True
-  c.model = architectures.adm_imagenet64()
-  c.model.dtype = "bfloat16"
-  c.mesh = teacher.mesh
+  c = imagenet64_teacher.student_base()
   return cifar10_fdistill.fastgen_recipe(c, a, lr=2e-6, gan_weight=3e-3, ratio_ema=0.5,
                                          feature_indices=(-1,), batch_size=512,
                                          num_steps=600_000)

@@ -14,7 +14,6 @@ own (not checked here). Compute in bfloat16 with FSDP over 8 devices, as the tea
 attention layers at 32, 16 and 8 use the fused JVP kernel on GPU (attn_impl="auto"). Not run
 in this repository.
 """
-from configs import architectures
 from configs import cifar10_rcm
 from configs import common
 from configs import imagenet64_teacher
@@ -22,15 +21,8 @@ from configs import imagenet64_teacher
 
 def get_config(arg=None):
   a = common.parse_arg(arg, variant="rcm", teacher="edm_pickle", teacher_dir="")
-  c = common.base_config()
-  teacher = imagenet64_teacher.get_config()
-  c.data = teacher.data
-  c.data.conditional = True
-  c.model = architectures.adm_imagenet64()
-  c.model.dtype = "bfloat16"
+  c = imagenet64_teacher.student_base()
   c.model.attn_impl = "auto"
-  c.mesh = teacher.mesh
-  c.teacher.kind = common.check_choice(a.teacher, ["edm_pickle", "checkpoint"], "teacher")
-  c.teacher.workdir = a.teacher_dir
+  common.network_teacher(c, a.teacher, a.teacher_dir)
   return cifar10_rcm.rcm_recipe(c, a.variant, p_mean=-0.8, p_std=1.6, lr=2e-6, batch_size=512,
                                 num_steps=600_000)

@@ -28,3 +28,16 @@ def get_config(arg=None):
   c.optim.ema_decay = ema_decay_for_halflife(50_000_000, 4096)
   c.mesh.fsdp = 8
   return c
+
+
+def student_base():
+  """The base config of a distilled ImageNet-64 run: the teacher's data (class-conditional),
+  mesh and ADM network, computed in bfloat16 as the teacher."""
+  teacher = get_config()
+  c = common.base_config()
+  c.data = teacher.data
+  c.data.conditional = True
+  c.model = architectures.adm_imagenet64()
+  c.model.dtype = "bfloat16"
+  c.mesh = teacher.mesh
+  return c

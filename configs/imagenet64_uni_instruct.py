@@ -8,7 +8,6 @@ compute and FSDP over 8 devices as the teacher config. Published one-step FIDs
 (ImageNet-64): SiD 1.524; Uni-Instruct 1.02; DMD 2.62; DMD2 1.28. The global batch is a
 budget choice (SiD used large batches; raise it with the device count).
 """
-from configs import architectures
 from configs import cifar10_uni_instruct
 from configs import common
 from configs import imagenet64_teacher
@@ -16,14 +15,7 @@ from configs import imagenet64_teacher
 
 def get_config(arg=None):
   a = common.parse_arg(arg, variant="forward_kl", teacher="edm_pickle", teacher_dir="")
-  c = common.base_config()
-  teacher = imagenet64_teacher.get_config()
-  c.data = teacher.data
-  c.data.conditional = True
-  c.model = architectures.adm_imagenet64()
-  c.model.dtype = "bfloat16"
-  c.mesh = teacher.mesh
-  c.teacher.kind = common.check_choice(a.teacher, ["edm_pickle", "checkpoint"], "teacher")
-  c.teacher.workdir = a.teacher_dir
+  c = imagenet64_teacher.student_base()
+  common.network_teacher(c, a.teacher, a.teacher_dir)
   return cifar10_uni_instruct.sid_recipe(c, a.variant, lr=4e-6, batch_size=1024,
                                          num_steps=400_000, feature_indices=(-1,))
