@@ -15,7 +15,7 @@ measures a program the trainer does not run. Two entry points:
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import jax
 
@@ -199,12 +199,11 @@ def build(config, mesh=None, *, teacher_params: bool = True, dataset=None,
                     state_sh, init, steps, objective.schedule, _sampler(config, mesh, task))
 
 
-def task_of_run(workdir: str) -> Tuple[Any, objectives.Task]:
-  """(config, Task) of a run from its ``config.json`` and checkpoint metadata (no data, no
-  teacher): the per-example shape and class count are recorded in every checkpoint."""
-  config = checkpoint.load_config(workdir)
+def task_of_run(workdir: str) -> objectives.Task:
+  """The Task (data shape, class count) of a run, from its latest checkpoint's metadata: no
+  data set and no teacher are needed to sample it."""
   meta = checkpoint.latest_meta(workdir)
-  return config, objectives.Task(tuple(meta["x_shape"]), int(meta["cond_dim"]))
+  return objectives.Task(tuple(meta["x_shape"]), int(meta["cond_dim"]))
 
 
 def build_sampler(config, task: objectives.Task, mesh=None) -> Sampling:

@@ -28,7 +28,7 @@ def sample(config, workdir, num=0):
   import numpy as np
   from fdistill import experiment
   from fdistill.train import loop
-  _, task = experiment.task_of_run(workdir)
+  task = experiment.task_of_run(workdir)
   sampling = experiment.build_sampler(config, task)
   params, step = experiment.restore_export(sampling, workdir)
   path = os.path.join(workdir, f"samples_step{step}.png")

@@ -262,7 +262,7 @@ class Evaluator:
 
 def make_evaluator(config, workdir, sampling=None) -> Evaluator:
   if sampling is None:
-    sampling = experiment.build_sampler(config, experiment.task_of_run(workdir)[1])
+    sampling = experiment.build_sampler(config, experiment.task_of_run(workdir))
   metric = metric_of(config)
   return Evaluator(sampling, metric, metric.prepare(config, sampling))
 

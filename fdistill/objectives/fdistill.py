@@ -53,7 +53,7 @@ from fdistill.objectives import divergences
 from fdistill.objectives import noise
 from fdistill.objectives import ratio
 from fdistill.objectives import scaffold
-from fdistill.objectives.base import Objective, Sampler, settings_from_config
+from fdistill.objectives.base import Objective, settings_from_config
 from fdistill.optim import update
 from fdistill.registry import check_choice
 
@@ -161,8 +161,7 @@ def make_generator_loss(nets: critics.Nets, div: divergences.Divergence, st: Set
 # The objective.
 
 
-def sampler(config, task) -> Sampler:
-  return scaffold.sampler(config, task)
+sampler = scaffold.sampler  # one-step: G(z) with the generator's EMA (no teacher needed)
 
 
 def build(config, task) -> Objective:

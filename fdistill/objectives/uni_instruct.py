@@ -30,7 +30,7 @@ from fdistill.objectives import critics
 from fdistill.objectives import noise
 from fdistill.objectives import scaffold
 from fdistill.objectives import uni_instruct_loss as ul
-from fdistill.objectives.base import Objective, Sampler, settings_from_config
+from fdistill.objectives.base import Objective, settings_from_config
 from fdistill.optim import update
 from fdistill.registry import check_choice
 
@@ -114,8 +114,7 @@ def make_generator_loss(nets: critics.Nets, st: Settings):
   return loss
 
 
-def sampler(config, task) -> Sampler:
-  return scaffold.sampler(config, task)
+sampler = scaffold.sampler  # one-step: G(z) with the generator's EMA (no teacher needed)
 
 
 def build(config, task) -> Objective:
