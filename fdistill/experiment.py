@@ -55,6 +55,20 @@ class Experiment:
   def global_batch(self, local_batch):
     return mesh_lib.global_batch(local_batch, self.mesh)
 
+  def batches(self, batch_size: int, start_step: int = 0):
+    """The global batches of steps start_step, start_step+1, ... as sharded jax.Arrays.
+
+    A dataset that can draw its batches on the device (``device_batches``: the toy
+    mixtures) does so, with no host round trip per step; others are read on each host
+    (its slice) and assembled.
+    """
+    if hasattr(self.dataset, "device_batches"):
+      return self.dataset.device_batches(batch_size, start_step,
+                                         mesh_lib.batch_sharding(self.mesh))
+    local = self.dataset.iterator(batch_size, start_step, jax.process_index(),
+                                  jax.process_count())
+    return map(self.global_batch, local)
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:

@@ -110,7 +110,7 @@ def train(config, workdir: str, mesh=None):
                f"{jax.devices()[0].platform} devices (mesh {dict(exp.mesh.shape)}), "
                + (f"resumed from step {start}" if start else "from scratch")
                + f", {tc.num_steps} steps")
-  batches = exp.dataset.iterator(tc.batch_size, start, jax.process_index(), jax.process_count())
+  batches = exp.batches(tc.batch_size, start)
   means, record = MetricMeans(), {}
 
   # Only logging steps sync with the host. A preemption notice saves after the
@@ -118,7 +118,7 @@ def train(config, workdir: str, mesh=None):
   with preemption.PreemptionWatch((signal.SIGTERM, signal.SIGINT)) as watch:
     for step in range(start, tc.num_steps):
       kind = exp.schedule(step)
-      state, metrics = exp.steps[kind](state, exp.teacher, exp.global_batch(next(batches)),
+      state, metrics = exp.steps[kind](state, exp.teacher, next(batches),
                                        jax.random.fold_in(train_rng, step))
       means.add(kind, metrics)
       done = step + 1
