@@ -283,3 +283,211 @@ def test_fid_matches_torch_pipeline_sharded(params, image_sets, torch_features):
   assert err < 1e-4
   assert ref > 1.0
   assert abs(ours - ref) <= 1e-3 * ref
+
+
+# ---------------------------------------------------------------------------
+# A source with the 1008-way head: pytorch-fid's state dict layout, random values.
+
+# torchvision's Inception3 as pytorch-fid builds it (aux_logits=False, 1008 classes), written
+# from torchvision's source: {name: (out, in, kernel)}; the converter's table is not used.
+def _tv_a(name, cin, pool):
+  return {f"{name}.branch1x1": (64, cin, (1, 1)), f"{name}.branch5x5_1": (48, cin, (1, 1)),
+          f"{name}.branch5x5_2": (64, 48, (5, 5)), f"{name}.branch3x3dbl_1": (64, cin, (1, 1)),
+          f"{name}.branch3x3dbl_2": (96, 64, (3, 3)), f"{name}.branch3x3dbl_3": (96, 96, (3, 3)),
+          f"{name}.branch_pool": (pool, cin, (1, 1))}
+
+
+def _tv_c(name, c7):
+  return {f"{name}.branch1x1": (192, 768, (1, 1)), f"{name}.branch7x7_1": (c7, 768, (1, 1)),
+          f"{name}.branch7x7_2": (c7, c7, (1, 7)), f"{name}.branch7x7_3": (192, c7, (7, 1)),
+          f"{name}.branch7x7dbl_1": (c7, 768, (1, 1)), f"{name}.branch7x7dbl_2": (c7, c7, (7, 1)),
+          f"{name}.branch7x7dbl_3": (c7, c7, (1, 7)), f"{name}.branch7x7dbl_4": (c7, c7, (7, 1)),
+          f"{name}.branch7x7dbl_5": (192, c7, (1, 7)), f"{name}.branch_pool": (192, 768, (1, 1))}
+
+
+def _tv_e(name, cin):
+  return {f"{name}.branch1x1": (320, cin, (1, 1)), f"{name}.branch3x3_1": (384, cin, (1, 1)),
+          f"{name}.branch3x3_2a": (384, 384, (1, 3)), f"{name}.branch3x3_2b": (384, 384, (3, 1)),
+          f"{name}.branch3x3dbl_1": (448, cin, (1, 1)),
+          f"{name}.branch3x3dbl_2": (384, 448, (3, 3)),
+          f"{name}.branch3x3dbl_3a": (384, 384, (1, 3)),
+          f"{name}.branch3x3dbl_3b": (384, 384, (3, 1)), f"{name}.branch_pool": (192, cin, (1, 1))}
+
+
+TV_CONVS = {
+    "Conv2d_1a_3x3": (32, 3, (3, 3)), "Conv2d_2a_3x3": (32, 32, (3, 3)),
+    "Conv2d_2b_3x3": (64, 32, (3, 3)), "Conv2d_3b_1x1": (80, 64, (1, 1)),
+    "Conv2d_4a_3x3": (192, 80, (3, 3)),
+    **_tv_a("Mixed_5b", 192, 32), **_tv_a("Mixed_5c", 256, 64), **_tv_a("Mixed_5d", 288, 64),
+    "Mixed_6a.branch3x3": (384, 288, (3, 3)), "Mixed_6a.branch3x3dbl_1": (64, 288, (1, 1)),
+    "Mixed_6a.branch3x3dbl_2": (96, 64, (3, 3)), "Mixed_6a.branch3x3dbl_3": (96, 96, (3, 3)),
+    **_tv_c("Mixed_6b", 128), **_tv_c("Mixed_6c", 160), **_tv_c("Mixed_6d", 160),
+    **_tv_c("Mixed_6e", 192),
+    "Mixed_7a.branch3x3_1": (192, 768, (1, 1)), "Mixed_7a.branch3x3_2": (320, 192, (3, 3)),
+    "Mixed_7a.branch7x7x3_1": (192, 768, (1, 1)), "Mixed_7a.branch7x7x3_2": (192, 192, (1, 7)),
+    "Mixed_7a.branch7x7x3_3": (192, 192, (7, 1)), "Mixed_7a.branch7x7x3_4": (192, 192, (3, 3)),
+    **_tv_e("Mixed_7b", 1280), **_tv_e("Mixed_7c", 2048),
+}
+
+
+@pytest.fixture(scope="module")
+def pytorch_fid_source(tmp_path_factory):
+  """(path, state dict) of a legacy-format torch.save file in pytorch-fid's layout."""
+  g = torch.Generator().manual_seed(0)
+  state = {}
+  for name, (cout, cin, (kh, kw)) in TV_CONVS.items():
+    scale = (cin * kh * kw) ** -0.5
+    state[f"{name}.conv.weight"] = torch.randn(cout, cin, kh, kw, generator=g) * scale
+    state[f"{name}.bn.weight"] = torch.rand(cout, generator=g) + 0.5  # folded into the conv
+    state[f"{name}.bn.bias"] = torch.randn(cout, generator=g) * 0.1
+    state[f"{name}.bn.running_mean"] = torch.randn(cout, generator=g) * 0.1
+    state[f"{name}.bn.running_var"] = torch.rand(cout, generator=g) + 0.5
+    state[f"{name}.bn.num_batches_tracked"] = torch.tensor(0)
+  state["fc.weight"] = torch.randn(1008, 2048, generator=g) * 0.05
+  state["fc.bias"] = torch.randn(1008, generator=g)
+  path = tmp_path_factory.mktemp("pytorch_fid") / "pt_inception-2015-12-05-test.pth"
+  torch.save(state, str(path), _use_new_zipfile_serialization=False)
+  return str(path), state
+
+
+@pytest.fixture(scope="module")
+def converted_with_head(pytorch_fid_source, tmp_path_factory):
+  """(the converted .npz, what the converter printed)."""
+  import contextlib
+  out = str(tmp_path_factory.mktemp("converted") / "inception_head.npz")
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    assert convert_inception.main([pytorch_fid_source[0], out]) == 0
+  return out, printed.getvalue()
+
+
+def _torch_conv(x, state, name, stride=1, padding=None):
+  """pytorch-fid's BasicConv2d: conv (no bias) + BatchNorm2d(eps=1e-3, eval) + ReLU."""
+  w = state[f"{name}.conv.weight"]
+  padding = (w.shape[2] // 2, w.shape[3] // 2) if padding is None else padding
+  y = F.conv2d(x, w, stride=stride, padding=padding)
+  y = F.batch_norm(y, state[f"{name}.bn.running_mean"], state[f"{name}.bn.running_var"],
+                   state[f"{name}.bn.weight"], state[f"{name}.bn.bias"], eps=1e-3)
+  return F.relu(y)
+
+
+def _torch_block(kind, x, s, n):
+  """pytorch-fid's FIDInceptionA/C/E_1/E_2 and torchvision's InceptionB/D, branches in order."""
+  c = lambda name, inp, **kw: _torch_conv(inp, s, f"{n}.{name}", **kw)  # noqa: E731
+  avg = lambda inp: F.avg_pool2d(inp, 3, 1, 1, count_include_pad=False)  # noqa: E731
+  if kind == "A":
+    return [c("branch1x1", x), c("branch5x5_2", c("branch5x5_1", x)),
+            c("branch3x3dbl_3", c("branch3x3dbl_2", c("branch3x3dbl_1", x))),
+            c("branch_pool", avg(x))]
+  if kind == "B":
+    dbl = c("branch3x3dbl_2", c("branch3x3dbl_1", x))
+    return [c("branch3x3", x, stride=2, padding=0), c("branch3x3dbl_3", dbl, stride=2, padding=0),
+            F.max_pool2d(x, 3, 2)]
+  if kind == "C":
+    b7 = c("branch7x7_3", c("branch7x7_2", c("branch7x7_1", x)))
+    d = x
+    for i in range(1, 6):
+      d = c(f"branch7x7dbl_{i}", d)
+    return [c("branch1x1", x), b7, d, c("branch_pool", avg(x))]
+  if kind == "D":
+    b3 = c("branch3x3_2", c("branch3x3_1", x), stride=2, padding=0)
+    b7 = c("branch7x7x3_3", c("branch7x7x3_2", c("branch7x7x3_1", x)))
+    return [b3, c("branch7x7x3_4", b7, stride=2, padding=0), F.max_pool2d(x, 3, 2)]
+  b3 = c("branch3x3_1", x)
+  d = c("branch3x3dbl_2", c("branch3x3dbl_1", x))
+  pool = F.max_pool2d(x, 3, 1, 1) if kind == "E_2" else avg(x)
+  return [c("branch1x1", x), c("branch3x3_2a", b3), c("branch3x3_2b", b3),
+          c("branch3x3dbl_3a", d), c("branch3x3dbl_3b", d), c("branch_pool", pool)]
+
+
+BLOCKS = [("mixed", "Mixed_5b", "A", 192, lambda: inception.InceptionA(32)),
+          ("mixed_1", "Mixed_5c", "A", 256, lambda: inception.InceptionA(64)),
+          ("mixed_2", "Mixed_5d", "A", 288, lambda: inception.InceptionA(64)),
+          ("mixed_3", "Mixed_6a", "B", 288, inception.InceptionB),
+          ("mixed_4", "Mixed_6b", "C", 768, lambda: inception.InceptionC(128)),
+          ("mixed_5", "Mixed_6c", "C", 768, lambda: inception.InceptionC(160)),
+          ("mixed_6", "Mixed_6d", "C", 768, lambda: inception.InceptionC(160)),
+          ("mixed_7", "Mixed_6e", "C", 768, lambda: inception.InceptionC(192)),
+          ("mixed_8", "Mixed_7a", "D", 768, inception.InceptionD),
+          ("mixed_9", "Mixed_7b", "E_1", 1280, lambda: inception.InceptionE(False)),
+          ("mixed_10", "Mixed_7c", "E_2", 2048, lambda: inception.InceptionE(True))]
+
+
+def test_pytorch_fid_layout_converts_every_block(pytorch_fid_source, converted_with_head):
+  """Each converted block equals pytorch-fid's block run by torch on the same random weights
+  (a swapped branch, a missed BN scale or a transposed kernel changes its output)."""
+  _, state = pytorch_fid_source
+  params = inception.load_params(converted_with_head[0])  # every shape checked
+  assert inception.has_head(params)
+  rng = np.random.default_rng(0)
+  inputs = [rng.uniform(0, 1, (1, 3, 3, cin)).astype(np.float32) for _, _, _, cin, _ in BLOCKS]
+  # One jit of all blocks: op-by-op dispatch compiles every conv shape separately (~3x slower).
+  run = jax.jit(lambda p, xs: [block().apply({"params": p[ours]}, x)
+                               for (ours, _, _, _, block), x in zip(BLOCKS, xs)])
+  outputs = run({ours: params[ours] for ours, *_ in BLOCKS}, inputs)
+  for (ours, theirs, kind, _, _), x, got in zip(BLOCKS, inputs, outputs):
+    with torch.no_grad():
+      want = torch.cat(_torch_block(kind, torch.from_numpy(x).permute(0, 3, 1, 2), state, theirs),
+                       1).permute(0, 2, 3, 1).numpy()
+    got = np.asarray(got)
+    assert got.shape == want.shape, (ours, got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                               err_msg=ours)
+  # The stem's five convs (distinct shapes, so a swap would have failed load_params).
+  x = rng.uniform(-1, 1, (1, 9, 9, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = _torch_conv(torch.from_numpy(x).permute(0, 3, 1, 2), state, "Conv2d_1a_3x3", 2, 0)
+  got = inception.ConvBN(32, (3, 3), 2).apply({"params": params["conv"]}, x)
+  np.testing.assert_allclose(np.asarray(got), want.permute(0, 2, 3, 1).numpy(), rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_converter_reports_the_head(pytorch_fid_source, converted_with_head, tmp_path, capsys):
+  assert "classifier head: found (1008 classes)" in converted_with_head[1]
+  out = str(tmp_path / "headless.npz")
+  state = {k: v for k, v in pytorch_fid_source[1].items() if not k.startswith("fc.")}
+  headless = tmp_path / "headless.pth"
+  torch.save(state, str(headless))  # the zip format this time
+  assert convert_inception.main([str(headless), out]) == 0
+  assert "classifier head: none in headless.pth" in capsys.readouterr().out
+  assert not inception.has_head(inception.load_params(out))
+  torch.save({"fc.weight": torch.zeros(1008, 2048)}, str(headless))
+  assert convert_inception.main([str(headless), out]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "not the inception-2015-12-05 layers" in err
+
+
+def test_head_logits_and_inception_score(pytorch_fid_source, converted_with_head, monkeypatch):
+  """logits = fc(pool_3) as torch computes it; the eval job's IS (10 splits, StyleGAN3's
+  no-bias logits) against a float64 NumPy implementation of exp(E_x KL(p(y|x) || p(y)))."""
+  from fdistill.eval import job
+  _, state = pytorch_fid_source
+  params = inception.load_params(converted_with_head[0])
+  n = 53  # splits of 5 and 6 samples
+  pool3 = np.abs(np.random.default_rng(1).standard_normal((n, 2048))).astype(np.float32)
+  monkeypatch.setattr(inception, "features", lambda p, images, precision=None: pool3)
+  images = np.zeros((n, 4, 4, 3), np.uint8)
+  with torch.no_grad():
+    with_bias = F.linear(torch.from_numpy(pool3), state["fc.weight"], state["fc.bias"]).numpy()
+    no_bias = F.linear(torch.from_numpy(pool3).double(), state["fc.weight"].double()).numpy()
+  np.testing.assert_allclose(inception.logits(params, images, no_output_bias=False), with_bias,
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(inception.logits(params, images), no_bias, rtol=1e-4, atol=1e-4)
+
+  p = np.exp(no_bias - no_bias.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  scores = []
+  for i in range(10):
+    part = p[i * n // 10:(i + 1) * n // 10]
+    py = part.mean(0)
+    scores.append(np.exp(np.mean([np.sum(q * (np.log(q) - np.log(py))) for q in part])))
+  want = (np.mean(scores), np.std(scores))
+  # The job's path: detector features -> head (no bias) -> per-split sums; batches of 20.
+  detector = job.Detector(lambda u8: pool3[:len(u8)] if len(u8) == n else next(feed), 2048,
+                          params["output"]["kernel"])
+  feed = iter([pool3[:20], pool3[20:40], pool3[40:]])
+  batches = [np.zeros((m, 4, 4, 3), np.float32) for m in (20, 20, 13)]
+  _, got = job.feature_stats(batches, detector, score_total=n)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert want[0] > 1.5  # not a degenerate score
+  np.testing.assert_allclose(inception.inception_score(no_bias), want, rtol=1e-9)

@@ -5,11 +5,15 @@ features, so the statistics are accumulated in float64 as a sample count, a
 feature sum and an outer-product sum (EDM's ``calc_fid`` /
 StyleGAN3's ``FeatureStats`` do the same). That keeps memory at 2048^2
 doubles whatever the sample count, lets per-host or per-chunk partial
-statistics be merged exactly, and gives the unbiased covariance EDM's
+statistics be merged exactly (:func:`merge_processes`: every process extracts
+its slice of the images, and the partial sums are gathered bit-exactly and
+added in process order, so no host holds the N x 2048 features and every
+process ends with the same numbers), and gives the unbiased covariance EDM's
 ``fid-refs`` hold (``mu`` (2048,), ``sigma`` (2048, 2048)).
 
 :func:`feature_fn` wraps :func:`fdistill.eval.inception.features` in one jit,
-with the batch split over the devices of a mesh when one is given.
+with the batch split over the devices of a mesh when one is given (under
+``jax.distributed``: each process passes its own slice).
 """
 import functools
 import os
@@ -20,6 +24,7 @@ import jax
 import numpy as np
 import scipy.linalg
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fdistill.eval import inception
@@ -117,6 +122,41 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, strict: bool =
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+# float64 elements per process_allgather call: bounds the gathered buffer (x processes) on
+# every device and host to 16 MB per process whatever the feature dimension.
+_GATHER_BLOCK = 1 << 21
+
+
+def sum_over_processes(*arrays) -> Tuple[np.ndarray, ...]:
+  """Each array summed over all ``jax.distributed`` processes, in float64, the same bits everywhere.
+
+  The partial sums travel as their uint32 bit patterns: ``process_allgather``
+  moves data through the devices, where float64 becomes float32 unless
+  ``jax_enable_x64`` is on. They are added in process order on every process,
+  so all of them get bit-identical results. One process: the arrays as float64.
+  """
+  arrays = [np.asarray(a, np.float64) for a in arrays]
+  if jax.process_count() == 1:
+    return tuple(arrays)
+  flat = np.concatenate([a.ravel() for a in arrays])
+  total = np.empty_like(flat)
+  for start in range(0, flat.size, _GATHER_BLOCK):
+    part = flat[start:start + _GATHER_BLOCK]
+    rows = np.ascontiguousarray(multihost_utils.process_allgather(part.view(np.uint32)))
+    total[start:start + part.size] = rows.view(np.float64).sum(axis=0)
+  ends = np.cumsum([a.size for a in arrays])[:-1]
+  return tuple(t.reshape(a.shape) for t, a in zip(np.split(total, ends), arrays))
+
+
+def merge_processes(stats: FeatureStats) -> FeatureStats:
+  """``stats`` of this process's images merged with every other process's (a collective:
+  every process calls it); a new object, the same on every process."""
+  count, total, outer = sum_over_processes(stats.count, stats.sum, stats.outer)
+  merged = FeatureStats(stats.dim)
+  merged.count, merged.sum, merged.outer = int(count), total, outer
+  return merged
+
+
 def fid_from_stats(stats: FeatureStats, reference: Tuple[np.ndarray, np.ndarray],
                    method: str = "sqrtm") -> float:
   mu, sigma = stats.mean_cov()
@@ -158,14 +198,17 @@ def save_reference(path: str, mu, sigma) -> None:
 
 def feature_fn(params, mesh: Optional[Mesh] = None,
                precision=lax.Precision.HIGHEST) -> Callable[[np.ndarray], np.ndarray]:
-  """A function uint8 NHWC images (host array, any N) -> float32 numpy features [N, 2048].
+  """A function uint8 NHWC images (host array) -> float32 numpy features [N, 2048] of those images.
 
-  One jit of preprocess + network. With a ``mesh``, the batch is split over all
-  of its devices (one batch axis made of every mesh axis) and the params are
-  replicated; a batch whose size is not a multiple of the device count is
-  padded with zero images and the padding dropped from the result. Each
-  distinct (padded) batch shape compiles once, so keep the batch size fixed.
-  Single-process: the images are the whole batch, not a per-host slice.
+  One jit of preprocess + network. With a ``mesh``, the images are this
+  process's slice of the batch (in one process: the whole batch). Every process
+  passes the same number of them (:func:`fdistill.eval.job.process_rows` pads
+  the slices equal); they are assembled into one global array split over every
+  device of the mesh (one batch axis made of every mesh axis), the params are
+  replicated, and each process gets back the features of its own images. A
+  slice whose size is not a multiple of the process's device count is padded
+  with zero images and the padding dropped from the result. Each distinct
+  (padded) batch shape compiles once, so keep the batch size fixed.
   ``precision``: HIGHEST keeps float32 convs on GPUs (DEFAULT would allow
   TF32); the papers' numbers are float32.
   """
@@ -175,11 +218,16 @@ def feature_fn(params, mesh: Optional[Mesh] = None,
     params = jax.device_put(params)  # once, not 87 MB of host weights per call
     run = jax.jit(compute)
   else:
-    devices = mesh.size
-    batch = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    devices = len(mesh.local_devices)
+    spec = P(tuple(mesh.axis_names))
+    batch = NamedSharding(mesh, spec)
     replicated = NamedSharding(mesh, P())
     params = jax.device_put(params, replicated)
-    run = jax.jit(compute, in_shardings=(replicated, batch), out_shardings=batch)
+    sharded = jax.jit(compute, in_shardings=(replicated, batch), out_shardings=batch)
+
+    def run(params, images):
+      out = sharded(params, jax.make_array_from_process_local_data(batch, images))
+      return multihost_utils.global_array_to_host_local_array(out, mesh, spec)
 
   def extract(images) -> np.ndarray:
     images = np.asarray(images)

@@ -26,6 +26,11 @@ Metrics (``eval.metric``; "" picks by ``data.name``):
 highest toy weight recall): ``{"metric", "step", "value", "lower_is_better"}``.
 It is recomputed from ``done.json`` after every step and written atomically,
 so it needs no state of its own to survive a restart.
+
+Several hosts (``jax.distributed``): every process runs the job; each extracts
+the Inception features of its slice of every sample batch on its devices, the
+float64 statistics (and Inception Score sums) are merged over processes, and
+process 0 picks the checkpoints and alone writes files.
 """
 import dataclasses
 import json
@@ -37,16 +42,18 @@ from typing import Callable, Iterator, Optional
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from fdistill import experiment
 from fdistill.diffusion import gmm as gmm_lib
 from fdistill.eval import fid as fid_lib
 from fdistill.io import checkpoint
 from fdistill.io import writers
+from fdistill.parallel import mesh as mesh_lib
 from fdistill.registry import lookup
 
-# Images per call of the Inception detector (times the device count when the batch is
-# sharded): a fixed compiled shape whatever eval.batch_size is, and ~0.7 GB of activations
+# Images per call of the Inception detector and device (times this process's device count when
+# the batch is sharded): a fixed compiled shape whatever eval.batch_size is, and ~0.7 GB of activations
 # per 256 images at 299x299.
 FEATURE_BATCH = 256
 
@@ -111,16 +118,25 @@ def check_inception(config) -> str:
 
 
 def inception_detector(config, mesh=None) -> Detector:
-  """The papers' Inception from ``eval.inception_path``, batches of FEATURE_BATCH x devices.
+  """The papers' Inception from ``eval.inception_path`` (:func:`detector_of`).
 
   Tests replace this function (a module attribute, looked up at call time) with a
   cheap stand-in; :mod:`fdistill.eval.ref_stats` uses it too.
   """
   from fdistill.eval import inception  # pylint: disable=g-import-not-at-top
-  params = inception.load_params(check_inception(config))
+  return detector_of(inception.load_params(check_inception(config)), mesh)
+
+
+def detector_of(params, mesh=None, dim=None, batch=FEATURE_BATCH) -> Detector:
+  """A Detector of Inception ``params``: calls of ``batch`` images per local device of ``mesh``.
+
+  With a mesh the images passed are this process's slice (:func:`process_rows`).
+  ``dim`` (default 2048) exists for tests that swap in a smaller stand-in network.
+  """
+  from fdistill.eval import inception  # pylint: disable=g-import-not-at-top
   head = params["output"]["kernel"] if inception.has_head(params) else None
   extract = fid_lib.feature_fn(params, mesh)
-  chunk = FEATURE_BATCH * (mesh.size if mesh is not None else 1)
+  chunk = batch * (len(mesh.local_devices) if mesh is not None else 1)
 
   def chunked(images):
     images = np.asarray(images)
@@ -135,12 +151,7 @@ def inception_detector(config, mesh=None) -> Detector:
       out.append(extract(part)[:chunk - pad])
     return np.concatenate(out)
 
-  return Detector(chunked, inception.FEATURE_DIM, head)
-
-
-def feature_mesh(sampling):
-  """The sampler's mesh for sharding the detector's batch, single-process only (feature_fn)."""
-  return sampling.mesh if jax.process_count() == 1 else None
+  return Detector(chunked, dim or inception.FEATURE_DIM, head)
 
 
 def check_fid_ref(config) -> str:
@@ -155,16 +166,51 @@ def check_fid_ref(config) -> str:
   return path
 
 
-def feature_stats(batches, detector: Detector, keep_logits: bool = False):
-  """(FeatureStats, logits or None) of float [-1, 1] image batches, streamed."""
+def process_rows(x, index: int, count: int):
+  """Process ``index`` of ``count``'s share of a global batch ``x``: (rows, offset, valid).
+
+  Contiguous blocks of ``ceil(len(x) / count)`` rows starting at ``offset``; the
+  last blocks are padded with zero rows so that every process hands the sharded
+  detector the same shape; the first ``valid`` rows are real.
+  """
+  per = -(-len(x) // count)
+  offset = min(index * per, len(x))
+  rows = np.asarray(x[offset:offset + per])
+  valid = len(rows)
+  if valid < per:
+    rows = np.concatenate([rows, np.zeros((per - valid,) + rows.shape[1:], rows.dtype)])
+  return rows, offset, valid
+
+
+def feature_stats(batches, detector: Detector, score_total: int = 0, num_splits: int = 10):
+  """(FeatureStats, (IS mean, std) or None) of float [-1, 1] image batches, streamed.
+
+  ``batches``: the same global batches on every process (the sampler's output is
+  replicated); each process extracts features of its :func:`process_rows` only and
+  the sums are merged over processes at the end (a collective), so every process
+  returns the same statistics. With ``score_total`` (the number of images) and a
+  detector head, the Inception Score over ``min(num_splits, score_total)`` splits
+  (StyleGAN3's: 10) of the head's logits (no bias), from additive per-split sums.
+  """
+  from fdistill.eval import inception  # pylint: disable=g-import-not-at-top
   stats = fid_lib.FeatureStats(detector.dim)
-  logits = []
+  scoring = bool(score_total) and detector.head is not None
+  splits = min(num_splits, score_total)
+  parts, start = None, 0
   for x in batches:
-    feats = np.asarray(detector.extract(detector_images(x)), np.float64)
+    rows, offset, valid = process_rows(x, jax.process_index(), jax.process_count())
+    feats = np.asarray(detector.extract(detector_images(rows)), np.float64)[:valid]
     stats.update(feats)
-    if keep_logits and detector.head is not None:
-      logits.append((feats @ np.asarray(detector.head, np.float64)).astype(np.float32))
-  return stats, (np.concatenate(logits) if logits else None)
+    if scoring:
+      index = start + offset + np.arange(valid)
+      new = inception.score_parts(feats @ np.asarray(detector.head, np.float64), index,
+                                  score_total, splits)
+      parts = new if parts is None else tuple(a + b for a, b in zip(parts, new))
+    start += len(x)
+  score = None
+  if scoring:
+    score = inception.score_from_parts(*fid_lib.sum_over_processes(*parts))
+  return fid_lib.merge_processes(stats), score
 
 
 # ---------------------------------------------------------------------------
@@ -202,18 +248,16 @@ def _check_fid(config):
 
 
 def _prepare_fid(config, sampling):
-  from fdistill.eval import inception  # pylint: disable=g-import-not-at-top
   reference = fid_lib.load_reference(check_fid_ref(config))
-  detector = inception_detector(config, feature_mesh(sampling))
+  detector = inception_detector(config, sampling.mesh)
 
   def compute(params, rng):
     batches = sample_batches(sampling, params, rng, config.eval.num_samples,
                              config.eval.batch_size)
-    stats, logits = feature_stats(batches, detector, keep_logits=True)
+    stats, score = feature_stats(batches, detector, score_total=config.eval.num_samples)
     out = {"eval/fid": fid_lib.fid_from_stats(stats, reference)}
-    if logits is not None:
-      mean, std = inception.inception_score(logits, num_splits=min(10, len(logits)))
-      out.update({"eval/inception_score": mean, "eval/inception_score_std": std})
+    if score is not None:
+      out.update({"eval/inception_score": score[0], "eval/inception_score_std": score[1]})
     return out
   return compute
 
@@ -314,19 +358,40 @@ def _update_best(eval_dir, done, metric):
   return best
 
 
+# What process 0 tells every process to do next, besides evaluating a step (>= 0).
+_WAIT, _STOP = -1, -2
+
+
+def agreed(value: int) -> int:
+  """Process 0's ``value`` on every process.
+
+  Why: each evaluation is a collective (sampling, the sharded detector, merging the
+  statistics), so all processes must evaluate the same checkpoints in the same
+  order; a checkpoint listing or a clock read on each process could disagree.
+  """
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
 def run(config, workdir):
   """Polls ``workdir`` and evaluates every new checkpoint; returns {step: metrics}.
 
   With ``eval.step >= 0``: evaluates that checkpoint only and returns {step: metrics}.
+  Under ``jax.distributed`` every process runs this (each samples and extracts its
+  slice); process 0 decides what to evaluate and alone writes the metrics,
+  ``done.json`` and ``best.json``.
   """
   metric = metric_of(config)  # fail fast on a bad name, a missing file or field
   if metric.check is not None:
     metric.check(config)
+  main = mesh_lib.is_main_process()
   eval_dir = os.path.join(workdir, "eval")
   os.makedirs(eval_dir, exist_ok=True)
   done_path = os.path.join(eval_dir, "done.json")
   done = json.load(open(done_path)) if os.path.exists(done_path) else {}
-  _update_best(eval_dir, done, metric)  # catches up after a stop between the two writes
+  if main:
+    _update_best(eval_dir, done, metric)  # catches up after a stop between the two writes
 
   def is_done(step):
     return metric.key in done.get(str(step), {})
@@ -343,37 +408,43 @@ def run(config, workdir):
   writer = writers.make_writer(eval_dir, resume_step=max(map(int, done), default=0))
   evaluator = None  # built at the first checkpoint, whose metadata gives the data shape
   last_new = time.time()
-  while True:
+
+  def next_step() -> int:
     if only >= 0:
-      todo = [only]
-    else:
-      todo = [s for s in sorted(checkpoint.saved_steps(workdir)) if not is_done(s)]
-    for step in todo:
-      try:
-        if evaluator is None:
-          evaluator = make_evaluator(config, workdir)
-        start = time.time()
-        metrics = evaluate_checkpoint(config, workdir, step, evaluator)
-      except Exception:  # pylint: disable=broad-except
-        if only >= 0 or step in checkpoint.saved_steps(workdir):
-          raise
-        # The trainer's keep-last-N deleted it while we read it: nothing to evaluate.
-        logging.warning("eval: checkpoint %d of %s was deleted while being read; skipped",
-                        step, workdir)
-        continue
-      writer.write_scalars(step, metrics)
-      done[str(step)] = dict(done.get(str(step), {}), **metrics)
-      _write_json(done_path, done)
-      best = _update_best(eval_dir, done, metric)
-      logging.info("eval step %d (%.1f s): %s; best: %s", step, time.time() - start, metrics,
-                   best)
-      last_new = time.time()
-    if only >= 0:
-      writer.flush()
-      return {only: done[str(only)]}
+      return _STOP if is_done(only) else only
+    todo = [s for s in sorted(checkpoint.saved_steps(workdir)) if not is_done(s)]
+    if todo:
+      return todo[0]
     finished = is_done(config.train.num_steps)
     timed_out = time.time() - last_new > config.eval.timeout_seconds
-    if finished or timed_out:
+    return _STOP if finished or timed_out else _WAIT
+
+  while True:
+    step = agreed(next_step())
+    if step == _STOP:
       writer.flush()
-      return {int(k): v for k, v in done.items()}
-    time.sleep(config.eval.poll_seconds)
+      return {only: done[str(only)]} if only >= 0 else {int(k): v for k, v in done.items()}
+    if step == _WAIT:
+      time.sleep(config.eval.poll_seconds)
+      continue
+    try:
+      if evaluator is None:
+        evaluator = make_evaluator(config, workdir)
+      start = time.time()
+      metrics = evaluate_checkpoint(config, workdir, step, evaluator)
+    except Exception:  # pylint: disable=broad-except
+      if only >= 0 or step in checkpoint.saved_steps(workdir):
+        raise
+      # The trainer's keep-last-N deleted it while we read it: nothing to evaluate.
+      logging.warning("eval: checkpoint %d of %s was deleted while being read; skipped",
+                      step, workdir)
+      continue
+    writer.write_scalars(step, metrics)
+    done[str(step)] = dict(done.get(str(step), {}), **metrics)
+    best = best_of(done, metric)
+    if main:
+      _write_json(done_path, done)
+      best = _update_best(eval_dir, done, metric)
+    logging.info("eval step %d (%.1f s): %s; best: %s", step, time.time() - start, metrics,
+                 best)
+    last_new = time.time()

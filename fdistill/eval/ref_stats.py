@@ -18,6 +18,12 @@ dataset); at most one epoch, so no image counts twice. The first ``num``
 images of the dataset's seeded epoch order are used. ``--config.data.data_dir=``
 and other overrides work as in ``fdistill.main``. The file is written
 atomically (``mu`` float64 [2048], ``sigma`` float64 [2048, 2048]).
+
+Several hosts: run the same command on every host under ``jax.distributed``
+(started as ``fdistill.main`` does when a coordinator or a cluster launcher is
+detected, e.g. ``JAX_COORDINATOR_ADDRESS``). Every process reads the same
+batches (decoding is cheap), extracts the features of its slice of each on its
+devices, the float64 sums are merged over processes, and process 0 writes.
 """
 import argparse
 import itertools
@@ -33,6 +39,7 @@ from fdistill.configfile import load_config_file
 from fdistill.errors import USER_ERRORS
 from fdistill.eval import fid
 from fdistill.eval import job
+from fdistill.parallel import mesh as mesh_lib
 
 
 def parse_args(argv=None):
@@ -62,7 +69,8 @@ def reference_stats(config, num: int = 50_000, batch_size: int = 500, detector=N
   """FeatureStats of the first ``num`` images (0 = all; capped at one epoch) of the dataset.
 
   ``detector``: a :class:`fdistill.eval.job.Detector` (default: the Inception of
-  ``eval.inception_path``, loaded through ``job.inception_detector``).
+  ``eval.inception_path``, loaded through ``job.inception_detector``). Under
+  ``jax.distributed`` a collective: every process returns the merged statistics.
   """
   if detector is None:  # checks eval.inception_path first: fails before the dataset loads
     detector = job.inception_detector(config, mesh)
@@ -84,12 +92,14 @@ def main(argv=None):
   args = parse_args(argv)
   try:
     start = time.time()
+    mesh_lib.maybe_initialize_distributed()  # before any JAX computation
     config = load_config_file(args.config)
-    devices = jax.device_count()  # the detector's batch split over all devices (one process)
+    devices = jax.device_count()  # the detector's batch split over all devices of all processes
     mesh = jax.make_mesh((devices,), ("batch",)) if devices > 1 else None
     stats = reference_stats(config, args.num, args.batch_size, mesh=mesh)
     mu, sigma = stats.mean_cov()
-    fid.save_reference(args.out, mu, sigma)
+    if mesh_lib.is_main_process():
+      fid.save_reference(args.out, mu, sigma)
   except USER_ERRORS as e:
     print(f"FATAL: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     sys.exit(2)
