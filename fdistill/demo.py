@@ -6,8 +6,9 @@ Stages, each a normal CLI mode on a config from configs/:
   2. sample it with the Heun sampler (scatter PNG) and score it against the exact mixture;
   3. distil it into students of every family (f-distill, Uni-Instruct, rCM with 1 and 2
      steps; ``STUDENTS``) and score each the same way.
-Prints one line per stage and writes ``<workdir>/summary.md``: one table, the exact data,
-the teacher and the students side by side.
+Prints one line per stage and writes ``<workdir>/summary.md`` (one table: the exact data,
+the teacher and the students, with their training steps and seconds) and
+``<workdir>/summary.png`` (their samples side by side).
 """
 import os
 import sys
@@ -23,102 +24,128 @@ _QUICK = flags.DEFINE_bool("quick", False, "Tiny settings (tests).")
 COLUMNS = ("modes_covered", "precision", "weight_recall", "log_density")
 
 
-def teacher_stage(workdir, quick):
-  """Trains, samples and evaluates the toy teacher; returns its final eval metrics."""
-  from configs import toy2d_teacher
+def timed(fn, *args):
+  """(fn(*args), seconds)."""
+  start = time.time()
+  return fn(*args), time.time() - start
+
+
+def run_stage(config, workdir, train_mode, sampler_steps=None):
+  """Trains (once per workdir: a second call resumes at the end), samples and evaluates one
+  model with the normal CLI modes. Returns (final eval metrics, plot samples, train seconds)."""
+  import numpy as np
   from fdistill import modes
+  if sampler_steps is not None:
+    config.eval.sampler_steps = sampler_steps
+  _, seconds = timed(modes.run, config, workdir, train_mode)
+  samples = np.load(modes.run(config, workdir, "sample").replace(".png", ".npy"))
+  eval_dir = os.path.join(workdir, "eval")
+  if os.path.exists(eval_dir):  # another sampler-step count of the same run: evaluate afresh
+    os.rename(eval_dir, f"{eval_dir}_{int(time.time() * 1000)}")
+  metrics = modes.run(config, workdir, "eval")[config.train.num_steps]
+  return dict(metrics, steps=config.train.num_steps, seconds=seconds), samples
+
+
+def shrink(config, steps):
+  """The ``--quick`` setting of a stage's config (tests): small networks, ``steps`` steps,
+  500 samples."""
+  config.model.hidden, config.model.emb_dim, config.model.input_fourier = (64, 64), 32, 32
+  config.train.batch_size, config.train.num_steps, config.train.save_every = 128, steps, steps
+  config.eval.num_samples = config.eval.num_plot_samples = 500
+  return config
+
+
+def teacher_stage(workdir, quick):
+  """Trains, samples and evaluates the toy teacher: (metrics row, plot samples)."""
+  from configs import toy2d_teacher
   config = toy2d_teacher.get_config("gmm25")
   if quick:
-    config.train.num_steps, config.train.save_every, config.eval.num_samples = 200, 200, 500
-  modes.run(config, workdir, "train_teacher")
-  modes.run(config, workdir, "sample")
-  results = modes.run(config, workdir, "eval")
-  return results[config.train.num_steps]
+    shrink(config, QUICK_TEACHER_STEPS)
+  return run_stage(config, workdir, "train_teacher")
 
 
 def exact_data_row(num=5000):
-  """The metrics of true samples: the ceiling every model is compared with."""
+  """The metrics and plot samples of true samples: the ceiling every model is compared with."""
   import jax
   from fdistill.diffusion import gmm as gmm_lib
   from fdistill.eval import toy_metrics
   gmm = gmm_lib.gmm25()
-  stats = toy_metrics.mode_statistics(gmm, gmm_lib.sample(gmm, jax.random.key(1), num))
-  return {"eval/" + k: v for k, v in stats.items()}
+  samples = gmm_lib.sample(gmm, jax.random.key(1), num)
+  stats = toy_metrics.mode_statistics(gmm, samples)
+  return {"eval/" + k: v for k, v in stats.items()}, samples[:2000]
 
 
 # Distillation stages: for each student, the same three CLI modes a user would run
 # (distill, sample, eval) on a configs/ file, teacher_dir=<the demo's teacher>.
-# (row name, config module, variant, sampler steps); one row per family at least.
+# (row name, config module, variant, sampler steps): the best measured setting of each
+# family (README, "The embedded default"); rows of one (module, variant) share one run.
 STUDENTS = (
-    ("f-distill reverse KL (1 step)", "toy2d_fdistill", "reverse_kl", 1),
     ("f-distill JS (1 step)", "toy2d_fdistill", "js", 1),
-    ("f-distill forward KL (1 step)", "toy2d_fdistill", "forward_kl", 1),
     ("Uni-Instruct forward KL (1 step)", "toy2d_uni_instruct", "forward_kl", 1),
     ("rCM (1 step)", "toy2d_rcm", "rcm", 1),
     ("rCM (2 steps)", "toy2d_rcm", "rcm", 2),
 )
-STEPS, QUICK_STEPS = 2000, 20
-
-
-def distill_one(config_name, variant, teacher_dir, workdir, steps, sampler_steps):
-  """Distils (once per workdir), samples and evaluates one student; its final eval metrics."""
-  import importlib
-  from fdistill import modes
-  module = importlib.import_module(f"configs.{config_name}")
-  config = module.get_config(f"{variant},teacher_dir={teacher_dir},steps={steps}")
-  config.eval.sampler_steps = sampler_steps
-  if steps < STEPS:  # quick: fewer eval samples too
-    config.eval.num_samples = 500
-  modes.run(config, workdir, "distill")  # a second row of the same run resumes at the end
-  modes.run(config, workdir, "sample")
-  eval_dir = os.path.join(workdir, "eval")
-  if os.path.exists(eval_dir):  # another sampler-step count of the same run: evaluate afresh
-    os.rename(eval_dir, f"{eval_dir}_{int(time.time() * 1000)}")
-  return modes.run(config, workdir, "eval")[steps]
+STEPS, QUICK_STEPS, QUICK_TEACHER_STEPS = 2000, 300, 600
 
 
 def distill_stages(teacher_dir, workdir, quick=False):
-  """{row name: eval metrics} of the students distilled from ``teacher_dir``."""
+  """({row name: metrics}, {row name: plot samples}) of the students of ``teacher_dir``."""
+  import importlib
   steps = QUICK_STEPS if quick else STEPS
-  rows = {}
+  rows, samples, train_seconds = {}, {}, {}
   for name, config_name, variant, sampler_steps in STUDENTS:
-    start = time.time()
-    rows[name] = distill_one(config_name, variant, teacher_dir,
-                             os.path.join(workdir, f"{config_name}_{variant}"), steps,
-                             sampler_steps)
-    print(f"{name}: {time.time() - start:.0f} s", flush=True)
-  return rows
+    module = importlib.import_module(f"configs.{config_name}")
+    config = module.get_config(f"{variant},teacher_dir={teacher_dir},steps={steps}")
+    if quick:
+      shrink(config, steps)
+    run_dir = os.path.join(workdir, f"{config_name}_{variant}")
+    rows[name], samples[name] = run_stage(config, run_dir, "distill", sampler_steps)
+    # A second row of one run resumed at its end: it reports the run's training time.
+    rows[name]["seconds"] = train_seconds.setdefault(run_dir, rows[name]["seconds"])
+    print(f"{name}: {rows[name]['seconds']:.0f} s training", flush=True)
+  return rows, samples
 
 
 def summary_table(rows):
-  """Markdown table of {name: metrics}."""
-  head = "| model | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
-  body = "".join(
-      f"| {name} | " + " | ".join(f"{m.get('eval/' + c, float('nan')):.3f}" if c != "modes_covered"
-                                  else f"{m.get('eval/' + c, 0)}/{m.get('eval/num_modes', 0)}"
-                                  for c in COLUMNS) + " |\n"
-      for name, m in rows.items())
+  """Markdown table of {name: metrics}: the quality columns, training steps and seconds."""
+  head = ("| model | " + " | ".join(COLUMNS) + " | steps | seconds |\n|---|"
+          + "---|" * (len(COLUMNS) + 2) + "\n")
+  body = ""
+  for name, m in rows.items():
+    cells = [f"{m.get('eval/modes_covered', 0)}/{m.get('eval/num_modes', 0)}"]
+    cells += [f"{m.get('eval/' + c, float('nan')):.3f}" for c in COLUMNS[1:]]
+    cells += [str(m["steps"]) if "steps" in m else "", f"{m['seconds']:.0f}" if "seconds" in m
+              else ""]
+    body += f"| {name} | " + " | ".join(cells) + " |\n"
   return head + body
 
 
 def main(argv):
   del argv
-  from fdistill.io import console
+  from fdistill.diffusion import gmm as gmm_lib
+  from fdistill.io import console, plotting
   console.quiet_libraries()
   console.ENABLED = False  # one line per stage here, not the runs' own progress lines
   start = time.time()
   workdir = _WORKDIR.value
-  teacher_dir = os.path.join(workdir, "teacher")
-  rows = {"data (exact samples)": exact_data_row()}
-  rows["teacher (Heun, 32 steps)"] = teacher_stage(teacher_dir, _QUICK.value)
-  print(f"teacher: {time.time() - start:.0f} s", flush=True)
-  rows.update(distill_stages(teacher_dir, workdir, _QUICK.value))
+  rows, samples = {}, {}
+  rows["data (exact samples)"], samples["data"] = exact_data_row()
+  teacher_row = "teacher (Heun, 32 steps)"
+  rows[teacher_row], samples["teacher"] = teacher_stage(os.path.join(workdir, "teacher"),
+                                                        _QUICK.value)
+  print(f"teacher: {rows[teacher_row]['seconds']:.0f} s training", flush=True)
+  student_rows, student_samples = distill_stages(os.path.join(workdir, "teacher"), workdir,
+                                                 _QUICK.value)
+  rows.update(student_rows)
+  samples.update(student_samples)
   table = summary_table(rows)
+  plotting.save_panels(os.path.join(workdir, "summary.png"), samples, gmm_lib.gmm25(), cols=3)
   with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write(table)
-  print(f"\nfdistill demo: 25-mode 2-D GMM, exact metrics of 5000 samples ({time.time() - start:.0f} s)\n")
+    f.write(table + "\n![samples](summary.png)\n")
+  print(f"\nfdistill demo: 25-mode 2-D GMM, exact metrics of 5000 samples "
+        f"({time.time() - start:.0f} s)\n")
   print(table)
-  print(f"Samples and metrics under {workdir}/")
+  print(f"Samples and metrics under {workdir}/ (side by side: {workdir}/summary.png)")
 
 
 if __name__ == "__main__":

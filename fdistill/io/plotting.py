@@ -39,6 +39,22 @@ def save_samples(path, samples, reference=None, title=None):
                      f"got shape {samples.shape}")
 
 
+def save_panels(path, samples_by_title, reference=None, cols=4):
+  """Writes one PNG with a scatter panel per ``{title: [N, 2] samples}``, side by side."""
+  titles = list(samples_by_title)
+  cols = min(cols, len(titles))
+  rows = -(-len(titles) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+  for ax, title in zip(axes.flat, titles):
+    scatter_2d(ax, np.asarray(samples_by_title[title]), reference, title=title)
+  for ax in list(axes.flat)[len(titles):]:
+    ax.axis("off")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
 def to_uint8(x):
   """[-1, 1] floats -> uint8, the exact inverse of ``u / 127.5 - 1`` (round half up)."""
   return np.clip((np.asarray(x, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
