@@ -4,7 +4,8 @@
   python -m fdistill.main --config=configs/digits_uni_instruct.py:forward_kl --workdir=runs/digits_ui --mode=distill
 
 Variant = the method of ``configs/toy2d_uni_instruct.py`` (Uni-Instruct divergences, sid,
-sid_half, sim_l2, sim_huber, dmd, dmd2); other keys as ``digits_fdistill.py``. The recipe is
+sid_half, sim_l2, sim_huber, dmd, dmd2, diff_instruct, sida, rkl_then_fkl); other keys as
+``digits_fdistill.py``; SiDA's logit is the channel mean of the fake U-Net's bottleneck. The recipe is
 ``digits_fdistill.py``'s (the teacher's lognormal noise levels, U-Net feature heads as the
 discriminator) with SiD's one fake-score update per generator update.
 """
@@ -20,7 +21,7 @@ def get_config(arg=None):
                                  f"resolution={a.resolution},conditional={a.conditional}")
   base = c.objective
   c.objective = toy2d_uni_instruct.method_objective(
-      a.variant, sigma_dist="lognormal", p_mean=base.p_mean, p_std=base.p_std,
+      a.variant, a.steps, sigma_dist="lognormal", p_mean=base.p_mean, p_std=base.p_std,
       fake_loss_weight="edm", discriminator=dict(base.discriminator),
       fake_optim=dict(base.fake_optim), disc_optim=dict(base.disc_optim))
   return c

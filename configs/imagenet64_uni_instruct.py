@@ -5,7 +5,8 @@
 
 SiD's recipe of ``cifar10_uni_instruct.py`` with SiD's ImageNet-64 learning rate 4e-6, bf16
 compute and FSDP over 8 devices as the teacher config. Published one-step FIDs
-(ImageNet-64): SiD 1.524; Uni-Instruct 1.02; DMD 2.62; DMD2 1.28. The global batch is a
+(ImageNet-64): SiD 1.524; Uni-Instruct 1.02; DMD 2.62; DMD2 1.28; Diff-Instruct 5.57;
+SiDA (SiD^2A) 1.110. The global batch is a
 budget choice (SiD used large batches; raise it with the device count).
 """
 from configs import cifar10_uni_instruct

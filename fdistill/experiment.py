@@ -126,6 +126,27 @@ def validate(config):
   lookup(teachers.TEACHERS, config.teacher.kind, "teacher.kind")
 
 
+def check_generator_init(config, workdir_of_run):
+  """``generator.init_workdir`` ('' = off) must be a run with a checkpoint (at ``init_step``,
+  -1 = latest) of this config's model; a one-line ValueError naming the field otherwise.
+  Checked only while the run (``workdir_of_run``) has no checkpoint: a resumed run restores
+  its own generator and no longer needs the other run."""
+  workdir, step = config.generator.init_workdir, config.generator.init_step
+  if not workdir or os.path.isdir(os.path.join(workdir_of_run, "checkpoints")):
+    return
+  field = f"generator.init_workdir={workdir!r}"
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise ValueError(f"{field} is not a run's workdir (no config.json); give the workdir of a "
+                     "distillation run, e.g. a SiD run, or '' to start from the teacher")
+  steps = checkpoint.saved_steps(workdir)
+  if not steps or (step >= 0 and step not in steps):
+    raise ValueError(f"{field} has no checkpoint at generator.init_step={step} (saved: "
+                     f"{sorted(steps) or 'none'}; -1 = the latest)")
+  if _field(checkpoint.load_config(workdir), "model") != _field(config, "model"):
+    raise ValueError(f"{field} holds a generator of another config.model; the generator must "
+                     "have this run's architecture")
+
+
 # Fields that shape a run's state: a workdir's saved run must agree on them.
 SHAPING_FIELDS = ("objective.name", "model", "data.name", "data.distribution", "data.resolution",
                   "data.conditional", "objective.discriminator", "generator.sigma_init")
@@ -156,6 +177,24 @@ def check_workdir(workdir, config=None):
                         for f in differ[:3])
     raise ValueError(f"--workdir={workdir!r} holds another run ({details}); use a new workdir "
                      "or the run's own config")
+
+
+def start_generator_from_run(exp: "Experiment", state):
+  """``state`` (fresh) with the generator's params and EMA replaced by the exported generator
+  of ``generator.init_workdir`` (checked by :func:`check_generator_init`); unchanged when it
+  is ''. Only a fresh run calls this: a resumed run restores its own generator."""
+  gc = exp.config.generator
+  if not gc.init_workdir:
+    return state
+  if "gen" not in state:
+    raise ValueError(f"generator.init_workdir needs a distillation objective; "
+                     f"objective.name={exp.config.objective.name!r} has no generator")
+  shardings = exp.state_shardings["gen"]["params"]
+  params, _ = checkpoint.restore_export_from(gc.init_workdir, exp.abstract_state["gen"]["params"],
+                                             shardings, None if gc.init_step < 0 else gc.init_step)
+  # Separate buffers for params and EMA: the steps donate the state, each leaf once.
+  ema = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x + 0, t), out_shardings=shardings)
+  return dict(state, gen=dict(state["gen"], params=params, ema=ema(params)))
 
 
 def make_mesh(config, mesh=None):

@@ -62,6 +62,7 @@ def run(config, workdir, mode, num_samples=0):
   if mode in ("train_teacher", "distill"):
     check_mode(mode, config)
     experiment.check_workdir(workdir, config)
+    experiment.check_generator_init(config, workdir)
     from fdistill.train import loop  # after the checks: it imports the metric writers
     return loop.train(config, workdir)
   experiment.check_workdir(workdir)

@@ -258,3 +258,52 @@ def test_alpha_variant_and_unknown_settings():
   config.objective.sigma_dist = "uniform"
   with pytest.raises(ValueError, match="karras"):
     fdistill.Settings.from_config(config.objective)
+
+
+# ---------------------------------------------------------------------------
+# The discriminator's loss runs fake and real rows through one teacher pass.
+
+
+def test_pair_interleaves_rows_and_unpair_inverts_it():
+  from fdistill.objectives import critics
+  a, b = jnp.arange(6.0).reshape(3, 2), -jnp.arange(6.0).reshape(3, 2) - 1
+  paired = critics.pair(a, b)
+  np.testing.assert_array_equal(paired, np.stack([a, b], 1).reshape(6, 2))
+  np.testing.assert_array_equal(paired[::2], a)
+  back = critics.unpair(paired)
+  np.testing.assert_array_equal(back[0], a)
+  np.testing.assert_array_equal(back[1], b)
+
+
+def test_discriminator_loss_in_one_pass_equals_two_separate_passes():
+  """Against the loss written out with a teacher call per half: a pairing that mixed rows
+  up (fake logits on real rows) would change it."""
+  from fdistill.models import discriminator as disc_lib
+  from fdistill.objectives import critics
+  calls = []
+
+  def teacher_apply(params, x, sigma, cond, return_features=False):
+    calls.append(x.shape[0])
+    d = params * x / (1.0 + sigma[:, None] ** 2)
+    return (d, [jnp.tanh(x + sigma[:, None])]) if return_features else d
+
+  def disc_apply(params, x_t, sigma, feats):
+    return (feats[0] @ params + 0.1 * x_t[:, :1] * sigma[:, None]).astype(jnp.float32)
+
+  nets = critics.Nets(None, teacher_apply, None, disc_lib.Discriminator(None, disc_apply, True),
+                      (2,), 1.0)
+  rng = np.random.default_rng(0)
+  batch = {k: jnp.asarray(rng.normal(size=(8, 2)), jnp.float32) for k in ("x_t", "real_t")}
+  batch.update(sigma=jnp.asarray(rng.uniform(0.1, 2, 8), jnp.float32),
+               real_sigma=jnp.asarray(rng.uniform(0.1, 2, 8), jnp.float32))
+  head = jnp.asarray([[0.7], [-1.3]], jnp.float32)
+  value, aux = critics.make_discriminator_loss(nets)(head, 0.5, batch, None)
+  assert calls == [16]  # one teacher pass over both halves
+
+  def logits(x, s):
+    return disc_apply(head, x, s, teacher_apply(0.5, x, s, None, return_features=True)[1])
+  fake, real = logits(batch["x_t"], batch["sigma"]), logits(batch["real_t"], batch["real_sigma"])
+  expected = np.mean(np.logaddexp(0, fake)) + np.mean(np.logaddexp(0, -real))
+  np.testing.assert_allclose(value, expected, rtol=1e-6)
+  np.testing.assert_allclose(aux["disc_accuracy"],
+                             0.5 * (np.mean(real > 0) + np.mean(fake < 0)), rtol=1e-6)

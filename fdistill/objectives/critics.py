@@ -61,21 +61,64 @@ def discriminator_loss(real_logits, fake_logits):
 FAKE_LOSS_WEIGHTS = {"edm": edm.loss_weight, "none": jnp.ones_like}
 
 
-def make_fake_score_loss(nets: Nets, fake_loss_weight: str):
+def encoder_logits(nets: Nets, fake_params, x_t, sigma, cond, rng=None):
+  """``(D_fake, logit)``: the fake score and SiDA's discriminator logit, the channel mean of
+  the fake score's last encoder features (a U-Net's bottleneck after its middle blocks:
+  logits [B, H, W]; the toy MLP's last hidden layer: [B]).
+
+  SiDA (Zhou et al. 2024, "Adversarial Score identity Distillation") makes the fake score's
+  encoder the discriminator, so no separate network is trained; the mean over channels is
+  its logit map (their EDM code: ``x.mean(dim=1)`` after the encoder blocks).
+  """
+  d, feats = nets.fake_apply(fake_params, x_t, sigma, cond, rng=rng, return_features=True)
+  if not feats:
+    raise ValueError("loss='sida' needs a fake score that returns encoder features "
+                     "(config.model: mlp with hidden layers, songunet, dhariwalunet or dit)")
+  return d, jnp.mean(feats[-1].astype(jnp.float32), axis=-1)
+
+
+def make_fake_score_loss(nets: Nets, fake_loss_weight: str, encoder_disc: bool = False):
   """DSM of the fake score on the critic batch's stop_gradient generator samples.
 
   ``fake_loss_weight``: 'edm' (lambda(s) |D - x0|^2) or 'none' (plain x0 MSE, FastGen).
+  ``encoder_disc`` (SiDA): the fake score's encoder is also the discriminator, trained in
+  the same loss by ``lambda(s) * (logistic loss of real vs generator logits) / 2`` with
+  EDM's lambda(s) whatever ``fake_loss_weight`` is (SiDA's code), noised data from
+  ``batch["real_t"]`` (SiDA noises both with the same (s, eps): ``same_noise_real``).
   """
   weight_fn = lookup(FAKE_LOSS_WEIGHTS, fake_loss_weight, "objective.fake_loss_weight")
 
   def loss(params, inputs, batch, rng):
     del inputs
-    d = nets.fake_apply(params, batch["x_t"], batch["sigma"], batch.get("cond"), rng=rng)
+    x_t, sigma, cond = batch["x_t"], batch["sigma"], batch.get("cond")
+    if not encoder_disc:
+      d = nets.fake_apply(params, x_t, sigma, cond, rng=rng)
+    else:
+      d, fake_logit = encoder_logits(nets, params, x_t, sigma, cond, rng)
     err = per_sample_mean(jnp.square(d - batch["x_gen"]))
-    value = jnp.mean(weight_fn(batch["sigma"]) * err)
-    return value, {"fake_loss": value}
+    value = jnp.mean(weight_fn(sigma) * err)
+    if not encoder_disc:
+      return value, {"fake_loss": value}
+    _, real_logit = encoder_logits(nets, params, batch["real_t"], batch["real_sigma"], cond, rng)
+    logistic = (per_sample_mean(jax.nn.softplus(fake_logit)) +
+                per_sample_mean(jax.nn.softplus(-real_logit)))
+    adv = jnp.mean(edm.loss_weight(batch["real_sigma"]) * logistic / 2)
+    return value + adv, {"fake_loss": value + adv, "dsm_loss": value, "adv_disc_loss": adv}
 
   return loss
+
+
+def pair(a, b):
+  """Rows interleaved ``[a_0, b_0, a_1, b_1, ...]``: each device's rows of ``a`` and ``b``
+  (the batch is split into contiguous blocks) stay on that device, so pairing needs no
+  communication, unlike a concatenation."""
+  return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def unpair(x):
+  """The inverse of :func:`pair`: ``(a, b)``."""
+  x = x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
+  return x[:, 0], x[:, 1]
 
 
 def make_discriminator_loss(nets: Nets):
@@ -87,8 +130,12 @@ def make_discriminator_loss(nets: Nets):
 
   def loss(params, inputs, batch, rng):
     del rng
-    fake = logits_of(params, inputs, batch["x_t"], batch["sigma"], batch.get("cond"))
-    real = logits_of(params, inputs, batch["real_t"], batch["real_sigma"], batch.get("cond"))
+    # Fake and real rows through one teacher pass: one network in the compiled step, not two
+    # (XLA:CPU's compile time grows with each network copy; benchmarks/compile_time.py).
+    cond = batch.get("cond")
+    fake, real = unpair(logits_of(params, inputs, pair(batch["x_t"], batch["real_t"]),
+                                  pair(batch["sigma"], batch["real_sigma"]),
+                                  None if cond is None else pair(cond, cond)))
     value = discriminator_loss(real, fake)
     accuracy = 0.5 * (jnp.mean(real > 0) + jnp.mean(fake < 0))
     return value, {"disc_loss": value, "disc_accuracy": accuracy}

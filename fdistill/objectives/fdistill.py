@@ -76,7 +76,8 @@ class Settings:
   ratio_bins: int                 # 0: no per-bin ratio normalisation
   ratio_ema: float                # EMA rate of the bin means (0: this batch's means)
   normalise_h: bool               # divide h by its global-batch mean
-  weight: str                     # abs_mean: h / mean|x - D_T| (DMD); sigma2: h / s^2 (exact)
+  weight: str                     # abs_mean: h / mean|x - D_T| (DMD); sigma2: h / s^2 (exact);
+                                  # unit: h (Diff-Instruct's s^2 weighting of the score gap)
   fake_loss_weight: str           # edm: lambda(s) |D - x0|^2; none: plain x0 MSE (FastGen)
   same_noise_real: bool           # noise real data with the fake samples' (s, eps)
   sigma_dist: str                 # karras | lognormal | fixed
@@ -122,7 +123,15 @@ def _sigma2_weight(x, d_teacher, sigma):
   return 1.0 / sigma**2
 
 
-WEIGHTS = {"abs_mean": _abs_mean_weight, "sigma2": _sigma2_weight}
+def _unit_weight(x, d_teacher, sigma):
+  """1: the x-gradient is the denoiser difference ``D_fake - D_T = s^2 (S_q - S_p)``, i.e. the
+  level-s gradient weighted by ``s^2``: Diff-Instruct's (its EDM code's generator loss is
+  ``(D_fake - D_T) * G(z)`` with weight 1, Luo et al. 2023, training/di_loss.py)."""
+  del x, sigma
+  return jnp.ones(d_teacher.shape[:1], jnp.float32)
+
+
+WEIGHTS = {"abs_mean": _abs_mean_weight, "sigma2": _sigma2_weight, "unit": _unit_weight}
 
 
 def vsd_surrogate(x, d_fake, d_teacher, weight):

@@ -67,8 +67,13 @@ class Scaffold:
   schedule: Callable
 
 
-def build(config, task, st, what: str, train_disc: bool = True) -> Scaffold:
-  """The shared parts for objective ``what`` (its name in error messages)."""
+def build(config, task, st, what: str, train_disc: bool = True,
+          encoder_disc: bool = False, critic_levels=None) -> Scaffold:
+  """The shared parts for objective ``what`` (its name in error messages). ``encoder_disc``:
+  the fake score's encoder doubles as the discriminator (SiDA; see
+  :func:`fdistill.objectives.critics.make_fake_score_loss`). ``critic_levels``: settings
+  whose noise-level fields the critic batch uses (default ``st``, the generator's levels)."""
+  critic_levels = st if critic_levels is None else critic_levels
   if task.teacher_apply is None:
     raise ValueError(f"objective.name={what!r} distils a teacher: set teacher.kind to "
                      "'analytic' (toy data), 'checkpoint' (with teacher.workdir) or "
@@ -92,7 +97,7 @@ def build(config, task, st, what: str, train_disc: bool = True) -> Scaffold:
                                                          config.objective.fake_optim))
   disc_update = update.updater(config, section_optimizer(config.optim,
                                                          config.objective.disc_optim))
-  fake_loss = critics.make_fake_score_loss(nets, st.fake_loss_weight)
+  fake_loss = critics.make_fake_score_loss(nets, st.fake_loss_weight, encoder_disc)
   disc_loss = critics.make_discriminator_loss(nets)
 
   def init(rng, teacher=None):
@@ -107,10 +112,11 @@ def build(config, task, st, what: str, train_disc: bool = True) -> Scaffold:
 
   def critic_step(state, teacher, batch, rng):
     c_rng, f_rng, d_rng = jax.random.split(rng, 3)
-    cb = critics.critic_batch(nets, st, state["gen"]["params"], batch, c_rng,
+    cb = critics.critic_batch(nets, critic_levels, state["gen"]["params"], batch, c_rng,
                               gen_update.fsdp_gather)
     fake, _, f_aux, ok = fake_update(state["fake"], fake_loss, None, cb, f_rng)
-    metrics = {"fake_loss": f_aux["fake_loss"], "fake_grad_norm": f_aux["grad_norm"]}
+    metrics = dict(f_aux, fake_grad_norm=f_aux["grad_norm"])
+    del metrics["grad_norm"]
     new = dict(state, fake=fake)
     if train_disc:
       new["disc"], _, d_aux, d_ok = disc_update(state["disc"], disc_loss, teacher, cb, d_rng)

@@ -13,7 +13,16 @@ evaluated at the noised generator sample with its input on the gradient path.
             reverse KL needs no ratio (no discriminator is trained);
   sid       SiD (Zhou et al. 2024): ``Delta_D^T[(D_T - G) - alpha Delta_D]``; alpha = 0.5 is
             exactly half the reverse-KL member, the published 1.2 its own estimator;
-  sim       SIM (Luo et al. 2024) with ``sim_distance`` 'l2' or 'pseudo_huber'.
+  sim       SIM (Luo et al. 2024) with ``sim_distance`` 'l2' or 'pseudo_huber';
+  sida      SiDA (Zhou et al. 2024, "Adversarial Score identity Distillation"):
+            ``(1 - adv_weight) SiD + adv_weight GAN``, the GAN logit being the channel mean of
+            the fake score's last encoder features (no separate discriminator; the fake score
+            learns it beside its DSM loss, :func:`critics.make_fake_score_loss`).
+
+Recipe "reverse KL, then another divergence": with ``switch_divergence`` set, generator
+steps from ``switch_step`` on use it (kind ``generator_switched``, its own compiled program
+chosen by the host schedule, never a ``lax.cond``); the discriminator trains from step 0
+when either phase needs the ratio, so it is ready at the switch.
 
 ``objective.scale``: 'sid' (SiD's ``s^4 / mean|G - D_T|`` per sample, the
 published training scale), 'sigma4' or 'exact' (score units: the oracle's).
@@ -22,8 +31,10 @@ The fake score, discriminator, schedule and one-step sampler are f-distill's
 (``gan_weight``) uses the same discriminator.
 """
 import dataclasses
+import math
 
 import jax
+import jax.numpy as jnp
 
 from fdistill.diffusion import edm
 from fdistill.objectives import critics
@@ -35,7 +46,8 @@ from fdistill.optim import update
 from fdistill.registry import check_choice
 
 SECTIONS = ("name", "discriminator", "fake_optim", "disc_optim")
-LOSSES = ("expanded", "sid", "sim")
+LOSSES = ("expanded", "sid", "sim", "sida")
+SWITCHED = "generator_switched"  # the kind of generator step after ``switch_step``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +60,9 @@ class Settings:
   sid_alpha: float                # sid: SiD's alpha (published 1.2)
   sim_distance: str               # sim: l2 | pseudo_huber
   sim_c: float                    # sim: pseudo-Huber's c
+  adv_weight: float               # sida: weight of the GAN term (SiDA: 0.5, SiD gets the rest)
+  switch_step: int                # expanded: generator steps >= this use switch_divergence
+  switch_divergence: str          # '' = no switch; else a divergence name or 'pearson'
   scale: str                      # sid | sigma4 | exact
   gen_every: int                  # generator update on every k-th step
   warmup_critic_steps: int
@@ -56,6 +71,7 @@ class Settings:
   fake_loss_weight: str           # edm | none
   same_noise_real: bool
   sigma_dist: str                 # karras | lognormal | fixed
+  critic_sigma_dist: str          # the critics' levels: '' = sigma_dist (SiDA/SiD code: lognormal)
   sigma_min: float
   sigma_max: float
   rho: float
@@ -72,19 +88,68 @@ class Settings:
     check_choice(st.scale, ul.SCALES, "objective.scale")
     check_choice(st.sim_distance, ("l2", "pseudo_huber"), "objective.sim_distance")
     check_choice(st.sigma_dist, noise.SIGMA_DISTS, "objective.sigma_dist")
+    check_choice(st.critic_sigma_dist, ("",) + tuple(noise.SIGMA_DISTS),
+                 "objective.critic_sigma_dist")
     check_choice(st.fake_loss_weight, critics.FAKE_LOSS_WEIGHTS, "objective.fake_loss_weight")
     ul.get_divergence(st.divergence, st.alpha)
     if st.gen_every < 1:
       raise ValueError(f"objective.gen_every={st.gen_every} must be >= 1")
+    if st.loss == "sida" and st.gan_weight:
+      raise ValueError(f"objective.gan_weight={st.gan_weight} must be 0 with loss='sida' (its GAN "
+                       "term is objective.adv_weight, through the fake score's encoder)")
+    if not 0 <= st.adv_weight <= 1:
+      raise ValueError(f"objective.adv_weight={st.adv_weight} must be in [0, 1]")
+    if st.switch_divergence:
+      ul.get_divergence(st.switch_divergence, st.alpha)
+      if st.loss != "expanded" or st.switch_step < 1:
+        raise ValueError(f"objective.switch_divergence={st.switch_divergence!r} needs "
+                         f"objective.loss='expanded' (got {st.loss!r}) and objective.switch_step"
+                         f" >= 1 (got {st.switch_step})")
     return st
 
   @property
   def needs_ratio(self) -> bool:
     return self.loss == "expanded" and self.divergence != "reverse_kl"
 
+  def phases(self):
+    """The settings of each generator phase: before the switch and, if any, after it."""
+    if not self.switch_divergence:
+      return (self,)
+    return self, dataclasses.replace(self, divergence=self.switch_divergence,
+                                     switch_divergence="")
+
+
+def make_sida_generator_loss(nets: critics.Nets, st: Settings):
+  """SiDA's generator loss: ``(1 - adv_weight) SiD(sid_alpha) + adv_weight GAN``, each per
+  sample times SiD's ``1 / mean|G - D_T|`` (SiDA's EDM code: ``0.5 loss + 0.5 loss_gan``, with
+  ``loss_gan = numel * BCE(clip(logit, +-10), 1) / mean|G - D_T|``; here the BCE is each
+  sample's own mean over its logit map rather than the batch mean). The logit is the frozen
+  fake score's channel-mean encoder feature at ``x_t`` (input on the gradient path)."""
+  numel = math.prod(nets.x_shape)
+
+  def loss(params, inputs, batch, rng):
+    cond = batch.get("cond")
+    (z, eps), (e,) = noise.draw_noise(rng, batch["x"].shape[0], nets.x_shape, 2, 1)
+    sigma, _ = noise.sample_sigma(e, st)
+    frozen = jax.lax.stop_gradient(inputs)  # params frozen; x_t carries the generator's path
+    x = critics.generate(nets, params, z, cond)
+    x_t = edm.add_noise(x, eps, sigma)
+    d_teacher = nets.teacher_apply(frozen["teacher"], x_t, sigma, cond)
+    d_fake, logit = critics.encoder_logits(nets, frozen["fake"], x_t, sigma, cond)
+    normaliser = ul.sid_normaliser(x, d_teacher)
+    sid = jnp.mean(ul.sid_loss(d_teacher, d_fake, x, st.sid_alpha) * normaliser)
+    clipped = jnp.clip(logit, -st.logit_clip, st.logit_clip)
+    gan = jnp.mean(numel * critics.per_sample_mean(jax.nn.softplus(-clipped)) * normaliser)
+    value = (1 - st.adv_weight) * sid + st.adv_weight * gan
+    return value, {"sid": sid, "gan_gen": gan}
+
+  return loss
+
 
 def make_generator_loss(nets: critics.Nets, st: Settings):
   """``loss(params, inputs, batch, rng)``, ``inputs = {"teacher", "fake", "disc"}``."""
+  if st.loss == "sida":
+    return make_sida_generator_loss(nets, st)
   options = dict(objective={"expanded": "uni_instruct"}.get(st.loss, st.loss),
                  divergence=st.divergence if st.loss == "expanded" else None,
                  alpha=st.alpha, sid_alpha=st.sid_alpha, sim_distance=st.sim_distance,
@@ -117,21 +182,42 @@ def make_generator_loss(nets: critics.Nets, st: Settings):
 sampler = scaffold.sampler  # one-step: G(z) with the generator's EMA (no teacher needed)
 
 
+def switch_schedule(base_schedule, switch_step: int):
+  """``base_schedule`` with its generator steps from ``switch_step`` on renamed :data:`SWITCHED`."""
+
+  def schedule(step: int) -> str:
+    kind = base_schedule(step)
+    return SWITCHED if kind == "generator" and step >= switch_step else kind
+
+  return schedule
+
+
 def build(config, task) -> Objective:
   st = Settings.from_config(config.objective)
+  phases = st.phases()
   parts = scaffold.build(config, task, st, "uni_instruct",
-                         train_disc=st.needs_ratio or bool(st.gan_weight))
-  gen_loss = make_generator_loss(parts.nets, st)
+                         train_disc=any(p.needs_ratio for p in phases) or bool(st.gan_weight),
+                         encoder_disc=st.loss == "sida",
+                         critic_levels=dataclasses.replace(
+                             st, sigma_dist=st.critic_sigma_dist or st.sigma_dist))
 
-  def generator_step(state, teacher, batch, rng):
-    inputs = {"teacher": teacher, "fake": state["fake"]["params"],
-              "disc": state["disc"]["params"]}
-    gen, loss, aux, ok = parts.gen_update(state["gen"], gen_loss, inputs, batch, rng)
-    metrics = {**aux, "gen_loss": loss}
-    metrics["gen_grad_norm"] = metrics.pop("grad_norm")
-    return update.count_step(dict(state, gen=gen), ok), metrics
+  def generator_step_of(phase):
+    gen_loss = make_generator_loss(parts.nets, phase)
 
-  return Objective(init=parts.init, steps={"generator": generator_step,
-                                           "critic": parts.critic_step},
-                   schedule=parts.schedule, export=lambda state: state["gen"]["ema"],
-                   sampler=parts.sample)
+    def generator_step(state, teacher, batch, rng):
+      inputs = {"teacher": teacher, "fake": state["fake"]["params"],
+                "disc": state["disc"]["params"]}
+      gen, loss, aux, ok = parts.gen_update(state["gen"], gen_loss, inputs, batch, rng)
+      metrics = {**aux, "gen_loss": loss}
+      metrics["gen_grad_norm"] = metrics.pop("grad_norm")
+      return update.count_step(dict(state, gen=gen), ok), metrics
+
+    return generator_step
+
+  steps = {"generator": generator_step_of(phases[0]), "critic": parts.critic_step}
+  schedule = parts.schedule
+  if len(phases) > 1:
+    steps[SWITCHED] = generator_step_of(phases[1])
+    schedule = switch_schedule(parts.schedule, st.switch_step)
+  return Objective(init=parts.init, steps=steps, schedule=schedule,
+                   export=lambda state: state["gen"]["ema"], sampler=parts.sample)

@@ -53,13 +53,13 @@ class MetricMeans:
 
 def init_or_restore(exp: experiment.Experiment, ckpt: checkpoint.Checkpointer, rng):
   """Restores the newest intact checkpoint (corrupt ones are moved aside), else initialises
-  the state directly sharded."""
+  the state directly sharded (the generator from ``generator.init_workdir`` when set)."""
   restored = ckpt.restore_intact(checkpoint.with_shardings(exp.abstract_state,
                                                            exp.state_shardings))
   if restored is not None:
     logging.info("Restored step %d from %s", restored[1]["step"], ckpt.manager.directory)
     return restored[0]
-  return exp.init(rng, exp.teacher)
+  return experiment.start_generator_from_run(exp, exp.init(rng, exp.teacher))
 
 
 def skip_counts(state, step, last_skipped):

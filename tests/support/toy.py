@@ -4,7 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from configs import toy2d_fdistill, toy2d_teacher
+from configs import toy2d_fdistill, toy2d_teacher, toy2d_uni_instruct
 from fdistill import objectives
 from fdistill.diffusion import gmm as gmm_lib
 
@@ -29,6 +29,16 @@ def tiny_fdistill_config(arg="js,teacher=analytic", **objective):
   c.model.hidden, c.model.emb_dim, c.model.input_fourier = (32,), 16, 0
   c.objective.discriminator.update(hidden=(16,), emb_dim=16)
   c.objective.update(dict(dict(warmup_critic_steps=0, gen_every=3), **objective))
+  c.train.batch_size = BATCH
+  return c
+
+
+def tiny_uni_instruct_config(method):
+  """A method of configs/toy2d_uni_instruct.py on gmm8 (exact teacher), one-hidden-layer nets."""
+  c = toy2d_uni_instruct.get_config(f"{method},teacher=analytic,distribution=gmm8,steps=8")
+  c.model.hidden, c.model.emb_dim = (32,), 16
+  c.objective.discriminator.update(hidden=(16,), emb_dim=16)
+  c.objective.update(dict(warmup_critic_steps=0))
   c.train.batch_size = BATCH
   return c
 
