@@ -52,6 +52,10 @@ other failure reads ``error`` with the exception. Rows are written to
 ``--kinds`` picks kinds of step (``generator``) or one objective's
 (``sid:critic``), e.g. the issue's three: ``fdistill:generator,sid:generator,sid:critic``.
 ``--plan=issue`` runs the PyTorch reference's cells, most wanted first (:data:`ISSUE_PLAN`).
+``--plan=rcm_attn`` times rCM's DiT student steps with the fused JVP attention kernel
+(``attn_impl=flash_jvp``, what ``auto`` picks on a GPU) against XLA attention under
+``jax.jvp`` (``xla``), in pairs (:data:`RCM_ATTN_PLAN`); ``--attn_impl=flash_jvp,xla``
+does the same for any list of rows. The attention column says which ran.
 With ``--cache_dir`` a rerun's compile times are cache hits.
 """
 import argparse
@@ -98,6 +102,18 @@ ISSUE_PLAN = (
     ("ddpmpp", 256, "bfloat16", ("fdistill:generator", "sid:generator", "sid:critic")),
     ("ddpmpp", 256, "float32", ("fdistill:generator", "sid:generator", "sid:critic")),
     ("ddpmpp", 64, "bfloat16", ("fdistill:generator", "sid:generator", "sid:critic")),
+)
+
+# --plan=rcm_attn: rCM's student steps on the DiT with the fused JVP attention kernel against
+# XLA attention under jax.jvp (same net, batch, dtype; rows in pairs). scm_warmup is the sCM
+# part alone (target with the tangent, then the regression), where the kernel runs;
+# generator adds the DMD rollouts. The kernel needs a GPU: elsewhere flash_jvp runs in Pallas
+# interpret mode (slow, correct), so on a CPU this plan checks only that the rows build.
+RCM_ATTN_IMPLS = ("flash_jvp", "xla")
+RCM_ATTN_PLAN = (
+    ("dit", 64, "bfloat16", ("rcm:scm_warmup", "rcm:generator")),
+    ("dit", 64, "float32", ("rcm:scm_warmup", "rcm:generator")),
+    ("dit", 256, "bfloat16", ("rcm:scm_warmup", "rcm:generator")),
 )
 
 
@@ -292,7 +308,8 @@ def measure(spec, row):
 
 def failed_row(spec, status):
   return dict(net=spec["net"], objective=spec["objective"], kind=spec["kind"],
-              batch=spec["batch"], dtype=spec["dtype"], status=status)
+              batch=spec["batch"], dtype=spec["dtype"], attn_impl=spec["attn_impl"] or "config",
+              status=status)
 
 
 def measure_safely(spec):
@@ -339,14 +356,14 @@ def measure_in_subprocess(spec, timeout):
 # ---------------------------------------------------------------------------
 # Table.
 
-COLUMNS = ("| net | params | objective | step | batch | dtype | ms/step | img/s | peak GB | "
-           "GFLOP/step | fwd-eq | compile s |")
+COLUMNS = ("| net | params | objective | step | batch | dtype | attention | ms/step | img/s | "
+           "peak GB | GFLOP/step | fwd-eq | compile s |")
 
 
 def markdown_row(r):
   params = f"{r['params_M']}M" if "params_M" in r else ""
   head = (f"| {r['net']} | {params} | {r['objective']} | {r['kind']} | "
-          f"{r['batch']} | {r['dtype']} |")
+          f"{r['batch']} | {r['dtype']} | {r.get('attn_impl', '')} |")
   if r["status"] != "ok":
     return head + f" {r['status']} | | | | | |"
   peak = f"{r['peak_bytes'] / 1e9:.2f}" + (" (xla)" if r["peak_source"] == "xla" else "")
@@ -357,8 +374,9 @@ def markdown_row(r):
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--plan", default="", choices=["", "issue"],
-                 help="issue: the reference's cells in priority order (replaces the lists)")
+  p.add_argument("--plan", default="", choices=["", "issue", "rcm_attn"],
+                 help="issue: the reference's cells in priority order; rcm_attn: rCM's DiT "
+                      "student steps, fused JVP attention kernel vs XLA (replace the lists)")
   p.add_argument("--small", action="store_true",
                  help="reduced widths and batches 8,16 (CPU in a few minutes)")
   p.add_argument("--nets", default=",".join(NETS))
@@ -370,7 +388,9 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=10, help="timed steps per row")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
   p.add_argument("--dit_size", default="B", choices=sorted(architectures.DIT_SIZES))
-  p.add_argument("--attn_impl", default="", help="override model.attn_impl ('' = the configs')")
+  p.add_argument("--attn_impl", default="",
+                 help="override model.attn_impl; a list (flash_jvp,xla) gives a row per value "
+                      "('' = the configs': auto for rcm, i.e. the kernel on GPU; xla otherwise)")
   p.add_argument("--isolate", type=int, default=1,
                  help="1: each row in a fresh process (its own device peak; the default)")
   p.add_argument("--row_timeout", type=float, default=900.0, help="seconds per isolated row")
@@ -395,16 +415,26 @@ def _kinds_of(objective):
 
 
 def _spec(args, **row):
-  return dict(row, small=args.small, dit_size=args.dit_size, attn_impl=args.attn_impl,
-              steps=args.steps, warmup=args.warmup, cache_dir=args.cache_dir)
+  return dict(row, small=args.small, dit_size=args.dit_size, steps=args.steps,
+              warmup=args.warmup, cache_dir=args.cache_dir)
+
+
+def _plan_specs(args, plan, impls):
+  """Rows of a plan, ``(net, batch, dtype, "objective:kind" rows)``, one per attention impl."""
+  return [_spec(args, net=net, objective=row.split(":")[0], kind=row.split(":")[1],
+                batch=batch, dtype=dtype, attn_impl=impl)
+          for net, batch, dtype, rows in plan for row in rows for impl in impls]
 
 
 def row_specs(args):
   """The rows to measure, in order: ``--plan``'s, or every combination of the lists."""
+  impls = _list(args.attn_impl) or [""]
   if args.plan == "issue":
-    return [_spec(args, net=net, objective=row.split(":")[0], kind=row.split(":")[1],
-                  batch=batch, dtype=dtype)
-            for net, batch, dtype, rows in ISSUE_PLAN for row in rows]
+    return _plan_specs(args, ISSUE_PLAN, impls)
+  if args.plan == "rcm_attn":
+    small = lambda b: min(b, 8) if args.small else b  # --small: a CPU check of the rows
+    plan = tuple((net, small(b), dtype, rows) for net, b, dtype, rows in RCM_ATTN_PLAN)
+    return _plan_specs(args, plan, _list(args.attn_impl) or RCM_ATTN_IMPLS)
   objective_names = _list(args.objectives) or list(available_objectives())
   for name in objective_names:
     if name not in available_objectives():
@@ -423,8 +453,8 @@ def row_specs(args):
           for kind in _kinds_of(objective):
             if kinds and kind not in kinds and f"{objective}:{kind}" not in kinds:
               continue
-            specs.append(_spec(args, net=net, objective=objective, kind=kind, batch=batch,
-                               dtype=dtype))
+            specs.extend(_spec(args, net=net, objective=objective, kind=kind, batch=batch,
+                               dtype=dtype, attn_impl=impl) for impl in impls)
   unmatched = [k for k in kinds
                if not any(k in (s["kind"], f"{s['objective']}:{s['kind']}") for s in specs)]
   if unmatched:

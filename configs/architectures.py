@@ -4,7 +4,9 @@ Each function returns a ConfigDict with ``name`` (the registry key), the
 module's fields and ``sigma_data``; a config file does
 ``c.model = architectures.ddpmpp_cifar10()`` and overrides fields after.
 The published ones reproduce NVlabs/edm ``train.py`` exactly (so imported EDM
-checkpoints fit); the ``tiny_*`` ones are for CPU tests.
+checkpoints fit); the ``tiny_*`` ones are for CPU tests. The U-Nets'
+``double_norm`` (sCM's adaptive double normalisation, models/unet.py) is off:
+EDM's networks do not have it.
 """
 import ml_collections
 
@@ -34,7 +36,7 @@ def _song_unet(**fields):
       model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4,
       attn_resolutions=(16,), dropout=0.13, label_dropout=0.0, embedding_type="positional",
       channel_mult_noise=1, encoder_type="standard", decoder_type="standard",
-      resample_filter=(1, 1))
+      resample_filter=(1, 1), double_norm=False)
   defaults.update(fields)
   return _model("songunet", **defaults)
 
@@ -44,7 +46,8 @@ def _dhariwal_unet(**fields):
   defaults = dict(
       img_resolution=64, in_channels=3, out_channels=3, label_dim=0, augment_dim=0,
       model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
-      attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0.0, channels_per_head=64)
+      attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0.0, channels_per_head=64,
+      double_norm=False)
   defaults.update(fields)
   return _model("dhariwalunet", **defaults)
 

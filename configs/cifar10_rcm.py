@@ -36,7 +36,8 @@ def rcm_recipe(c, variant, *, p_mean, p_std, lr, batch_size, num_steps):
   c.objective = common.rcm_objective(
       p_mean=p_mean, p_std=p_std, tangent="jvp", warmup="scm", tangent_warmup_steps=10_000,
       norm_c=0.1, time_embedding="edm", dmd_weight=0.0 if variant == "scm" else 0.01,
-      dmd_only=variant == "dmd_only", scm_warmup_steps=10_000 if variant == "rcm" else 0,
+      dmd_only=variant == "dmd_only", adaptive_weight=variant != "dmd_only",
+      scm_warmup_steps=10_000 if variant == "rcm" else 0,
       warmup_critic_steps=0, gen_every=5, rollout_max_steps=4, dmd_time="shift",
       dmd_shift=5.0, sigma_min=0.002, sigma_max=80.0, sampler_times=(1.1,),
       fake_loss_weight="edm", fake_optim=dict(lr=0.2 * lr, grad_clip=0.0))

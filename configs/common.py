@@ -20,7 +20,11 @@ def base_config():
   # kind: none | analytic | checkpoint | edm_pickle. step: -1 = latest checkpoint of teacher.workdir;
   # path: a local EDM .pkl for kind=edm_pickle (never downloaded).
   c.teacher = ml_collections.ConfigDict({"kind": "none", "workdir": "", "step": -1, "path": ""})
-  c.generator = ml_collections.ConfigDict({"sigma_init": 2.5})
+  # init_workdir: "" = the generator starts from the teacher (or fresh); else a distillation
+  # run's workdir whose exported generator (checkpoint init_step, -1 = latest) becomes the new
+  # run's generator params and EMA (SiD^2A: SiDA started from a SiD generator).
+  c.generator = ml_collections.ConfigDict({"sigma_init": 2.5, "init_workdir": "",
+                                           "init_step": -1})
   c.objective = ml_collections.ConfigDict({"name": "dsm", "p_mean": -1.2, "p_std": 1.2})
   c.optim = ml_collections.ConfigDict({
       "lr": 1e-3, "warmup_steps": 0, "grad_clip": 1.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
@@ -72,9 +76,11 @@ def fdistill_objective(**overrides) -> ml_collections.ConfigDict:
 # field): SiD's recipe (SiD and Uni-Instruct share it) with the expanded forward KL.
 UNI_INSTRUCT_OBJECTIVE = dict(
     name="uni_instruct", loss="expanded", divergence="forward_kl", alpha=0.5, sid_alpha=1.2,
-    sim_distance="pseudo_huber", sim_c=1.0, scale="sid", gen_every=2, warmup_critic_steps=0,
+    sim_distance="pseudo_huber", sim_c=1.0, adv_weight=0.5, switch_step=0, switch_divergence="",
+    scale="sid", gen_every=2, warmup_critic_steps=0,
     gan_weight=0.0, logit_clip=10.0, fake_loss_weight="edm", same_noise_real=False,
-    sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0, ramp_min=0.2, ramp_max=0.998,
+    sigma_dist="karras", critic_sigma_dist="", sigma_min=0.002, sigma_max=80.0, rho=7.0,
+    ramp_min=0.2, ramp_max=0.998,
     p_mean=-1.2, p_std=1.2, sigma_fixed=1.0,
     discriminator=dict(name="mlp"), fake_optim={}, disc_optim={})
 
@@ -90,11 +96,13 @@ def uni_instruct_objective(**overrides) -> ml_collections.ConfigDict:
 # tangent_warmup 1000 iterations (both the r warm-up and the sCM-only phase), the student every
 # 5th step, rollouts of up to 4 steps, DMD times by timestep_shift 5, loss_scale 100 (sCM) vs
 # loss_scale_dmd 1 summed over dims (= dmd_weight 0.01 with this code's means), sigma_max 80,
-# the sampler's intermediate times (1.3, 1.0, 0.6), sCM's normalisation c = 0.1 (Lu & Song
-# 2024). rCM's fake-score optimiser (lr 0.2x the student's) is a config's fake_optim.
+# the sampler's intermediate times (1.3, 1.0, 0.6), sCM's normalisation c = 0.1 and learned
+# adaptive weight w(t) (Lu & Song 2024, Algorithm 1, for distillation too; set it False with
+# dmd_only=True). rCM's fake-score optimiser (lr 0.2x the student's) is a config's fake_optim.
 RCM_OBJECTIVE = dict(
     name="rcm", p_mean=-0.8, p_std=1.6, tangent="jvp", fd_eps=1e-3, warmup="rcm",
-    tangent_warmup_steps=1000, norm_c=0.1, time_embedding="edm", time_scale=1.0,
+    tangent_warmup_steps=1000, norm_c=0.1, adaptive_weight=True, time_embedding="edm",
+    time_scale=1.0,
     dmd_weight=0.01, dmd_only=False, scm_warmup_steps=1000, warmup_critic_steps=0, gen_every=5,
     rollout_max_steps=4, dmd_time="shift", dmd_shift=5.0, dmd_p_mean=0.0, dmd_p_std=1.6,
     sigma_min=0.002, sigma_max=80.0, sampler_times=(1.3, 1.0, 0.6), fake_loss_weight="edm",

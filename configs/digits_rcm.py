@@ -59,6 +59,7 @@ def get_config(arg=None):
   c.objective = common.rcm_objective(
       p_mean=-1.2, p_std=1.2, tangent_warmup_steps=warmup,
       dmd_weight=0.0 if member == "scm" else 0.01, dmd_only=member == "dmd_only",
+      adaptive_weight=member != "dmd_only",
       scm_warmup_steps=warmup if member == "rcm" else 0, gen_every=5, rollout_max_steps=4,
       sigma_max=80.0, fake_loss_weight="edm", fake_optim=dict(grad_clip=0.0))
   c.optim.update(dict(lr=2e-4, warmup_steps=0, weight_decay=0.0, grad_clip=10.0, ema_decay=0.99))

@@ -6,25 +6,21 @@ the GPU run uses). The forward-equivalents bound [1, 20] is the check that
 step and forward FLOPs are counted on the same batch: the negative control
 divides by the forward of ONE example instead, which must break it.
 """
-import importlib.util
+import functools
 import json
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import scripts
+
 FIELDS = ("net", "params_M", "objective", "kind", "batch", "dtype", "status", "step_ms",
           "images_per_s", "peak_bytes", "peak_source", "xla_bytes", "gflops", "gflops_lowered",
           "forward_gflops", "forward_equivalents", "compile_s", "device")
 BOUNDS = (1.0, 20.0)  # network forwards per generator step: 1 G forward + backward alone is 3
 
 
-def _script():
-  spec = importlib.util.spec_from_file_location(
-      "distill_step", os.path.join(ROOT, "benchmarks", "distill_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_script = functools.partial(scripts.benchmark, "distill_step")
 
 
 def _within(value):
@@ -71,3 +67,29 @@ def test_forward_equivalents_bounded_and_the_bound_can_fail(result):
   one = script.forward_flops(teacher, 1, x_shape, cond_dim)
   assert one > 0
   assert not _within(row["gflops"] * 1e9 / one), row["gflops"] * 1e9 / one
+
+
+def test_rcm_attention_rows_pair_the_fused_kernel_with_xla():
+  """--plan=rcm_attn and --attn_impl lists: each rCM DiT row once with the fused JVP kernel
+  and once with XLA attention, and the row's config really uses that attention (specs and
+  configs only; a --small CPU run of such a pair took 120 s on 2 shared cores, README)."""
+  script = _script()
+  specs = script.row_specs(script.parse_args(["--plan=rcm_attn"]))
+  cells = {}
+  for s in specs:
+    assert (s["net"], s["objective"]) == ("dit", "rcm") and s["kind"] in ("scm_warmup",
+                                                                           "generator")
+    cells.setdefault((s["kind"], s["batch"], s["dtype"]), []).append(s["attn_impl"])
+    assert script.make_config(s)[0].model.attn_impl == s["attn_impl"]
+  assert cells and all(sorted(v) == ["flash_jvp", "xla"] for v in cells.values()), cells
+  small = script.row_specs(script.parse_args(["--plan=rcm_attn", "--small"]))
+  assert len(small) == len(specs) and max(s["batch"] for s in small) <= 8
+  listed = script.row_specs(script.parse_args(
+      ["--nets=dit", "--objectives=rcm", "--kinds=scm_warmup", "--batches=2",
+       "--dtypes=float32", "--attn_impl=flash_jvp,xla"]))
+  assert [s["attn_impl"] for s in listed] == ["flash_jvp", "xla"]
+  default = script.row_specs(script.parse_args(
+      ["--nets=dit", "--objectives=rcm", "--kinds=scm_warmup", "--batches=2",
+       "--dtypes=float32"]))
+  assert [script.make_config(s)[0].model.attn_impl for s in default] == ["auto"]
+  assert "| flash_jvp |" in script.markdown_row(script.failed_row(listed[0], "not run"))

@@ -323,3 +323,62 @@ def test_published_parameter_counts():
   xl.out_channels = 8  # the published DiT also predicts a variance (learn_sigma)
   tokens = (32 // 2)**2
   assert _count(xl, (1, 32, 32, 4), 1000) + tokens * 1152 == 675_129_632
+
+
+# ---------------------------------------------------------------------------
+# sCM's adaptive double normalisation (model.double_norm, unet.UNetBlock).
+
+
+def test_pixel_norm_gives_unit_rms_and_is_scale_invariant():
+  rng = np.random.default_rng(0)
+  scales = np.asarray([0.1, 1.0, 50.0], np.float32)[:, None, None, None]
+  x = rng.standard_normal((3, 1, 1, 16)).astype(np.float32) * scales
+  y = np.asarray(layers.pixel_norm(jnp.asarray(x)))
+  np.testing.assert_allclose(y, x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-8),
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.sqrt(np.mean(y**2, axis=-1)), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(layers.pixel_norm(jnp.asarray(7 * x)), y, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["songunet", "dhariwalunet"])
+def test_double_norm_same_params_other_output_unit_rms_modulation(name):
+  """Same parameter tree (shapes, count) as the plain network, same output shape, a
+  different output, and every block's normalised modulation (sown as
+  ``intermediates/modulation``, one per block with an ``affine`` layer) at unit RMS over
+  channels per sample and per half (ADM's AdaGN: scale, shift; DDPM++: the shift)."""
+  plain, double = _build(name), _build(name, double_norm=True)
+  assert (jax.tree.map(lambda s: s.shape, _param_shapes(plain))
+          == jax.tree.map(lambda s: s.shape, _param_shapes(double)))
+  params = _random_params(plain)
+  assert models.param_count(params) == models.param_count(_param_shapes(double))
+  x, sigma, cond = _inputs()
+
+  @jax.jit
+  def run(params):
+    apply = lambda m: m.apply({"params": params}, x, jnp.log(sigma) / 4, cond,
+                              mutable=["intermediates"])
+    return apply(plain), apply(double)
+
+  (out_plain, sown_plain), (out_double, sown) = run(params)
+  assert out_double.shape == out_plain.shape == X_SHAPE and not sown_plain
+  # Far above float32 round-off; measured 2e-3 for DDPM++ (its shift enters before a
+  # GroupNorm, which absorbs much of its size) and 0.2 for ADM.
+  rel = np.linalg.norm(out_double - out_plain) / np.linalg.norm(out_plain)
+  assert rel > 1e-4, rel
+  modulations = jax.tree.leaves(sown)
+  blocks = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+               if any(getattr(k, "key", None) == "affine" for k in path)
+               and path[-1].key == "weight")
+  assert len(modulations) == blocks >= 4
+  halves = 2 if name == "dhariwalunet" else 1
+  for mod in modulations:
+    assert mod.shape[:3] == (BATCH, 1, 1)
+    for half in np.split(np.asarray(mod), halves, axis=-1):
+      np.testing.assert_allclose(np.sqrt(np.mean(half**2, axis=-1)), 1.0, rtol=1e-5)
+
+
+def test_dit_has_no_double_norm():
+  config = TINY["dit"]()
+  config.double_norm = True
+  with pytest.raises(ValueError, match="model.double_norm is not a field of model.name='dit'"):
+    models.build(config)

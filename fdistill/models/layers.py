@@ -135,6 +135,17 @@ class GroupNorm(nn.Module):
     return (h * weight + bias).astype(x.dtype)
 
 
+def pixel_norm(x, eps: float = 1e-8):
+  """PixelNorm (Karras et al. 2018): ``x / sqrt(mean(x^2 over the last axis) + eps)``.
+
+  Each vector along the channel axis gets unit RMS (norm ``sqrt(C)``); computed
+  in float32, returned in x's dtype. sCM's adaptive double normalisation
+  applies it to the time/class modulation of a norm layer (models/unet.py).
+  """
+  h = x.astype(jnp.float32)
+  return (h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 def class_labels(cond, label_dim: int, batch: int):
   """The class vector a conditional network sees: ``cond``, or zeros (unconditional) when None."""
   if cond is None:

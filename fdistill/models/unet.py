@@ -16,6 +16,14 @@ resolution first) and the bottleneck (after the two middle blocks) last, in
 the compute dtype. An optional ``augment_labels`` [B, augment_dim] argument
 feeds EDM's augmentation-label mapping.
 
+``double_norm=True`` (both networks; default False, EDM's) is sCM's adaptive
+double normalisation of the blocks' time / class modulation (:class:`UNetBlock`).
+It changes the function, so a student copying an EDM teacher's weights keeps it
+off; it is for networks trained in TrigFlow from scratch, as sCM's. The DiT has no
+such option: its adaLN modulation is zero-initialised (adaLN-zero, each block
+starts as the identity), and ``pnorm`` of a zero vector is 0 with an unbounded
+derivative (``1/sqrt(eps)``), so sCM's form does not carry over as is.
+
 Differences from EDM, none of which changes the function computed in
 float32: GroupNorm statistics are always float32; the FIR filters are
 constants rather than buffers; NCSN++'s Fourier frequencies (an EDM buffer)
@@ -116,6 +124,16 @@ class UNetBlock(nn.Module):
   (additive, or adaptive scale/shift) -> GroupNorm -> SiLU -> dropout -> conv,
   plus the (projected / resampled) skip, times ``skip_scale``; then optional
   multi-head self-attention with its own residual and ``skip_scale``.
+
+  ``double_norm``: sCM's adaptive double normalisation (Lu & Song 2024). AdaGN
+  ``y = norm(x) (1 + s(emb)) + b(emb)`` becomes
+  ``y = norm(x) pnorm(s(emb)) + pnorm(b(emb))``, ``pnorm`` = :func:`layers.pixel_norm`
+  over channels (each sample's scale and shift vectors get unit RMS), so the time /
+  class modulation cannot grow with the ``affine`` weights, the instability sCM
+  removes with it. No extra parameters. With the additive injection
+  (``adaptive_scale=False``, DDPM++: ``norm(x + b(emb))``) there is no scale, and
+  ``pnorm`` applies to ``b`` alone. The normalised vectors are sown as
+  ``intermediates/modulation`` (tests).
   """
   out_channels: int
   up: bool = False
@@ -133,6 +151,7 @@ class UNetBlock(nn.Module):
   init_zero: Init = Init(weight=0.0)
   init_attn: Optional[Init] = None
   attn_impl: str = "xla"
+  double_norm: bool = False
 
   @property
   def heads(self) -> int:
@@ -154,9 +173,14 @@ class UNetBlock(nn.Module):
                            name="affine")(emb)
     params = params.astype(x.dtype)[:, None, None, :]
     norm1 = layers.GroupNorm(eps=self.eps, name="norm1")
+    if self.double_norm:
+      params = jnp.concatenate([layers.pixel_norm(p) for p in jnp.split(
+          params, 2 if self.adaptive_scale else 1, axis=-1)], axis=-1)
+      self.sow("intermediates", "modulation", params)
     if self.adaptive_scale:
       scale, shift = jnp.split(params, 2, axis=-1)
-      x = nn.silu(shift + norm1(x) * (scale + 1))
+      # sCM's form multiplies by pnorm(s) itself: a unit-RMS scale replaces 1 + s.
+      x = nn.silu(shift + norm1(x) * (scale if self.double_norm else scale + 1))
     else:
       x = nn.silu(norm1(x + params))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -229,6 +253,7 @@ class SongUNet(nn.Module):
   dtype: str = "float32"
   attn_impl: str = "xla"
   remat: bool = False
+  double_norm: bool = False  # sCM's adaptive double normalisation (UNetBlock)
 
   def _embedding(self, c_noise, cond, augment_labels, train):
     """Mapping network: noise (+ class, + augmentation) labels -> embedding [B, emb_channels]."""
@@ -266,7 +291,7 @@ class SongUNet(nn.Module):
         _block_cls(self.remat), num_heads=1, dropout=self.dropout, skip_scale=math.sqrt(0.5),
         eps=1e-6, resample_filter=self.resample_filter, resample_proj=True, adaptive_scale=False,
         init=init, init_zero=init_zero, init_attn=Init("xavier_uniform", weight=math.sqrt(0.2)),
-        attn_impl=self.attn_impl)
+        attn_impl=self.attn_impl, double_norm=self.double_norm)
     emb = self._embedding(c_noise, cond, augment_labels, train)
     x = x.astype(jnp.dtype(self.dtype))
     levels = len(self.channel_mult)
@@ -345,6 +370,7 @@ class DhariwalUNet(nn.Module):
   dtype: str = "float32"
   attn_impl: str = "xla"
   remat: bool = False
+  double_norm: bool = False  # sCM's adaptive double normalisation (UNetBlock)
 
   def _embedding(self, c_noise, cond, augment_labels, train):
     """Mapping network; unlike DDPM++ the class embedding is added after the MLP."""
@@ -375,7 +401,7 @@ class DhariwalUNet(nn.Module):
     init_zero = Init("kaiming_uniform", weight=0.0, bias=0.0)
     block = functools.partial(
         _block_cls(self.remat), channels_per_head=self.channels_per_head, dropout=self.dropout,
-        init=init, init_zero=init_zero, attn_impl=self.attn_impl)
+        init=init, init_zero=init_zero, attn_impl=self.attn_impl, double_norm=self.double_norm)
     emb = self._embedding(c_noise, cond, augment_labels, train)
     x = x.astype(jnp.dtype(self.dtype))
     levels = len(self.channel_mult)

@@ -39,6 +39,13 @@ pure function of the step number):
   scm_warmup   a student update with the sCM part only (the first
                ``scm_warmup_steps`` steps when there is a DMD part).
 
+sCM's learned adaptive weight (``adaptive_weight``, on by default as in sCM's
+Algorithm 1): ``state["weight"]`` holds the small network ``w(t)``
+(:func:`scm_loss.logvar`) and its own Adam state, beside the student's rather
+than inside its param tree, so export, the teacher-copy init and the student's
+sharding are unchanged; each sCM student step also updates it on the same loss
+(see ``student_step``).
+
 Settings of this one objective: sCM only (``dmd_weight=0``: no fake score in
 the state, the schedule only ever picks "generator"), rCM (sCM + DMD), DMD only
 (``dmd_only=True``: the student loss is the DMD part alone, no tangent).
@@ -64,9 +71,10 @@ Sampler: the N-step consistency sampler (sCM Algorithm 1 / rCM's
 eval.sampler_steps`` clipped to ``1..1 + len(sampler_times)`` (so 1..4 with
 rCM's intermediate times [1.3, 1.0, 0.6]); no teacher needed.
 
-Measured on the 25-mode toy (configs/toy2d_rcm.py, 5000 samples scored by
-``eval.toy_metrics.mode_statistics``; modes covered of 25 / precision with 1, 2 and 4
-sampler steps; one seed; 2 shared CPU cores):
+Measured on the 25-mode toy (configs/toy2d_rcm.py, adaptive weight off as there; 5000
+samples scored by ``eval.toy_metrics.mode_statistics``; modes covered of 25 / precision with
+1, 2 and 4 sampler steps; one seed; 2 shared CPU cores; with seeds and the adaptive weight
+on: the README's rCM section):
 
   variant, teacher (steps)          1 step       2 steps      4 steps
   scm, analytic (6000)              25 / 0.726   25 / 0.751   25 / 0.819
@@ -134,6 +142,7 @@ class Settings:
   warmup: str                     # scm (sCM Algorithm 1) | rcm (NVlabs/rcm's form)
   tangent_warmup_steps: int       # r = min(1, step / this); 0: r = 1 from the start
   norm_c: float                   # tangent normalisation g / (|g| + c); sCM: 0.1
+  adaptive_weight: bool           # sCM's learned weight w(t): exp(w)/D |F - sg(F) - g|^2 - w
   time_embedding: str             # edm (the teacher's c_noise) | linear (time_scale * t)
   time_scale: float               # linear only
   dmd_weight: float               # weight of the DMD regulariser; 0 = sCM only
@@ -170,6 +179,9 @@ class Settings:
       raise ValueError(f"objective.dmd_weight={st.dmd_weight} must be >= 0")
     if st.dmd_only and not st.dmd_weight:
       raise ValueError("objective.dmd_only=True needs objective.dmd_weight > 0")
+    if st.dmd_only and st.adaptive_weight:
+      raise ValueError("objective.adaptive_weight=True weights the sCM loss, which "
+                       "objective.dmd_only=True drops; valid with dmd_only: False")
     if min(st.scm_warmup_steps, st.warmup_critic_steps, st.tangent_warmup_steps) < 0:
       raise ValueError("objective.scm_warmup_steps, warmup_critic_steps and "
                        "tangent_warmup_steps must be >= 0")
@@ -299,7 +311,8 @@ def make_student_loss(F_apply, nets: critics.Nets, st: Settings, sigma_data: flo
   """``loss(params, inputs, batch, rng)``; ``inputs = {"teacher", "fake"}`` (DMD only).
 
   ``batch``: ``x_t``, ``t``, ``g`` (the constant sCM target, with_scm) or ``x``
-  (its rows only set the batch size), and ``cond``. Only the student's params
+  (its rows only set the batch size), ``logvar`` (the adaptive weight's ``w(t)``,
+  optional) and ``cond``. Only the student's params
   are differentiated: the regression of :func:`scm_loss.regression_loss` and
   the last rollout step of the DMD part.
   """
@@ -308,8 +321,9 @@ def make_student_loss(F_apply, nets: critics.Nets, st: Settings, sigma_data: flo
     cond = batch.get("cond")
     value, aux = jnp.zeros((), jnp.float32), {}
     if with_scm:
+      # batch["logvar"] (adaptive weight on): w(t) of the current phi, a constant here.
       reg, _ = scm_loss.regression_loss(F_apply, params, batch["x_t"], batch["t"], batch["g"],
-                                        cond, sigma_data=sigma_data)
+                                        cond, sigma_data=sigma_data, logvar=batch.get("logvar"))
       value, aux["scm_loss"] = value + reg, reg
     if with_dmd:
       n = (batch["g"] if with_scm else batch["x"]).shape[0]
@@ -369,6 +383,12 @@ def build(config, task) -> Objective:
                                                                   config.objective.fake_optim))
   gather = lambda tree: partition.gather_fsdp(tree, gen_update.fsdp_gather)
   fake_loss = critics.make_fake_score_loss(nets, st.fake_loss_weight)
+  # The adaptive weight's own Adam with the student's settings: Adam is per coordinate, so
+  # this is the trajectory of one optimiser over both trees, except that clipping and the
+  # NaN guard see w's small gradient alone (neither is swamped by the student's norm).
+  weight_update = update.updater(config)
+  weight_loss = lambda params, inputs, batch, rng: (
+      scm_loss.logvar_loss(params, batch["t"], batch["error"], sd), {})
 
   def init(rng, teacher=None):
     """The student (params, EMA) and, with a DMD part, the fake score: teacher copies or fresh."""
@@ -377,6 +397,9 @@ def build(config, task) -> Objective:
     state = dict(state_lib.init_counters(), gen=state_lib.init_net_state(copy(), gen_update.tx))
     if st.has_dmd:
       state["fake"] = state_lib.init_net_state(copy(), fake_update.tx, ema=False)
+    if st.adaptive_weight:
+      state["weight"] = state_lib.init_net_state(scm_loss.init_logvar(), weight_update.tx,
+                                                 ema=False)
     return state
 
   def student_step(with_scm, with_dmd):
@@ -399,11 +422,25 @@ def build(config, task) -> Objective:
         metrics.update(g_norm=jnp.mean(aux["g_norm"]), tangent_r=r)
       if cond is not None:
         data["cond"] = cond
+      new = dict(state)
+      weighted = with_scm and st.adaptive_weight
+      if weighted:
+        # One step of the joint loss exp(w)/D |F - sg(F) - g|^2 - w at the current (theta, phi):
+        # the student's gradient needs w only as a value, phi's needs the error only as a
+        # value (= mean_d g^2, scm_loss.regression_error), so two updates from the same point.
+        data["logvar"] = _sg(scm_loss.logvar(state["weight"]["params"], data["t"], sd))
+        weight_batch = {"t": data["t"], "error": scm_loss.regression_error(g)}
+        new["weight"], weight_value, _, weight_ok = weight_update(
+            state["weight"], weight_loss, None, weight_batch, loss_rng)
+        metrics.update(weight_loss=weight_value, logvar=jnp.mean(data["logvar"]))
       inputs = {"teacher": teacher, "fake": state["fake"]["params"]} if with_dmd else None
-      gen, loss, aux, ok = gen_update(state["gen"], loss_fn, inputs, data, loss_rng)
+      new["gen"], loss, aux, ok = gen_update(state["gen"], loss_fn, inputs, data, loss_rng)
       metrics.update(aux, gen_loss=loss)
       metrics["gen_grad_norm"] = metrics.pop("grad_norm")
-      return update.count_step(dict(state, gen=gen), ok), metrics
+      if weighted:  # joint: a non-finite part skips both (each Updater skipped its own)
+        ok = ok & weight_ok
+        new = state_lib.select_tree(ok, new, state)
+      return update.count_step(new, ok), metrics
 
     return step
 

@@ -32,15 +32,22 @@ the per-sample error is a MEAN over data dims (rCM sums and scales by 100;
 only the learning-rate scale differs), and the warm-up follows sCM's
 Algorithm 1 by default (``warmup="scm"``: ``-cos^2 t (sd F - dx/dt)``);
 ``warmup="rcm"`` uses rCM's ``-cos t sqrt(1 - r^2 sin^2 t) (sd F - dx/dt)``.
-Both agree at r = 1. Not done: sCM's adaptive double normalisation of the
-network (a model change), and the learned weight network ``w(t)``: only a
-hook (``logvar``, per-sample values of ``w(t)`` from any differentiable
-function of t) is provided.
+Both agree at r = 1.
+
+sCM's learned adaptive weight (its Algorithm 1): the per-sample loss becomes
+``exp(w(t)) |F - sg(F) - g|^2 / D - w(t)`` with ``w = w_phi`` a small network
+of t trained on the same loss (:func:`logvar`, :func:`logvar_loss`). Its
+minimiser at each t is ``w*(t) = -log E[|.|^2 / D | t]``, so the weighted
+error has the same scale at every t. The double normalisation of the
+network's conditioning is a model option (``model.double_norm``,
+``models/unet.py``).
 """
+import math
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fdistill.diffusion import trigflow
 
@@ -164,8 +171,9 @@ def regression_loss(F_apply: Callable, params, x_t, t, g, cond=None, *,
 
   Its gradient is ``-(2 / (B D)) sum_b g_b^T dF_b/dtheta`` (D = data dims per
   sample): that of the surrogate ``-(2/D) mean_b sg(g)^T F``. ``logvar`` [B]
-  (the hook for sCM's adaptive weight ``w(t)``, differentiable) turns the
-  per-sample term into ``exp(w) |.|^2 / D - w``. aux: ``F`` (the student's
+  (sCM's adaptive weight ``w(t)``, :func:`logvar`; rCM's step passes its value,
+  a constant, and trains ``w`` by :func:`logvar_loss`) turns the per-sample
+  term into ``exp(w) |.|^2 / D - w``. aux: ``F`` (the student's
   F at (x_t, t), with gradient) and ``per_sample`` errors.
   """
   F = F_apply(params, _sg(x_t) / sigma_data, _sg(trigflow._per_sample(t, x_t)), cond,
@@ -193,6 +201,64 @@ def scm_loss(F_apply: Callable, params, x0, eps, t, teacher_F: Callable, teacher
   loss, reg = regression_loss(F_apply, params, aux["x_t"], aux["t"], g, cond,
                               sigma_data=sigma_data, logvar=logvar, f_kwargs=f_kwargs)
   return loss, dict(aux, g=g, F=reg["F"], loss=loss)
+
+
+# w(t): EDM2's uncertainty head (Karras et al. 2024; sCM, Lu & Song 2024, uses the
+# same): fixed random Fourier features of c_noise, then one trained linear layer.
+LOGVAR_CHANNELS = 128
+_LOGVAR_SEED = 0
+
+
+def logvar_features(t, sigma_data: float = SIGMA_DATA, channels: int = LOGVAR_CHANNELS):
+  """``sqrt(2) cos(2 pi (f c + p))`` [B, channels] of ``c = log(sd tan t) / 4`` (EDM2's MPFourier).
+
+  ``f ~ N(0, 1)`` and ``p ~ U(0, 1)`` are fixed constants (seed 0), not parameters:
+  EDM2 keeps them as buffers. The input is EDM2's ``c_noise``
+  (:func:`trigflow.edm_time_embedding`): under sCM's lognormal times it has
+  standard deviation ``p_std / 4``, a good range for unit frequencies.
+  """
+  rng = np.random.default_rng(_LOGVAR_SEED)
+  freqs, phases = rng.standard_normal(channels), rng.uniform(size=channels)
+  c = trigflow.edm_time_embedding(jnp.asarray(t, jnp.float32), sigma_data)
+  angle = 2 * math.pi * (c[:, None] * freqs.astype(np.float32) + phases.astype(np.float32))
+  return math.sqrt(2) * jnp.cos(angle)
+
+
+def init_logvar(channels: int = LOGVAR_CHANNELS):
+  """Params of :func:`logvar`: ``{"kernel": [channels], "bias": []}``, all zero.
+
+  Zero (EDM2 draws the kernel at random) so that ``w = 0`` at the start: the
+  weighted loss begins as the unweighted one, whatever the student's init.
+  """
+  return {"kernel": jnp.zeros((channels,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}
+
+
+def logvar(params, t, sigma_data: float = SIGMA_DATA):
+  """sCM's adaptive weight ``w_phi(t)`` [B]: a linear layer on :func:`logvar_features`."""
+  feats = logvar_features(t, sigma_data, params["kernel"].shape[0])
+  return feats @ params["kernel"] + params["bias"]
+
+
+def regression_error(g):
+  """The per-sample VALUE of ``mean_d |F - sg(F) - g|^2``: ``mean_d g^2`` [B].
+
+  ``F - sg(F)`` is exactly 0 in value (only its gradient is not), so the error
+  the weight network sees is known from the target alone, before and
+  independently of the student's update.
+  """
+  return _per_sample_mean(jnp.square(g))
+
+
+def logvar_loss(params, t, error, sigma_data: float = SIGMA_DATA):
+  """``mean_b exp(w(t_b)) error_b - w(t_b)``: the adaptive-weight loss as a function of phi.
+
+  ``error`` [B] are per-sample squared errors over D (a constant here: the
+  student's part of the joint loss is :func:`regression_loss` with
+  ``logvar = sg(w)``). Per t the minimiser is ``w*(t) = -log E[error | t]``
+  (``d/dw (e^w a - w) = 0``).
+  """
+  w = logvar(params, t, sigma_data)
+  return jnp.mean(jnp.exp(w) * _sg(error) - w)
 
 
 def tangent_warmup(step, warmup_steps):
