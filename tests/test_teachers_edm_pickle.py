@@ -31,7 +31,8 @@ TOL = 1e-4
 BATCH, LABELS = 4, 10
 SIGMAS = np.array([0.002, 0.3, 2.5, 80.0], np.float32)
 # Fields of config.model that are not EDM constructor kwargs.
-_OURS_ONLY = ("name", "sigma_data", "dtype", "attn_impl", "remat", "in_channels", "out_channels")
+_OURS_ONLY = ("name", "sigma_data", "dtype", "attn_impl", "remat", "in_channels", "out_channels",
+              "double_norm")  # sCM's option (fdistill only; EDM has none)
 
 
 def _ncsnpp():
