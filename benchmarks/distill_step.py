@@ -15,7 +15,9 @@ default B: 130M). ``--small`` shrinks them (DDPM++ 32 channels and ADM 64, one
 block per level; DiT hidden 128, depth 2) and turns LLVM's optimisation off, so
 the script runs on a CPU (XLA:CPU needs minutes to compile a full-depth U-Net
 step); small rows' times say nothing about speed, their FLOPs and
-forward-equivalents do. Objectives: ``fdistill`` (f-distill, the DMD/DMD2
+forward-equivalents do (except with ``--peer``, which keeps XLA's optimisation: its
+rows are timed against PyTorch). ``--nets=mlp`` is the 2-D toy's MLP (every
+objective's steps in seconds: the suite's check of the minimum). Objectives: ``fdistill`` (f-distill, the DMD/DMD2
 family: FastGen's recipe, discriminator heads on the teacher's features),
 ``sid`` (Uni-Instruct with loss='sid': SiD; no discriminator is trained),
 ``expanded`` (Uni-Instruct's expanded forward KL, discriminator as f-distill's)
@@ -43,7 +45,13 @@ Per (net, objective, kind of step, batch, dtype), one row:
   fwd-eq           step FLOPs / FLOPs of one forward of the same network at the same batch
                    and dtype (``cost_analysis`` of a jitted denoiser call): the step's cost
                    in network forwards, independent of the device
+  minimum          the forward-equivalents of the passes the step cannot do without
+                   (``Objective.minimum_passes``, each pass priced by XLA's FLOPs on this
+                   network and batch: :func:`pass_flops`); ``vs min`` = step FLOPs / those
   compile          seconds to lower and compile the step
+  peer, vs peer    ``--peer``: images/s of the PyTorch peer of the step (benchmarks/torch_peer.py:
+                   EDM's networks, the public codes' way of writing the step, same batch and
+                   precision, its own process) and fdistill / peer
 
 A row that runs out of device memory reads OOM and the script goes on; any
 other failure reads ``error`` with the exception. Rows are written to
@@ -73,8 +81,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from configs import architectures, common  # noqa: E402
+from configs import architectures, common, toy2d_fdistill, toy2d_teacher  # noqa: E402
 from fdistill import experiment, models, objectives, teachers  # noqa: E402
+from fdistill.models import discriminator as disc_lib  # noqa: E402
 from fdistill.parallel import mesh as mesh_lib  # noqa: E402
 
 ALL_OBJECTIVES = ("fdistill", "sid", "expanded", "rcm")
@@ -82,6 +91,10 @@ ALL_OBJECTIVES = ("fdistill", "sid", "expanded", "rcm")
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
                       "--xla_llvm_disable_expensive_passes=true")
 NETS = ("ddpmpp", "adm", "dit")
+# --peer (benchmarks/torch_peer.py): the steps of the issue's PyTorch table, on EDM's networks.
+PEER_STEPS = ("fdistill:generator", "fdistill:critic", "sid:generator", "sid:critic")
+PEER_NETS = ("ddpmpp", "adm")
+NETS_BY_NAME = NETS + ("mlp",)  # --nets=mlp: the toy MLP (every objective's rows in seconds)
 
 # The PyTorch figures of the step-benchmark issue (H100, images/s; peak GB in order of the rows).
 REFERENCE = """\
@@ -122,28 +135,32 @@ RCM_ATTN_PLAN = (
 
 
 def net_section(net, small, dit_size="B"):
-  """(config.model, per-example shape, class count, discriminator feature_indices)."""
+  """(config.model, per-example shape, class count, config.objective.discriminator)."""
+  heads = lambda *indices: dict(name="unet_heads", feature_indices=indices)
   if net == "ddpmpp":
     model = architectures.ddpmpp_cifar10(cond=True)
     if small:
       model.update(dict(model_channels=32, num_blocks=1))
-    return model, (32, 32, 3), 10, (0, 1, -1)   # FastGen CIFAR-10: heads on 32, 16, 8
+    return model, (32, 32, 3), 10, heads(0, 1, -1)   # FastGen CIFAR-10: heads on 32, 16, 8
   if net == "adm":
     model = architectures.adm_imagenet64()
     if small:                                    # 64..256 channels: whole 64-channel heads
       model.update(dict(model_channels=64, num_blocks=1))
-    return model, (64, 64, 3), 1000, (-1,)      # FastGen ImageNet-64: the bottleneck head
+    return model, (64, 64, 3), 1000, heads(-1)  # FastGen ImageNet-64: the bottleneck head
   if net == "dit":
     model = architectures.dit(dit_size, img_resolution=32, in_channels=4, label_dim=1000)
     if small:
       model.update(dict(hidden_size=128, depth=2, num_heads=2))
-    return model, (32, 32, 4), 1000, (-1,)
-  raise ValueError(f"net={net!r} is not valid; valid values: {', '.join(NETS)}")
+    return model, (32, 32, 4), 1000, heads(-1)
+  if net == "mlp":  # the 2-D toy's networks (configs/toy2d_*.py): every objective in seconds
+    return (toy2d_teacher.get_config().model, (2,), 0,
+            toy2d_fdistill.get_config().objective.discriminator)
+  raise ValueError(f"net={net!r} is not valid; valid values: {', '.join(NETS_BY_NAME)}")
 
 
-def objective_section(objective, feature_indices):
+def objective_section(objective, discriminator):
   """``config.objective`` of the published recipe each objective is run with."""
-  heads = dict(name="unet_heads", feature_indices=tuple(feature_indices))
+  heads = dict(discriminator)
   if objective == "fdistill":  # configs/cifar10_fdistill.py:fastgen_recipe
     return common.fdistill_objective(
         divergence="forward_kl", gen_every=5, gan_weight=1e-3, sigma_dist="karras",
@@ -172,16 +189,21 @@ def available_objectives():
 
 def make_config(spec):
   """The run config of one row: base defaults, the net, the objective's recipe, the batch."""
-  model, x_shape, cond_dim, features = net_section(spec["net"], spec["small"], spec["dit_size"])
+  model, x_shape, cond_dim, disc = net_section(spec["net"], spec["small"], spec["dit_size"])
   model.dtype = spec["dtype"]
+  if spec.get("remat"):
+    if "remat" not in model:
+      raise ValueError(f"--remat: model.name={model.name!r} has no remat option")
+    model.remat = True
   # The configs' attention: XLA for f-distill / Uni-Instruct, 'auto' (the fused JVP kernel on
   # GPU) for rCM, whose tangent runs through attention.
-  model.attn_impl = spec["attn_impl"] or ("auto" if spec["objective"] == "rcm" else "xla")
+  if "attn_impl" in model or spec["attn_impl"]:  # the MLP has no attention
+    model.attn_impl = spec["attn_impl"] or ("auto" if spec["objective"] == "rcm" else "xla")
   c = common.base_config()
   c.model = model
   c.teacher.kind = "checkpoint"  # a network teacher: generator and fake score copy it
   c.generator.sigma_init = 80.0
-  c.objective = objective_section(spec["objective"], features)
+  c.objective = objective_section(spec["objective"], disc)
   c.optim.update(dict(lr=1e-4, weight_decay=0.01, grad_clip=10.0, ema_decay=0.9999))
   c.train.batch_size = spec["batch"]
   return c, x_shape, cond_dim
@@ -232,13 +254,74 @@ def forward_flops(teacher, batch, x_shape, cond_dim):
   return program_flops(lowered, lowered.compile())
 
 
-def xla_bytes(compiled):
-  """argument + output + temp - aliased (donated) bytes of ``compiled``; 0 if not reported."""
+def pass_flops(config, teacher, batch, x_shape, cond_dim, names):
+  """XLA's FLOPs of each pass in ``names`` (:data:`fdistill.objectives.base.PASSES`) on the
+  row's network at ``batch``, compiled from shapes: the prices of the step's minimum.
+
+  Each is a program of its own, and the backward and tangent halves are differences:
+  input_grad = (forward + backward to the input) - forward; jvp = (primal + tangent) -
+  forward; disc_train = the discriminator's logit with the backward to its params;
+  disc_input_grad = (logit + backward to x_t) - logit.
+  """
+  apply = teacher.apply
+  sd = jax.ShapeDtypeStruct
+  x = sd((batch,) + tuple(x_shape), jnp.float32)
+  s = sd((batch,), jnp.float32)
+  c = sd((batch, cond_dim), jnp.float32) if cond_dim else None
+  square = lambda out: jnp.mean(jnp.square(out.astype(jnp.float32)))
+  net_args = (teacher.abstract, x, s, c)
+  programs = {
+      "forward": (lambda p, x, s, c: apply(p, x, s, c), net_args),
+      "train": (jax.grad(lambda p, x, s, c: square(apply(p, x, s, c))), net_args),
+      "input_grad": (jax.grad(lambda p, x, s, c: square(apply(p, x, s, c)), argnums=1),
+                     net_args),
+      "jvp": (lambda p, x, s, c: jax.jvp(lambda x, s: apply(p, x, s, c), (x, s), (x, s)),
+              net_args),
+  }
+  if {"disc_train", "disc_input_grad"} & set(names):
+    shapes = disc_lib.teacher_feature_shapes(apply, teacher.abstract, x_shape, cond_dim)
+    disc = disc_lib.build(config.objective.discriminator, x_shape, shapes,
+                          config.model.sigma_data)
+
+    def logit(dp, p, x, s, c):
+      feats = apply(p, x, s, c, return_features=True)[1] if disc.uses_features else None
+      return square(disc.apply(dp, x, s, feats))
+
+    disc_args = (jax.eval_shape(disc.init, jax.random.key(0)),) + net_args
+    programs.update(disc_logit=(logit, disc_args), disc_train=(jax.grad(logit), disc_args),
+                    disc_input_grad=(jax.grad(logit, argnums=2), disc_args))
+  base = {"input_grad": "forward", "jvp": "forward", "disc_input_grad": "disc_logit"}
+  needed = set(names) | {base[n] for n in names if n in base}
+  flops = {}
+  for name in needed:
+    key = (repr(config.model), repr(config.objective.discriminator), batch, name)
+    if key not in _PRICES:  # rows of one process share the prices of one network and batch
+      fn, args = programs[name]
+      lowered = jax.jit(fn).lower(*args)
+      _PRICES[key] = program_flops(lowered, lowered.compile())
+    flops[name] = _PRICES[key]
+  return {n: flops[n] - (flops[base[n]] if n in base else 0.0) for n in names}
+
+
+_PRICES = {}
+
+
+def minimum_flops(passes, prices):
+  """FLOPs of the minimum: the sum of each pass's count times its price."""
+  return sum(n * prices[name] for name, n in passes.items())
+
+
+def xla_memory(compiled):
+  """XLA's buffer assignment of ``compiled`` (known before it runs): argument, output, temp
+  and aliased (donated) bytes, and their total ``argument + output + temp - aliased``."""
   m = compiled.memory_analysis()
   if m is None:
-    return 0
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+    return {"xla_bytes": 0}
+  parts = {f"xla_{name}_bytes": int(getattr(m, f"{name}_size_in_bytes"))
+           for name in ("argument", "output", "temp", "alias")}
+  total = (parts["xla_argument_bytes"] + parts["xla_output_bytes"] + parts["xla_temp_bytes"]
+           - parts["xla_alias_bytes"])
+  return dict(parts, xla_bytes=total)
 
 
 def device_peak():
@@ -264,7 +347,7 @@ def measure(spec, row):
   exp = experiment.build(config, mesh, teacher_params=False,
                          dataset=ShapeOnlyData(x_shape, cond_dim), teacher=teacher)
   row.update(params_M=round(models.param_count(teacher.abstract) / 1e6, 1),
-             attn_impl=config.model.attn_impl, device=jax.devices()[0].device_kind,
+             attn_impl=config.model.get("attn_impl", "none"), device=jax.devices()[0].device_kind,
              steps=spec["steps"], warmup=spec["warmup"])
   if spec["kind"] not in exp.steps:
     raise ValueError(f"{spec['objective']} has no step {spec['kind']!r}; it has "
@@ -272,6 +355,8 @@ def measure(spec, row):
   fwd = spec.get("forward_flops") or forward_flops(teacher, b, x_shape, cond_dim)
   row["forward_gflops"] = fwd / 1e9
 
+  if spec.get("compile_only"):
+    return compile_only(exp, teacher, spec, row, x_shape, cond_dim, fwd)
   rng = jax.random.key(spec.get("seed", 0))
   t_rng, s_rng, x_rng, c_rng, step_rng = jax.random.split(rng, 5)
   teacher_params = jax.jit(init_teacher, out_shardings=exp.teacher_shardings)(t_rng)
@@ -286,9 +371,7 @@ def measure(spec, row):
   lowered = exp.steps[spec["kind"]].lower(state, teacher_params, batch, step_rng)
   compiled = lowered.compile()
   row["compile_s"] = time.perf_counter() - start
-  flops = program_flops(lowered, compiled)
-  row.update(gflops=flops / 1e9, gflops_lowered=_cost_flops(lowered.cost_analysis()) / 1e9,
-             forward_equivalents=flops / fwd if fwd else None, xla_bytes=xla_bytes(compiled))
+  analyse(exp, teacher, spec, row, lowered, compiled, x_shape, cond_dim, fwd)
 
   times = []
   for i in range(spec["warmup"] + spec["steps"]):
@@ -306,10 +389,47 @@ def measure(spec, row):
   return row
 
 
+def analyse(exp, teacher, spec, row, lowered, compiled, x_shape, cond_dim, fwd):
+  """What XLA knows of the compiled step without running it: FLOPs, forward-equivalents,
+  the minimum passes' FLOPs and the buffer assignment's bytes."""
+  flops = program_flops(lowered, compiled)
+  row.update(gflops=flops / 1e9, gflops_lowered=_cost_flops(lowered.cost_analysis()) / 1e9,
+             forward_equivalents=flops / fwd if fwd else None, **xla_memory(compiled))
+  passes = exp.objective.minimum_passes.get(spec["kind"], {})
+  if passes and fwd:
+    prices = pass_flops(exp.config, teacher, spec["batch"], x_shape, cond_dim, tuple(passes))
+    minimum = minimum_flops(passes, prices)
+    row.update(minimum_passes=dict(passes), minimum_forward_equivalents=minimum / fwd,
+               pass_gflops={k: v / 1e9 for k, v in prices.items()},
+               passes_ratio=flops / minimum)
+
+
+def compile_only(exp, teacher, spec, row, x_shape, cond_dim, fwd):
+  """``--compile_only``: the step lowered from shapes and compiled, never run (nothing of the
+  model's size is allocated), so a GPU-sized step's memory can be read on a CPU."""
+  b = spec["batch"]
+  batch_sh = mesh_lib.batch_sharding(exp.mesh)
+  struct = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)
+  batch = {"x": struct((b,) + x_shape, batch_sh)}
+  if cond_dim:
+    batch["cond"] = struct((b, cond_dim), batch_sh)
+  with_sh = lambda tree, shs: jax.tree_util.tree_map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shs)
+  start = time.perf_counter()
+  lowered = exp.steps[spec["kind"]].lower(with_sh(exp.abstract_state, exp.state_shardings),
+                                          with_sh(teacher.abstract, exp.teacher_shardings),
+                                          batch, jax.random.key(0))
+  compiled = lowered.compile()
+  row["compile_s"] = time.perf_counter() - start
+  analyse(exp, teacher, spec, row, lowered, compiled, x_shape, cond_dim, fwd)
+  row.update(status="compiled", peak_bytes=row["xla_bytes"], peak_source="xla")
+  return row
+
+
 def failed_row(spec, status):
   return dict(net=spec["net"], objective=spec["objective"], kind=spec["kind"],
               batch=spec["batch"], dtype=spec["dtype"], attn_impl=spec["attn_impl"] or "config",
-              status=status)
+              remat=spec.get("remat", False), status=status)
 
 
 def measure_safely(spec):
@@ -322,6 +442,29 @@ def measure_safely(spec):
     return row
   finally:
     gc.collect()
+
+
+def measure_peer(spec):
+  """The PyTorch peer's step of ``spec`` (:mod:`torch_peer`): ``{status, step_ms,
+  images_per_s}``; torch is imported only here (test-only dependency)."""
+  try:
+    import torch_peer  # noqa: PLC0415  (benchmarks/torch_peer.py; needs torch)
+    config, x_shape, cond_dim = make_config(spec)
+    return dict(torch_peer.measure(config.model, x_shape, cond_dim, spec["objective"],
+                                   spec["kind"], spec["batch"], spec["dtype"], spec["steps"],
+                                   spec["warmup"]), status="ok")
+  except Exception as e:  # noqa: BLE001  (a failed peer must not stop the table)
+    return {"status": "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"}
+
+
+def add_peer(row, peer):
+  """``row`` with the peer's figures and the ratio fdistill / peer (images/s)."""
+  row = dict(row, peer_status=peer["status"])
+  if peer["status"] == "ok":
+    row.update(peer_step_ms=peer["step_ms"], peer_images_per_s=peer["images_per_s"])
+    if row.get("status") == "ok":
+      row["vs_peer"] = row["images_per_s"] / peer["images_per_s"]
+  return row
 
 
 def fast_compile_flags(flags):
@@ -337,7 +480,7 @@ def measure_in_subprocess(spec, timeout):
   os.remove(out)  # the child writes it only when it measured something
   cmd = [sys.executable, os.path.abspath(__file__), "--_row", json.dumps(spec), "--_row_out", out]
   env = dict(os.environ)
-  if spec["small"]:
+  if spec["fast_compile"]:
     env["XLA_FLAGS"] = fast_compile_flags(env.get("XLA_FLAGS", ""))
   try:
     proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, env=env)
@@ -356,20 +499,29 @@ def measure_in_subprocess(spec, timeout):
 # ---------------------------------------------------------------------------
 # Table.
 
-COLUMNS = ("| net | params | objective | step | batch | dtype | attention | ms/step | img/s | "
-           "peak GB | GFLOP/step | fwd-eq | compile s |")
+COLUMNS = ("| net | params | objective | step | batch | dtype | attention | remat | ms/step | "
+           "img/s | peak GB | GFLOP/step | fwd-eq | minimum | vs min | compile s | peer img/s | "
+           "vs peer |")
 
 
 def markdown_row(r):
   params = f"{r['params_M']}M" if "params_M" in r else ""
   head = (f"| {r['net']} | {params} | {r['objective']} | {r['kind']} | "
-          f"{r['batch']} | {r['dtype']} | {r.get('attn_impl', '')} |")
-  if r["status"] != "ok":
-    return head + f" {r['status']} | | | | | |"
+          f"{r['batch']} | {r['dtype']} | {r.get('attn_impl', '')} | "
+          f"{'yes' if r.get('remat') else 'no'} |")
+  if r["status"] not in ("ok", "compiled"):
+    return head + f" {r['status']} | | | | | | | | | |"
+  timed = (f" {r['step_ms']:.1f} | {r['images_per_s']:.1f} |" if r["status"] == "ok" else
+           " compiled only | - |")
   peak = f"{r['peak_bytes'] / 1e9:.2f}" + (" (xla)" if r["peak_source"] == "xla" else "")
   fwd_eq = f"{r['forward_equivalents']:.2f}" if r["forward_equivalents"] else "-"
-  return head + (f" {r['step_ms']:.1f} | {r['images_per_s']:.0f} | {peak} | "
-                 f"{r['gflops']:.1f} | {fwd_eq} | {r['compile_s']:.0f} |")
+  minimum = (f"{r['minimum_forward_equivalents']:.2f} | {r['passes_ratio']:.2f}"
+             if "passes_ratio" in r else "- | -")
+  peer = ("- | -" if "peer_status" not in r else
+          f"{r['peer_status']} | -" if r["peer_status"] != "ok" else
+          f"{r['peer_images_per_s']:.1f} | {r['vs_peer']:.2f}")
+  return head + (f"{timed} {peak} | {r['gflops']:.1f} | {fwd_eq} | {minimum} | "
+                 f"{r['compile_s']:.0f} | {peer} |")
 
 
 def parse_args(argv=None):
@@ -391,12 +543,20 @@ def parse_args(argv=None):
   p.add_argument("--attn_impl", default="",
                  help="override model.attn_impl; a list (flash_jvp,xla) gives a row per value "
                       "('' = the configs': auto for rcm, i.e. the kernel on GPU; xla otherwise)")
+  p.add_argument("--remat", default="0",
+                 help="model.remat per row: 0, 1 or a list 0,1 (a row per value; U-Nets, DiT)")
+  p.add_argument("--compile_only", action="store_true",
+                 help="lower from shapes and compile, never run: FLOPs and XLA's memory of "
+                      "steps too big for this machine (e.g. ADM-64 on a CPU)")
   p.add_argument("--isolate", type=int, default=1,
                  help="1: each row in a fresh process (its own device peak; the default)")
   p.add_argument("--row_timeout", type=float, default=900.0, help="seconds per isolated row")
   p.add_argument("--budget_s", type=float, default=0.0,
                  help="start no row after this many seconds (0: no limit)")
   p.add_argument("--cache_dir", default="", help="JAX persistent compilation cache (reruns)")
+  p.add_argument("--peer", action="store_true",
+                 help="also time the PyTorch peer of each row that has one (torch_peer.py; "
+                      "needs the test-only torch) and print fdistill / peer")
   p.add_argument("--out", default="/tmp/distill_step.json")
   p.add_argument("--_row", default="", help=argparse.SUPPRESS)
   p.add_argument("--_row_out", default="", help=argparse.SUPPRESS)
@@ -414,9 +574,17 @@ def _kinds_of(objective):
   return ["generator", "critic"]
 
 
+def _remats(args):
+  values = _list(args.remat)
+  if not values or any(v not in ("0", "1") for v in values):
+    raise ValueError(f"--remat={args.remat!r}: valid values are 0, 1 or 0,1")
+  return [v == "1" for v in values]
+
+
 def _spec(args, **row):
   return dict(row, small=args.small, dit_size=args.dit_size, steps=args.steps,
-              warmup=args.warmup, cache_dir=args.cache_dir)
+              warmup=args.warmup, cache_dir=args.cache_dir, compile_only=args.compile_only,
+              fast_compile=(args.small or args.compile_only) and not args.peer)
 
 
 def _plan_specs(args, plan, impls):
@@ -441,8 +609,8 @@ def row_specs(args):
       raise ValueError(f"--objectives: {name!r} is not available; valid: "
                        f"{', '.join(available_objectives())}")
   for net in _list(args.nets):
-    if net not in NETS:
-      raise ValueError(f"--nets: {net!r} is not valid; valid: {', '.join(NETS)}")
+    if net not in NETS_BY_NAME:
+      raise ValueError(f"--nets: {net!r} is not valid; valid: {', '.join(NETS_BY_NAME)}")
   batches = [int(b) for b in _list(args.batches or ("8,16" if args.small else "64,256"))]
   kinds = _list(args.kinds)
   specs = []
@@ -454,12 +622,18 @@ def row_specs(args):
             if kinds and kind not in kinds and f"{objective}:{kind}" not in kinds:
               continue
             specs.extend(_spec(args, net=net, objective=objective, kind=kind, batch=batch,
-                               dtype=dtype, attn_impl=impl) for impl in impls)
+                               dtype=dtype, attn_impl=impl, remat=remat)
+                         for impl in impls for remat in _remats(args))
   unmatched = [k for k in kinds
                if not any(k in (s["kind"], f"{s['objective']}:{s['kind']}") for s in specs)]
   if unmatched:
     raise ValueError(f"--kinds: {unmatched[0]!r} matches no step of --objectives")
   return specs
+
+
+def torch_peer_rows(spec):
+  """Whether the row has a PyTorch peer (:data:`torch_peer.PEER_STEPS` on EDM's networks)."""
+  return spec["net"] in PEER_NETS and f"{spec['objective']}:{spec['kind']}" in PEER_STEPS
 
 
 def _use_cache(cache_dir):
@@ -471,10 +645,10 @@ def _use_cache(cache_dir):
 def main(argv=None):
   """Measures every row; prints the table; returns (and writes to ``--out``) the JSON."""
   args = parse_args(argv)
-  if args._row:  # a child of --isolate: one row, written to --_row_out
+  if args._row:  # a child of --isolate: one row (or its peer), written to --_row_out
     spec = json.loads(args._row)
     _use_cache(spec.get("cache_dir", ""))
-    row = measure_safely(dict(spec, isolated=True))
+    row = measure_peer(spec) if spec.get("peer") else measure_safely(dict(spec, isolated=True))
     with open(args._row_out, "w") as f:
       json.dump(row, f)
     return row
@@ -504,6 +678,10 @@ def main(argv=None):
       row = measure_safely(spec)
     if row.get("forward_gflops"):
       fwd_cache[key] = row["forward_gflops"] * 1e9
+    if args.peer and torch_peer_rows(spec):
+      peer_spec = dict(spec, peer=True)
+      row = add_peer(row, measure_in_subprocess(peer_spec, args.row_timeout) if args.isolate
+                     else measure_peer(peer_spec))
     result["rows"].append(row)
     print(markdown_row(row), flush=True)
     with open(args.out, "w") as f:
@@ -515,6 +693,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  if "--small" in sys.argv[1:]:  # before the backend starts (a --small child has them already)
+  # Before the backend starts (a child has them already). Not with --peer: timed against
+  # PyTorch, the step runs as XLA optimises it.
+  if "--small" in sys.argv[1:] and "--peer" not in sys.argv[1:]:
     os.environ["XLA_FLAGS"] = fast_compile_flags(os.environ.get("XLA_FLAGS", ""))
   main()

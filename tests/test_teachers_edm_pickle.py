@@ -26,13 +26,11 @@ from fdistill.teachers import edm_pickle
 torch = pytest.importorskip("torch")
 from torch_reference import edm_reference as ref  # noqa: E402  (needs torch)
 from torch_reference import persistence  # noqa: E402
+from torch_reference.kwargs import edm_precond_kwargs  # noqa: E402
 
 TOL = 1e-4
 BATCH, LABELS = 4, 10
 SIGMAS = np.array([0.002, 0.3, 2.5, 80.0], np.float32)
-# Fields of config.model that are not EDM constructor kwargs.
-_OURS_ONLY = ("name", "sigma_data", "dtype", "attn_impl", "remat", "in_channels", "out_channels",
-              "double_norm")  # sCM's option (fdistill only; EDM has none)
 
 
 def _ncsnpp():
@@ -55,22 +53,10 @@ CASES = {
 }
 
 
-def _edm_kwargs(config):
-  """EDMPrecond kwargs as EDM's train.py would pass them for our ``config.model``."""
-  kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()
-            if k not in _OURS_ONLY}
-  model_type = {"songunet": "SongUNet", "dhariwalunet": "DhariwalUNet"}[config.name]
-  if model_type == "DhariwalUNet" and kwargs.get("channels_per_head") == 64:
-    del kwargs["channels_per_head"]  # EDM's own ADM has no such kwarg
-  return dict(img_resolution=kwargs.pop("img_resolution"), img_channels=config.in_channels,
-              label_dim=kwargs.pop("label_dim"), use_fp16=False, model_type=model_type,
-              sigma_data=config.sigma_data, **kwargs)
-
-
 def _torch_net(config, seed=0):
   """An EDMPrecond with live random weights everywhere (EDM's init zeroes the output layers)."""
   torch.manual_seed(seed)
-  net = ref.EDMPrecond(**_edm_kwargs(config))
+  net = ref.EDMPrecond(**edm_precond_kwargs(config))
   gen = torch.Generator().manual_seed(seed + 1)
   with torch.no_grad():
     for name, p in net.named_parameters():

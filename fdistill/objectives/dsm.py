@@ -68,4 +68,5 @@ def build(config, task) -> Objective:
     return update.count_step(dict(state, net=net), ok), aux
 
   return Objective(init=init, steps={"dsm": step}, schedule=lambda i: "dsm",
-                   export=lambda state: state["net"]["ema"], sampler=sample)
+                   export=lambda state: state["net"]["ema"], sampler=sample,
+                   minimum_passes={"dsm": {"train": 1}})

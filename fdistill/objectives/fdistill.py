@@ -53,7 +53,7 @@ from fdistill.objectives import divergences
 from fdistill.objectives import noise
 from fdistill.objectives import ratio
 from fdistill.objectives import scaffold
-from fdistill.objectives.base import Objective, settings_from_config
+from fdistill.objectives.base import Objective, add_passes, settings_from_config
 from fdistill.optim import update
 from fdistill.registry import check_choice
 
@@ -193,6 +193,12 @@ def build(config, task) -> Objective:
     return dict(parts.init(rng, teacher),
                 ratio_bins=jnp.ones((max(st.ratio_bins, 1),), jnp.float32))
 
+  # Generator: its forward and backward, the fake score's and the teacher's forwards (the
+  # teacher's features give the ratio) and, for the GAN term, the backward from the logit
+  # through the teacher's feature layers to x_t; no network but G needs weight gradients.
+  gen_passes = add_passes({"train": 1, "forward": 2},
+                          {"disc_input_grad": int(bool(st.gan_weight))})
   return Objective(init=init, steps={"generator": generator_step, "critic": parts.critic_step},
                    schedule=parts.schedule, export=lambda state: state["gen"]["ema"],
-                   sampler=parts.sample)
+                   sampler=parts.sample,
+                   minimum_passes={"generator": gen_passes, "critic": parts.critic_passes})

@@ -119,7 +119,7 @@ from fdistill.objectives import critics
 from fdistill.objectives import noise
 from fdistill.objectives import scaffold
 from fdistill.objectives import scm_loss
-from fdistill.objectives.base import Objective, Sampler, settings_from_config
+from fdistill.objectives.base import Objective, Sampler, add_passes, settings_from_config
 from fdistill.optim import state as state_lib
 from fdistill.optim import update
 from fdistill.parallel import partition
@@ -465,4 +465,23 @@ def build(config, task) -> Objective:
     if st.scm_warmup_steps:
       steps["scm_warmup"] = student_step(True, False)
   return Objective(init=init, steps=steps, schedule=lambda i: schedule(i, st),
-                   export=lambda state: state["gen"]["ema"], sampler=sample)
+                   export=lambda state: state["gen"]["ema"], sampler=sample,
+                   minimum_passes=minimum_passes(st))
+
+
+def minimum_passes(st: Settings):
+  """The passes each step needs. sCM: the teacher's velocity, one tangent (jvp, whose primal
+  is the regression's forward at the same params; or the two extra forwards of the central
+  difference) and the student's regression. DMD: a batch pays
+  the longest rollout (``rollout_max_steps - 1`` frozen forwards, :func:`rollout`), the
+  last step with gradient, then fake score and teacher. The critic: a frozen rollout and
+  the fake score's DSM update. (The adaptive weight's tiny network is not counted.)"""
+  k = st.rollout_max_steps
+  scm = add_passes({"forward": 1, "train": 1},
+                   {"jvp": 1} if st.tangent == "jvp" else {"forward": 2})
+  dmd = {"forward": k - 1 + 2, "train": 1}
+  student = add_passes(scm if st.has_scm else {}, dmd if st.has_dmd else {})
+  passes = {"generator": student}
+  if st.has_dmd:
+    passes.update(critic={"forward": k, "train": 1}, scm_warmup=scm)
+  return passes

@@ -19,7 +19,7 @@ from fdistill import models
 from fdistill.diffusion import edm
 from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import critics
-from fdistill.objectives.base import Sampler
+from fdistill.objectives.base import Sampler, add_passes
 from fdistill.optim import state as state_lib
 from fdistill.optim import update
 
@@ -65,6 +65,7 @@ class Scaffold:
   init: Callable
   critic_step: Callable
   schedule: Callable
+  critic_passes: dict
 
 
 def build(config, task, st, what: str, train_disc: bool = True,
@@ -125,5 +126,11 @@ def build(config, task, st, what: str, train_disc: bool = True,
       ok = ok & d_ok
     return update.count_step(new, ok), metrics
 
+  # The critic step's minimum: the generator's samples, the fake score's DSM update (SiDA:
+  # again on the real rows, whose encoder pass is counted as a whole network: an upper
+  # bound) and, with a discriminator, its logits on fake and real rows.
+  critic_passes = add_passes({"forward": 1, "train": 2 if encoder_disc else 1},
+                             {"disc_train": 2 * train_disc})
   return Scaffold(nets, sample, gen_update, init, critic_step,
-                  lambda i: "generator" if is_generator_step(i, st) else "critic")
+                  lambda i: "generator" if is_generator_step(i, st) else "critic",
+                  critic_passes)

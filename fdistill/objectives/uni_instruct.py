@@ -219,5 +219,11 @@ def build(config, task) -> Objective:
   if len(phases) > 1:
     steps[SWITCHED] = generator_step_of(phases[1])
     schedule = switch_schedule(parts.schedule, st.switch_step)
+  # Every member's generator gradient flows through x_t into the teacher and the fake score
+  # (their inputs, not their weights). The ratio's logit reads the teacher's features at the
+  # same x_t, so its input gradient rides on the teacher's backward: no pass of its own.
+  gen_passes = {"train": 1, "forward": 2, "input_grad": 2}
+  passes = {kind: gen_passes for kind in steps if kind != "critic"}
   return Objective(init=parts.init, steps=steps, schedule=schedule,
-                   export=lambda state: state["gen"]["ema"], sampler=parts.sample)
+                   export=lambda state: state["gen"]["ema"], sampler=parts.sample,
+                   minimum_passes=dict(passes, critic=parts.critic_passes))
