@@ -693,8 +693,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  # Before the backend starts (a child has them already). Not with --peer: timed against
-  # PyTorch, the step runs as XLA optimises it.
-  if "--small" in sys.argv[1:] and "--peer" not in sys.argv[1:]:
+  # Before the backend starts (a child has them already). --compile_only: buffer assignment
+  # (the memory figures) happens before LLVM, so they only shorten the compile. Not with
+  # --peer: timed against PyTorch, the step runs as XLA optimises it.
+  if ({"--small", "--compile_only"} & set(sys.argv[1:])) and "--peer" not in sys.argv[1:]:
     os.environ["XLA_FLAGS"] = fast_compile_flags(os.environ.get("XLA_FLAGS", ""))
   main()

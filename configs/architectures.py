@@ -25,7 +25,8 @@ DIT_SIZES = {
 
 def _model(name, **fields):
   return ml_collections.ConfigDict(dict(name=name, sigma_data=SIGMA_DATA, dtype="float32",
-                                        attn_impl="xla", remat=False, **fields))
+                                        attn_impl="xla", remat=False,
+                                        remat_policy="nothing_saveable", **fields))
 
 
 def _song_unet(**fields):

@@ -130,6 +130,7 @@ class DiT(nn.Module):
   dtype: str = "float32"
   attn_impl: str = "xla"
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # layers.REMAT_POLICIES
 
   def _feature_blocks(self):
     if self.feature_blocks:
@@ -171,7 +172,7 @@ class DiT(nn.Module):
         patchify(x.astype(dtype), p))
     tokens = tokens + self._positions(tokens.shape[1]).astype(dtype)
 
-    block_cls = nn.remat(DiTBlock, static_argnums=(3,)) if self.remat else DiTBlock
+    block_cls = layers.maybe_remat(DiTBlock, self.remat, self.remat_policy)
     keep = self._feature_blocks()
     features = []
     for i in range(self.depth):

@@ -162,3 +162,19 @@ def drop_labels(module: nn.Module, labels, rate: float, train: bool):
     return labels
   keep = jax.random.uniform(module.make_rng("dropout"), (labels.shape[0], 1)) >= rate
   return labels * keep.astype(labels.dtype)
+
+
+# config.model.remat_policy: what a rematerialised block keeps from its forward for the
+# backward (jax.checkpoint_policies); everything else is recomputed.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def maybe_remat(block_cls, remat: bool, policy: str = "nothing_saveable"):
+  """``block_cls`` rematerialised per block with ``policy`` when ``remat``, else itself. The
+  blocks' ``__call__(self, x, emb, train)``: static_argnums counts the module, so train is 3."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy={policy!r} is not valid; valid values: "
+                     f"{', '.join(REMAT_POLICIES)}")
+  if not remat:
+    return block_cls
+  return nn.remat(block_cls, static_argnums=(3,), policy=getattr(jax.checkpoint_policies, policy))

@@ -212,11 +212,6 @@ def _check_choice(value, valid, field):
     raise ValueError(f"Unknown {field}={value!r}; valid values: {', '.join(valid)}")
 
 
-def _block_cls(remat: bool):
-  # static_argnums counts the module itself: (self, x, emb, train) -> train is 3.
-  return nn.remat(UNetBlock, static_argnums=(3,)) if remat else UNetBlock
-
-
 def _check_resolution(x, img_resolution):
   if x.shape[1:3] != (img_resolution, img_resolution):
     raise ValueError(f"input spatial shape {x.shape[1:3]} does not match "
@@ -253,6 +248,7 @@ class SongUNet(nn.Module):
   dtype: str = "float32"
   attn_impl: str = "xla"
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # layers.REMAT_POLICIES
   double_norm: bool = False  # sCM's adaptive double normalisation (UNetBlock)
 
   def _embedding(self, c_noise, cond, augment_labels, train):
@@ -287,9 +283,10 @@ class SongUNet(nn.Module):
     _check_resolution(x, self.img_resolution)
     init = Init("xavier_uniform")
     init_zero = Init("xavier_uniform", weight=1e-5)
+    block_cls = layers.maybe_remat(UNetBlock, self.remat, self.remat_policy)
     block = functools.partial(
-        _block_cls(self.remat), num_heads=1, dropout=self.dropout, skip_scale=math.sqrt(0.5),
-        eps=1e-6, resample_filter=self.resample_filter, resample_proj=True, adaptive_scale=False,
+        block_cls, num_heads=1, dropout=self.dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
+        resample_filter=self.resample_filter, resample_proj=True, adaptive_scale=False,
         init=init, init_zero=init_zero, init_attn=Init("xavier_uniform", weight=math.sqrt(0.2)),
         attn_impl=self.attn_impl, double_norm=self.double_norm)
     emb = self._embedding(c_noise, cond, augment_labels, train)
@@ -370,6 +367,7 @@ class DhariwalUNet(nn.Module):
   dtype: str = "float32"
   attn_impl: str = "xla"
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # layers.REMAT_POLICIES
   double_norm: bool = False  # sCM's adaptive double normalisation (UNetBlock)
 
   def _embedding(self, c_noise, cond, augment_labels, train):
@@ -399,9 +397,9 @@ class DhariwalUNet(nn.Module):
     _check_resolution(x, self.img_resolution)
     init = Init("kaiming_uniform", weight=math.sqrt(1 / 3), bias=math.sqrt(1 / 3))
     init_zero = Init("kaiming_uniform", weight=0.0, bias=0.0)
+    block_cls = layers.maybe_remat(UNetBlock, self.remat, self.remat_policy)
     block = functools.partial(
-        _block_cls(self.remat), channels_per_head=self.channels_per_head, dropout=self.dropout,
-        init=init, init_zero=init_zero, attn_impl=self.attn_impl, double_norm=self.double_norm)
+        block_cls, channels_per_head=self.channels_per_head, dropout=self.dropout, init=init, init_zero=init_zero, attn_impl=self.attn_impl, double_norm=self.double_norm)
     emb = self._embedding(c_noise, cond, augment_labels, train)
     x = x.astype(jnp.dtype(self.dtype))
     levels = len(self.channel_mult)

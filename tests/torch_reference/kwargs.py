@@ -2,8 +2,8 @@
 as EDM's train.py would pass them: shared by the pickle tests and the step benchmark's peer."""
 
 # Fields of config.model that are not EDM constructor kwargs.
-OURS_ONLY = ("name", "sigma_data", "dtype", "attn_impl", "remat", "in_channels", "out_channels",
-             "double_norm")  # sCM's option (fdistill only; EDM has none)
+OURS_ONLY = ("name", "sigma_data", "dtype", "attn_impl", "remat", "remat_policy", "in_channels",
+             "out_channels", "double_norm")  # sCM's option (fdistill only; EDM has none)
 MODEL_TYPES = {"songunet": "SongUNet", "dhariwalunet": "DhariwalUNet"}
 
 
