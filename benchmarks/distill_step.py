@@ -461,7 +461,8 @@ def add_peer(row, peer):
   """``row`` with the peer's figures and the ratio fdistill / peer (images/s)."""
   row = dict(row, peer_status=peer["status"])
   if peer["status"] == "ok":
-    row.update(peer_step_ms=peer["step_ms"], peer_images_per_s=peer["images_per_s"])
+    row.update(peer_step_ms=peer["step_ms"], peer_images_per_s=peer["images_per_s"],
+               peer_threads=peer.get("threads"))
     if row.get("status") == "ok":
       row["vs_peer"] = row["images_per_s"] / peer["images_per_s"]
   return row

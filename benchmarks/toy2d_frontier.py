@@ -1,6 +1,7 @@
 """The demo's quality frontier: precision against distillation steps and wall time, per family.
 
   python benchmarks/toy2d_frontier.py --teacher_dir=runs/demo/teacher --steps=8000 --every=1000
+  python benchmarks/toy2d_frontier.py --steps=2000 --every=2000 --seeds=0,1,2   # the demo's rows, 3 seeds
 
 For each of the demo's students (``fdistill.demo.STUDENTS``: the best measured setting of each
 family) this trains one run of ``--steps`` steps from the demo's teacher with the normal CLI
@@ -8,7 +9,9 @@ modes, saving a checkpoint every ``--every`` steps, then the eval job scores eve
 against the exact mixture (5000 samples; rCM rows with their own sampler-step count). The
 seconds column is the run's training wall time up to that checkpoint (steps cost the same, so
 the time of the whole run times the share of its steps; compile included in the first).
-Prints one markdown table and writes it to ``--out``/frontier.md.
+With several ``--seeds`` (``config.seed``: the students' init and noise; the teacher stays the
+demo's) each cell is the mean +- standard deviation over seeds. Prints one markdown table and
+writes it to ``--out``/frontier.md.
 """
 import argparse
 import importlib
@@ -17,6 +20,8 @@ import shutil
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -24,10 +29,11 @@ from fdistill import demo, modes  # noqa: E402
 from fdistill.io import console  # noqa: E402
 
 
-def run_family(config_name, variant, teacher_dir, workdir, steps, every):
-  """(training seconds, {sampler steps: {step: metrics}}) of one run."""
+def run_family(config_name, variant, teacher_dir, workdir, steps, every, seed=0):
+  """(training seconds, {row name: {step: metrics}}) of one run."""
   module = importlib.import_module(f"configs.{config_name}")
   config = module.get_config(f"{variant},teacher_dir={teacher_dir},steps={steps}")
+  config.seed = seed
   config.train.update(dict(save_every=every, keep_checkpoints=steps // every + 1))
   start = time.time()
   modes.run(config, workdir, "distill")
@@ -44,31 +50,53 @@ def run_family(config_name, variant, teacher_dir, workdir, steps, every):
   return seconds, results
 
 
+def mean_sd(values, fmt):
+  """``fmt`` of the mean, and ``+- sd`` (sample standard deviation) with several values."""
+  values = np.asarray(values, np.float64)
+  if len(values) == 1:
+    return format(values[0], fmt)
+  return f"{format(values.mean(), fmt)} +- {format(values.std(ddof=1), fmt)}"
+
+
+def table_rows(cells, seeds):
+  """Markdown rows of ``cells``: {(name, step): [(seconds, metrics) per seed]}."""
+  rows = []
+  for (name, step), runs in cells.items():
+    seconds = [s for s, _ in runs]
+    metric = lambda key: [m[key] for _, m in runs]
+    rows.append(f"| {name} | {step} | {len(seeds)} | {np.mean(seconds):.0f} | "
+                f"{mean_sd(metric('eval/modes_covered'), '.1f')}/{runs[0][1]['eval/num_modes']}"
+                f" | {mean_sd(metric('eval/precision'), '.3f')} | "
+                f"{mean_sd(metric('eval/weight_recall'), '.3f')} |")
+  return rows
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--teacher_dir", default="runs/demo/teacher")
   p.add_argument("--steps", type=int, default=8000)
   p.add_argument("--every", type=int, default=1000)
+  p.add_argument("--seeds", default="0", help="comma list of config.seed values")
   p.add_argument("--out", default="runs/toy2d_frontier")
   args = p.parse_args(argv)
+  seeds = [int(s) for s in args.seeds.split(",") if s]
   console.quiet_libraries()
   console.ENABLED = False
-  rows = []
+  cells = {}
   families = dict.fromkeys((cfg, var) for _, cfg, var, _ in demo.STUDENTS)
   for config_name, variant in families:
-    workdir = os.path.join(args.out, f"{config_name}_{variant}")
-    if os.path.exists(workdir):
-      shutil.rmtree(workdir)
-    seconds, results = run_family(config_name, variant, args.teacher_dir, workdir, args.steps,
-                                  args.every)
-    for name, by_step in results.items():
-      for step, m in sorted(by_step.items()):
-        rows.append(f"| {name} | {step} | {step * seconds / args.steps:.0f} | "
-                    f"{m['eval/modes_covered']}/{m['eval/num_modes']} | "
-                    f"{m['eval/precision']:.3f} | {m['eval/weight_recall']:.3f} |")
-    print("\n".join(rows[-len(results) * (args.steps // args.every):]), flush=True)
-  table = ("| student | steps | seconds | modes | precision | weight recall |\n"
-           "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    for seed in seeds:
+      workdir = os.path.join(args.out, f"{config_name}_{variant}_seed{seed}")
+      if os.path.exists(workdir):
+        shutil.rmtree(workdir)
+      seconds, results = run_family(config_name, variant, args.teacher_dir, workdir,
+                                    args.steps, args.every, seed)
+      for name, by_step in results.items():
+        for step, m in sorted(by_step.items()):
+          cells.setdefault((name, step), []).append((step * seconds / args.steps, m))
+      print(f"{config_name}:{variant} seed {seed}: {seconds:.0f} s", flush=True)
+  table = ("| student | steps | seeds | seconds | modes | precision | weight recall |\n"
+           "|---|---|---|---|---|---|---|\n" + "\n".join(table_rows(cells, seeds)) + "\n")
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "frontier.md"), "w") as f:
     f.write(table)
