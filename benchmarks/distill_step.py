@@ -89,7 +89,11 @@ from fdistill.parallel import mesh as mesh_lib  # noqa: E402
 ALL_OBJECTIVES = ("fdistill", "sid", "expanded", "rcm")
 # --small: XLA:CPU compile time is LLVM's; timings of small rows mean nothing anyway.
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
-                      "--xla_llvm_disable_expensive_passes=true")
+                      "--xla_llvm_disable_expensive_passes=true",
+                      # XLA:CPU's memory-minimising scheduler instead of the concurrency one,
+                      # so --compile_only's temp bytes are a peak a memory-aware device
+                      # scheduler could approach (-20% on a DDPM++ backward).
+                      "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 NETS = ("ddpmpp", "adm", "dit")
 # --peer (benchmarks/torch_peer.py): the steps of the issue's PyTorch table, on EDM's networks.
 PEER_STEPS = ("fdistill:generator", "fdistill:critic", "sid:generator", "sid:critic")
@@ -206,6 +210,7 @@ def make_config(spec):
   c.objective = objective_section(spec["objective"], disc)
   c.optim.update(dict(lr=1e-4, weight_decay=0.01, grad_clip=10.0, ema_decay=0.9999))
   c.train.batch_size = spec["batch"]
+  c.optim.micro_batches = spec.get("micro_batches", 1)
   return c, x_shape, cond_dim
 
 
@@ -347,7 +352,8 @@ def measure(spec, row):
   exp = experiment.build(config, mesh, teacher_params=False,
                          dataset=ShapeOnlyData(x_shape, cond_dim), teacher=teacher)
   row.update(params_M=round(models.param_count(teacher.abstract) / 1e6, 1),
-             attn_impl=config.model.get("attn_impl", "none"), device=jax.devices()[0].device_kind,
+             attn_impl=config.model.get("attn_impl", "none"),
+             micro_batches=config.optim.micro_batches, device=jax.devices()[0].device_kind,
              steps=spec["steps"], warmup=spec["warmup"])
   if spec["kind"] not in exp.steps:
     raise ValueError(f"{spec['objective']} has no step {spec['kind']!r}; it has "
@@ -546,6 +552,8 @@ def parse_args(argv=None):
                       "('' = the configs': auto for rcm, i.e. the kernel on GPU; xla otherwise)")
   p.add_argument("--remat", default="0",
                  help="model.remat per row: 0, 1 or a list 0,1 (a row per value; U-Nets, DiT)")
+  p.add_argument("--micro_batches", type=int, default=1,
+                 help="config.optim.micro_batches of every row (gradient accumulation)")
   p.add_argument("--compile_only", action="store_true",
                  help="lower from shapes and compile, never run: FLOPs and XLA's memory of "
                       "steps too big for this machine (e.g. ADM-64 on a CPU)")
@@ -585,6 +593,7 @@ def _remats(args):
 def _spec(args, **row):
   return dict(row, small=args.small, dit_size=args.dit_size, steps=args.steps,
               warmup=args.warmup, cache_dir=args.cache_dir, compile_only=args.compile_only,
+              micro_batches=args.micro_batches,
               fast_compile=(args.small or args.compile_only) and not args.peer)
 
 

@@ -2,6 +2,7 @@
 
   python launch/cli_smoke.py --workdir=/tmp/cli_smoke                 # everything (~15 min, 2 cores)
   python launch/cli_smoke.py --workdir=/tmp/cli_smoke --only=digits   # one scale: toy2d | digits
+  python launch/cli_smoke.py --workdir=/tmp/cli_smoke --runs=rcm      # runs whose name has 'rcm'
 
 What a user types, as subprocesses of ``python -m fdistill.main``: a teacher per
 scale (toy MLP; 8x8 digits U-Net; 8x8 digits DiT), then ``--mode=distill`` of
@@ -33,6 +34,9 @@ TINY_UNET = ["--config.model.model_channels=8", "--config.model.channel_mult=(1,
 TINY_DIT = ["--config.model.hidden_size=32", "--config.model.depth=2",
             "--config.model.num_heads=2", "--config.model.noise_channels=32"]
 TOY = ["--config.train.batch_size=64"]
+# rCM's sCM-only warm-up (200-500 steps in the configs) down to 2, so the student's DMD step
+# and the critic run too.
+RCM_WARMUP = ["--config.objective.scm_warmup_steps=2"]
 COMMON = [f"--config.train.num_steps={STEPS}", f"--config.train.save_every={STEPS}",
           "--config.train.log_every=1", "--config.train.sample_every=0",
           "--config.eval.num_plot_samples=16"]
@@ -45,8 +49,8 @@ def runs(scale):
     rows = [("toy2d_fdistill:js", f"configs/toy2d_fdistill.py:js,{t},steps={STEPS}", TOY, 0)]
     rows += [(f"toy2d_uni_instruct:{m}", f"configs/toy2d_uni_instruct.py:{m},{t},steps={STEPS}",
               TOY, 0) for m in toy2d_uni_instruct.METHODS]
-    rows += [(f"toy2d_rcm:{v}", f"configs/toy2d_rcm.py:{v},{t},steps={STEPS}", TOY, 2)
-             for v in toy2d_rcm.VARIANTS]
+    rows += [(f"toy2d_rcm:{v}", f"configs/toy2d_rcm.py:{v},{t},steps={STEPS}",
+              TOY + (RCM_WARMUP if v == "rcm" else []), 2) for v in toy2d_rcm.VARIANTS]
     return rows
   t = "teacher_dir={teacher},resolution=8"
   rows = [("digits_fdistill:js", f"configs/digits_fdistill.py:js,{t},steps={STEPS}", TINY_UNET, 0)]
@@ -55,7 +59,8 @@ def runs(scale):
            for m in toy2d_uni_instruct.METHODS]
   rows += [(f"digits_rcm:{v}",
             f"configs/digits_rcm.py:{v},{t if v != 'dit' else t.replace('{teacher}', '{dit_teacher}')}"
-            f",steps={STEPS}", TINY_DIT if v == "dit" else TINY_UNET, 2)
+            f",steps={STEPS}", (TINY_DIT if v == "dit" else TINY_UNET) +
+            (RCM_WARMUP if v in ("rcm", "dit") else []), 2)
            for v in digits_rcm.VARIANTS]
   return rows
 
@@ -110,6 +115,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--only", default="", choices=["", "toy2d", "digits"])
+  p.add_argument("--runs", default="", help="only runs whose name contains this text")
   p.add_argument("--timeout", type=float, default=900.0, help="seconds per command")
   args = p.parse_args(argv)
   cache = os.path.join(args.workdir, "jax_cache")
@@ -124,6 +130,8 @@ def main(argv=None):
       if code:
         sys.exit(f"teacher {config} failed:\n{text[-3000:]}")
     for name, config, flags, sampler_steps in runs(scale):
+      if args.runs not in name:
+        continue
       workdir = os.path.join(args.workdir, scale, name.replace(":", "_"))
       config = config.format(**dirs)
       code, text, distill_s = cli(config, workdir, "distill", COMMON + flags, cache, args.timeout)
@@ -138,8 +146,7 @@ def main(argv=None):
         elif not glob.glob(os.path.join(workdir, "*.png")) + glob.glob(
             os.path.join(workdir, "samples*")):
           result = "no sample file"
-      kinds = sorted({k.split("/")[1] for r in _records(workdir) for k in r
-                      if k.startswith("train/") and k.count("/") == 2})
+      kinds = logged_kinds(_records(workdir))
       failed += bool(result)
       rows.append(dict(run=name, distill_s=distill_s, sample_s=sample_s, kinds=kinds,
                        result=result or "ok"))
@@ -150,6 +157,15 @@ def main(argv=None):
   print(f"\n{len(rows) - failed}/{len(rows)} runs ok; rows in "
         f"{os.path.join(args.workdir, 'cli_smoke.json')}")
   return 1 if failed else 0
+
+
+def logged_kinds(records):
+  """The kinds of step a run logged: ``train/<kind>/...`` keys, or one kind (no prefix)."""
+  kinds = {k.split("/")[1] for r in records for k in r if k.startswith("train/") and
+           k.count("/") == 2}
+  if not kinds and any("train/gen_loss" in r for r in records):
+    kinds = {"generator"}
+  return sorted(kinds)
 
 
 def _records(workdir):
