@@ -2,6 +2,8 @@
 
   python benchmarks/toy2d_frontier.py --teacher_dir=runs/demo/teacher --steps=8000 --every=1000
   python benchmarks/toy2d_frontier.py --steps=2000 --every=2000 --seeds=0,1,2   # the demo's rows, 3 seeds
+  python benchmarks/toy2d_frontier.py --steps=4000 --every=4000 \
+      --students=toy2d_uni_instruct:reverse_kl:1 --override=optim.ema_decay=0.999  # other settings
 
 For each of the demo's students (``fdistill.demo.STUDENTS``: the best measured setting of each
 family) this trains one run of ``--steps`` steps from the demo's teacher with the normal CLI
@@ -14,6 +16,7 @@ demo's) each cell is the mean +- standard deviation over seeds. Prints one markd
 writes it to ``--out``/frontier.md.
 """
 import argparse
+import ast
 import importlib
 import os
 import shutil
@@ -29,17 +32,26 @@ from fdistill import demo, modes  # noqa: E402
 from fdistill.io import console  # noqa: E402
 
 
-def run_family(config_name, variant, teacher_dir, workdir, steps, every, seed=0):
-  """(training seconds, {row name: {step: metrics}}) of one run."""
+def run_family(students, config_name, variant, teacher_dir, workdir, steps, every, seed=0,
+               overrides=()):
+  """(training seconds, {row name: {step: metrics}}) of one run; ``overrides``: "key=value"
+  config fields (e.g. optim.ema_decay=0.999), values parsed as Python literals."""
   module = importlib.import_module(f"configs.{config_name}")
   config = module.get_config(f"{variant},teacher_dir={teacher_dir},steps={steps}")
   config.seed = seed
+  for item in overrides:
+    key, value = item.split("=", 1)
+    *path, field = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[field] = type(node[field])(ast.literal_eval(value))
   config.train.update(dict(save_every=every, keep_checkpoints=steps // every + 1))
   start = time.time()
   modes.run(config, workdir, "distill")
   seconds = time.time() - start
   results = {}
-  for name, cfg, var, sampler_steps in demo.STUDENTS:
+  for name, cfg, var, sampler_steps in students:
     if (cfg, var) != (config_name, variant):
       continue
     config.eval.sampler_steps = sampler_steps
@@ -77,20 +89,30 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=8000)
   p.add_argument("--every", type=int, default=1000)
   p.add_argument("--seeds", default="0", help="comma list of config.seed values")
+  p.add_argument("--only", default="", help="only the students whose row name contains this")
+  p.add_argument("--students", default="",
+                 help="instead of the demo's: comma list of config:variant:sampler_steps, e.g. "
+                      "toy2d_uni_instruct:reverse_kl:1")
+  p.add_argument("--override", action="append", default=[],
+                 help="a config field of every run, e.g. --override=optim.ema_decay=0.999")
   p.add_argument("--out", default="runs/toy2d_frontier")
   args = p.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",") if s]
   console.quiet_libraries()
   console.ENABLED = False
   cells = {}
-  families = dict.fromkeys((cfg, var) for _, cfg, var, _ in demo.STUDENTS)
+  students = demo.STUDENTS
+  if args.students:
+    students = tuple((f"{cfg}:{var} ({n} step{'s' * (n != '1')})", cfg, var, int(n))
+                     for cfg, var, n in (item.split(":") for item in args.students.split(",")))
+  families = dict.fromkeys((cfg, var) for name, cfg, var, _ in students if args.only in name)
   for config_name, variant in families:
     for seed in seeds:
       workdir = os.path.join(args.out, f"{config_name}_{variant}_seed{seed}")
       if os.path.exists(workdir):
         shutil.rmtree(workdir)
-      seconds, results = run_family(config_name, variant, args.teacher_dir, workdir,
-                                    args.steps, args.every, seed)
+      seconds, results = run_family(students, config_name, variant, args.teacher_dir, workdir,
+                                    args.steps, args.every, seed, args.override)
       for name, by_step in results.items():
         for step, m in sorted(by_step.items()):
           cells.setdefault((name, step), []).append((step * seconds / args.steps, m))
