@@ -299,7 +299,7 @@ def pass_flops(config, teacher, batch, x_shape, cond_dim, names):
   needed = set(names) | {base[n] for n in names if n in base}
   flops = {}
   for name in needed:
-    key = (repr(config.model), repr(config.objective.discriminator), batch, name)
+    key = (repr(config.model), repr(config.objective.get("discriminator")), batch, name)
     if key not in _PRICES:  # rows of one process share the prices of one network and batch
       fn, args = programs[name]
       lowered = jax.jit(fn).lower(*args)
