@@ -67,7 +67,7 @@ def _checkpoint(config, x_shape, cond_dim):
 def _edm_pickle(config, x_shape, cond_dim):
   """An EDM ``.pkl`` (e.g. edm-cifar10-32x32-cond-vp.pkl): architecture and weights from the file.
 
-  Compute settings (dtype, attn_impl, remat) come from ``config.model`` when it
+  Compute settings (dtype, attn_impl, remat, remat_policy) come from ``config.model`` when it
   names the same network; everything else comes from the pickle.
   """
   from fdistill.teachers import edm_pickle
@@ -77,7 +77,7 @@ def _edm_pickle(config, x_shape, cond_dim):
   teacher = edm_pickle.load(path)
   model_config = teacher.model_config
   if config.model.name == model_config.name:
-    for field in ("dtype", "attn_impl", "remat"):
+    for field in ("dtype", "attn_impl", "remat", "remat_policy"):
       if field in config.model:
         model_config[field] = config.model[field]
   apply_fn = models.make_denoiser(models.build(model_config), model_config.sigma_data)

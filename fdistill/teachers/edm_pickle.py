@@ -131,7 +131,7 @@ def model_config_from(net: PersistentObject):
   sigma_data = _plain(net.state.get("sigma_data", precond_kwargs.get("sigma_data", 0.5)))
   config = ml_collections.ConfigDict(dict(
       name=_MODEL_NAMES[model_type], sigma_data=float(sigma_data), dtype="float32",
-      attn_impl="xla", remat=False,
+      attn_impl="xla", remat=False, remat_policy="nothing_saveable",
       double_norm=False))  # EDM's networks have no sCM double normalisation
   for k, v in sorted(fields.items()):
     config[k] = float(v) if k in ("dropout", "label_dropout") else v

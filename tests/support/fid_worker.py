@@ -39,11 +39,18 @@ def statistics(mesh, batches=None):
   """(FeatureStats, (IS mean, std)) through job.feature_stats with the stand-in detector."""
   from fdistill.eval import inception
   from fdistill.eval import job
-  inception.features = stand_in_features  # fid.feature_fn looks it up when it builds its jit
-  params, default = params_and_batches()
-  detector = job.detector_of(params, mesh, dim=DIM, batch=PER_DEVICE)
-  batches = default if batches is None else batches
-  return job.feature_stats(batches, detector, score_total=sum(map(len, batches)), num_splits=4)
+  real = inception.features
+  # fid.feature_fn looks it up when it builds its jit; restored after, since the test process
+  # calls this too and later tests in the same worker need the real network.
+  inception.features = stand_in_features
+  try:
+    params, default = params_and_batches()
+    detector = job.detector_of(params, mesh, dim=DIM, batch=PER_DEVICE)
+    batches = default if batches is None else batches
+    return job.feature_stats(batches, detector, score_total=sum(map(len, batches)),
+                             num_splits=4)
+  finally:
+    inception.features = real
 
 
 def main(out, port, process_id, num_processes):
