@@ -51,7 +51,7 @@ def run_family(students, config_name, variant, teacher_dir, workdir, steps, ever
   modes.run(config, workdir, "distill")
   seconds = time.time() - start
   results = {}
-  for name, cfg, var, sampler_steps in students:
+  for name, cfg, var, sampler_steps, *_ in students:
     if (cfg, var) != (config_name, variant):
       continue
     config.eval.sampler_steps = sampler_steps
@@ -105,7 +105,7 @@ def main(argv=None):
   if args.students:
     students = tuple((f"{cfg}:{var} ({n} step{'s' * (n != '1')})", cfg, var, int(n))
                      for cfg, var, n in (item.split(":") for item in args.students.split(",")))
-  families = dict.fromkeys((cfg, var) for name, cfg, var, _ in students if args.only in name)
+  families = dict.fromkeys((cfg, var) for name, cfg, var, *_ in students if args.only in name)
   for config_name, variant in families:
     for seed in seeds:
       workdir = os.path.join(args.out, f"{config_name}_{variant}_seed{seed}")

@@ -33,7 +33,7 @@ def test_quick_demo_summary_and_students_beat_a_constant_generator(tmp_path):
       rows[cells[0]] = cells
   expected = ["data (exact samples)", "teacher (Heun, 32 steps)"] + [s[0] for s in students]
   assert list(rows) == expected, summary
-  for name, _, _, _ in students:
+  for name, *_ in students:
     modes, precision, recall = int(rows[name][1].split("/")[0]), float(rows[name][2]), float(rows[name][3])
     assert rows[name][5] == str(quick_steps) and float(rows[name][6]) > 0
     # A generator that ignores z puts all its mass on at most one mode: weight recall
