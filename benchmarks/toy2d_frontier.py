@@ -39,6 +39,8 @@ def run_family(students, config_name, variant, teacher_dir, workdir, steps, ever
   module = importlib.import_module(f"configs.{config_name}")
   config = module.get_config(f"{variant},teacher_dir={teacher_dir},steps={steps}")
   config.seed = seed
+  if (config_name, variant) in demo.SAMPLER_TIMES:  # the demo's own sampler for this student
+    config.objective.sampler_times = demo.SAMPLER_TIMES[(config_name, variant)]
   for item in overrides:
     key, value = item.split("=", 1)
     *path, field = key.split(".")
