@@ -399,7 +399,8 @@ class DhariwalUNet(nn.Module):
     init_zero = Init("kaiming_uniform", weight=0.0, bias=0.0)
     block_cls = layers.maybe_remat(UNetBlock, self.remat, self.remat_policy)
     block = functools.partial(
-        block_cls, channels_per_head=self.channels_per_head, dropout=self.dropout, init=init, init_zero=init_zero, attn_impl=self.attn_impl, double_norm=self.double_norm)
+        block_cls, channels_per_head=self.channels_per_head, dropout=self.dropout, init=init,
+        init_zero=init_zero, attn_impl=self.attn_impl, double_norm=self.double_norm)
     emb = self._embedding(c_noise, cond, augment_labels, train)
     x = x.astype(jnp.dtype(self.dtype))
     levels = len(self.channel_mult)
