@@ -17,7 +17,6 @@ writes it to ``--out``/frontier.md.
 """
 import argparse
 import ast
-import importlib
 import os
 import shutil
 import sys
@@ -36,11 +35,8 @@ def run_family(students, config_name, variant, teacher_dir, workdir, steps, ever
                overrides=()):
   """(training seconds, {row name: {step: metrics}}) of one run; ``overrides``: "key=value"
   config fields (e.g. optim.ema_decay=0.999), values parsed as Python literals."""
-  module = importlib.import_module(f"configs.{config_name}")
-  config = module.get_config(f"{variant},teacher_dir={teacher_dir},steps={steps}")
+  config = demo.student_config(config_name, variant, teacher_dir, steps)
   config.seed = seed
-  if (config_name, variant) in demo.SAMPLER_TIMES:  # the demo's own sampler for this student
-    config.objective.sampler_times = demo.SAMPLER_TIMES[(config_name, variant)]
   for item in overrides:
     key, value = item.split("=", 1)
     *path, field = key.split(".")

@@ -99,16 +99,23 @@ SAMPLER_TIMES = {("toy2d_rcm", "scm"): (0.2, 0.1, 0.05)}
 QUICK_STEPS, QUICK_TEACHER_STEPS = 300, 600
 
 
+def student_config(config_name, variant, teacher_dir, steps):
+  """The config of a demo student: ``configs/<config_name>.py:<variant>`` distilling
+  ``teacher_dir`` for ``steps`` steps, with the demo's sampler times (:data:`SAMPLER_TIMES`)."""
+  import importlib
+  module = importlib.import_module(f"configs.{config_name}")
+  config = module.get_config(f"{variant},teacher_dir={teacher_dir},steps={steps}")
+  if (config_name, variant) in SAMPLER_TIMES:
+    config.objective.sampler_times = SAMPLER_TIMES[(config_name, variant)]
+  return config
+
+
 def distill_stages(teacher_dir, workdir, quick=False):
   """({row name: metrics}, {row name: plot samples}) of the students of ``teacher_dir``."""
-  import importlib
   rows, samples, train_seconds = {}, {}, {}
   for name, config_name, variant, sampler_steps, steps in STUDENTS:
     steps = QUICK_STEPS if quick else steps
-    module = importlib.import_module(f"configs.{config_name}")
-    config = module.get_config(f"{variant},teacher_dir={teacher_dir},steps={steps}")
-    if (config_name, variant) in SAMPLER_TIMES:
-      config.objective.sampler_times = SAMPLER_TIMES[(config_name, variant)]
+    config = student_config(config_name, variant, teacher_dir, steps)
     if quick:
       shrink(config, steps)
     run_dir = os.path.join(workdir, f"{config_name}_{variant}")
