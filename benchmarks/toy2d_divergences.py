@@ -54,9 +54,7 @@ def make_objective(divergence, steps, overrides=None, teacher_dir="", config_nam
   teacher = f"teacher_dir={teacher_dir}" if teacher_dir else "teacher=analytic"
   module = importlib.import_module(f"configs.{config_name}")
   config = module.get_config(f"{divergence},{teacher},steps={steps}")
-  for key, value in (overrides or {}).items():
-    section, field = key.split(".", 1)
-    config[section][field] = value
+  apply_overrides(config, overrides)
   gmm = gmm_lib.named(config.data.distribution)
   teacher = teachers.spec(config, (2,), 0)
   task = objectives.Task((2,), 0, teacher.apply, teacher.abstract)
@@ -157,6 +155,13 @@ def markdown_table(rows, num_modes):
                                             for c in COLUMNS) + " |\n"
                  for name, m in rows.items())
   return head + body
+
+
+def apply_overrides(config, overrides):
+  """Sets each ``SECTION.FIELD`` of ``overrides`` (:func:`parse_overrides`) on ``config``."""
+  for key, value in (overrides or {}).items():
+    section, field = key.split(".", 1)
+    config[section][field] = value
 
 
 def parse_overrides(items):

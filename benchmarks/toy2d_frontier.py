@@ -3,7 +3,7 @@
   python benchmarks/toy2d_frontier.py --teacher_dir=runs/demo/teacher --steps=8000 --every=1000
   python benchmarks/toy2d_frontier.py --steps=2000 --every=2000 --seeds=0,1,2   # the demo's rows, 3 seeds
   python benchmarks/toy2d_frontier.py --steps=4000 --every=4000 \
-      --students=toy2d_uni_instruct:reverse_kl:1 --override=optim.ema_decay=0.999  # other settings
+      --students=toy2d_uni_instruct:reverse_kl:1 --set=optim.ema_decay=0.999  # other settings
 
 For each of the demo's students (``fdistill.demo.STUDENTS``: the best measured setting of each
 family) this trains one run of ``--steps`` steps from the demo's teacher with the normal CLI
@@ -16,7 +16,6 @@ demo's) each cell is the mean +- standard deviation over seeds. Prints one markd
 writes it to ``--out``/frontier.md.
 """
 import argparse
-import ast
 import os
 import shutil
 import sys
@@ -27,23 +26,18 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import toy2d_divergences as study  # noqa: E402  (benchmarks/: the 2-D study's --set)
 from fdistill import demo, modes  # noqa: E402
 from fdistill.io import console  # noqa: E402
 
 
 def run_family(students, config_name, variant, teacher_dir, workdir, steps, every, seed=0,
-               overrides=()):
-  """(training seconds, {row name: {step: metrics}}) of one run; ``overrides``: "key=value"
-  config fields (e.g. optim.ema_decay=0.999), values parsed as Python literals."""
+               overrides=None):
+  """(training seconds, {row name: {step: metrics}}) of one run; ``overrides``:
+  {"SECTION.FIELD": value} (``--set``, parsed as in the 2-D study)."""
   config = demo.student_config(config_name, variant, teacher_dir, steps)
   config.seed = seed
-  for item in overrides:
-    key, value = item.split("=", 1)
-    *path, field = key.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    node[field] = type(node[field])(ast.literal_eval(value))
+  study.apply_overrides(config, overrides)
   config.train.update(dict(save_every=every, keep_checkpoints=steps // every + 1))
   start = time.time()
   modes.run(config, workdir, "distill")
@@ -91,8 +85,9 @@ def main(argv=None):
   p.add_argument("--students", default="",
                  help="instead of the demo's: comma list of config:variant:sampler_steps, e.g. "
                       "toy2d_uni_instruct:reverse_kl:1")
-  p.add_argument("--override", action="append", default=[],
-                 help="a config field of every run, e.g. --override=optim.ema_decay=0.999")
+  p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                 help="a config field of every run, e.g. --set=optim.ema_decay=0.999 "
+                      "(as toy2d_divergences.py's --set)")
   p.add_argument("--out", default="runs/toy2d_frontier")
   args = p.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -110,7 +105,8 @@ def main(argv=None):
       if os.path.exists(workdir):
         shutil.rmtree(workdir)
       seconds, results = run_family(students, config_name, variant, args.teacher_dir, workdir,
-                                    args.steps, args.every, seed, args.override)
+                                    args.steps, args.every, seed,
+                                    study.parse_overrides(args.set))
       for name, by_step in results.items():
         for step, m in sorted(by_step.items()):
           cells.setdefault((name, step), []).append((step * seconds / args.steps, m))
