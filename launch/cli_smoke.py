@@ -17,7 +17,6 @@ most of it compiling. Prints a markdown table and exits 1 if any row failed.
 import argparse
 import glob
 import json
-import math
 import os
 import subprocess
 import sys
@@ -57,9 +56,9 @@ def runs(scale):
   rows += [(f"digits_uni_instruct:{m}",
             f"configs/digits_uni_instruct.py:{m},{t},steps={STEPS}", TINY_UNET, 0)
            for m in toy2d_uni_instruct.METHODS]
-  rows += [(f"digits_rcm:{v}",
-            f"configs/digits_rcm.py:{v},{t if v != 'dit' else t.replace('{teacher}', '{dit_teacher}')}"
-            f",steps={STEPS}", (TINY_DIT if v == "dit" else TINY_UNET) +
+  dit_t = "teacher_dir={dit_teacher},resolution=8"  # the DiT student copies a DiT teacher
+  rows += [(f"digits_rcm:{v}", f"configs/digits_rcm.py:{v},{dit_t if v == 'dit' else t},"
+            f"steps={STEPS}", (TINY_DIT if v == "dit" else TINY_UNET) +
             (RCM_WARMUP if v in ("rcm", "dit") else []), 2)
            for v in digits_rcm.VARIANTS]
   return rows
@@ -90,18 +89,17 @@ def cli(config, workdir, mode, flags, cache, timeout):
   return code, text, time.time() - start
 
 
-def check_run(workdir):
-  """'' if the run's records and files are complete, else what is missing."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+def check_run(workdir, records):
+  """'' if the run's records (``metrics.jsonl`` rows) and files are complete, else what is
+  missing. The writer stores a non-finite value as null and lists its name under
+  "nonfinite" (fdistill/io/writers.py)."""
+  if not records:
     return "no metrics.jsonl"
-  records = [json.loads(line) for line in open(path)]
   last = records[-1]
-  losses = {k: v for r in records for k, v in r.items() if k.startswith("train/") and
-            k.endswith("loss")}
   if last.get("step") != STEPS:
     return f"last step {last.get('step')}"
-  bad = [k for k, v in losses.items() if not math.isfinite(v)]
+  bad = [k for r in records for k in r.get("nonfinite", [])
+         if k.startswith("train/") and k.endswith("loss")]
   if bad:
     return f"non-finite {bad[0]}"
   if last.get("train/skipped", 0):
@@ -135,7 +133,9 @@ def main(argv=None):
       workdir = os.path.join(args.workdir, scale, name.replace(":", "_"))
       config = config.format(**dirs)
       code, text, distill_s = cli(config, workdir, "distill", COMMON + flags, cache, args.timeout)
-      result = check_run(workdir) if code == 0 else f"distill exit {code}: {text[-300:]!r}"
+      records = _records(workdir)
+      result = (check_run(workdir, records) if code == 0 else
+                f"distill exit {code}: {text[-300:]!r}")
       sample_s = 0.0
       if not result:
         extra = [f"--num_steps={sampler_steps}"] if sampler_steps else []
@@ -146,7 +146,7 @@ def main(argv=None):
         elif not glob.glob(os.path.join(workdir, "*.png")) + glob.glob(
             os.path.join(workdir, "samples*")):
           result = "no sample file"
-      kinds = logged_kinds(_records(workdir))
+      kinds = logged_kinds(records)
       failed += bool(result)
       rows.append(dict(run=name, distill_s=distill_s, sample_s=sample_s, kinds=kinds,
                        result=result or "ok"))
