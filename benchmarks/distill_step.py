@@ -590,11 +590,18 @@ def _remats(args):
   return [v == "1" for v in values]
 
 
+def fast_compile(args):
+  """Whether rows compile with :data:`FAST_COMPILE_FLAGS`: ``--small`` (small rows' times mean
+  nothing) and ``--compile_only`` (buffer assignment, hence the memory figures, happens before
+  LLVM), never with ``--peer`` (timed against PyTorch, the step runs as XLA optimises it)."""
+  return (args.small or args.compile_only) and not args.peer
+
+
 def _spec(args, **row):
   return dict(row, small=args.small, dit_size=args.dit_size, steps=args.steps,
               warmup=args.warmup, cache_dir=args.cache_dir, compile_only=args.compile_only,
               micro_batches=args.micro_batches,
-              fast_compile=(args.small or args.compile_only) and not args.peer)
+              fast_compile=fast_compile(args))
 
 
 def _plan_specs(args, plan, impls):
@@ -703,9 +710,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  # Before the backend starts (a child has them already). --compile_only: buffer assignment
-  # (the memory figures) happens before LLVM, so they only shorten the compile. Not with
-  # --peer: timed against PyTorch, the step runs as XLA optimises it.
-  if ({"--small", "--compile_only"} & set(sys.argv[1:])) and "--peer" not in sys.argv[1:]:
+  # Before the backend starts (an isolated row's child gets them from its parent instead).
+  if fast_compile(parse_args()):
     os.environ["XLA_FLAGS"] = fast_compile_flags(os.environ.get("XLA_FLAGS", ""))
   main()
