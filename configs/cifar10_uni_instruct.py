@@ -9,8 +9,12 @@ checkpoint), ``teacher_dir``, ``cond`` (default True).
 Recipe: SiD's (Zhou et al. 2024, "Score identity Distillation"; Uni-Instruct, Wang, Luo et
 al. 2025, trains on SiD's code base with the same settings): generator initialised from the
 teacher at ``sigma_init = 2.5``, Adam with betas (0, 0.999), lr 1e-5 for generator and fake
-score, one fake-score update per generator update, noise levels on EDM's Karras ramp up to
-t_max = 800 of 1000 (``ramp_min = 0.2``), SiD's alpha 1.2, SiD's normalised scale. Batch 256.
+score, one fake-score update per generator update, the generator's noise levels on EDM's
+Karras ramp from t = 0 to t_max = 800 of 1000 (``ramp_min = 0.2, ramp_max = 1``), the fake
+score's on EDM's lognormal(-1.2, 1.2) (``critic_noise``), SiD's alpha 1.2, SiD's normalised
+scale. Batch 256. DMD and DMD2 keep DMD2's own levels (``toy2d_uni_instruct.DMD_LEVELS``).
+Not reproduced: SiD's CIFAR-10 code also augments the fake score's inputs (EDM's augment
+pipe, p = 0.12, the networks conditioned on its labels); this project has no augmentation.
 Published one-step FIDs (CIFAR-10, 50k samples): SiD 1.923 uncond / 1.710 cond; Uni-Instruct
 1.46 uncond / 1.38 cond (forward KL); DMD 2.66 cond; SIM 2.06 uncond; Diff-Instruct 4.53 uncond
 (its own recipe: batch 128, lr 1e-5, init_sigma 1.0; this config keeps SiD's batch and noise
@@ -32,7 +36,7 @@ def sid_recipe(c, method, *, lr, batch_size, num_steps, feature_indices):
   c.generator.sigma_init = 1.0 if method == "diff_instruct" else 2.5
   c.objective = toy2d_uni_instruct.method_objective(
       method, num_steps, sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, ramp_min=0.2,
-      ramp_max=0.998, fake_loss_weight="edm",
+      ramp_max=1.0, fake_loss_weight="edm",
       discriminator=dict(name="unet_heads", feature_indices=feature_indices),
       fake_optim={}, disc_optim={})
   c.optim.update(dict(lr=lr, warmup_steps=0, weight_decay=0.0, b1=0.0, b2=0.999, eps=1e-8,

@@ -61,10 +61,11 @@ def base_config():
 FDISTILL_OBJECTIVE = dict(
     name="fdistill", divergence="js", alpha=0.5, gen_every=5, warmup_critic_steps=0,
     gan_weight=1e-3, logit_clip=10.0, ratio_lower=0.1, ratio_upper=20.0, ratio_bins=10,
-    ratio_ema=0.0, normalise_h=True, weight="abs_mean", fake_loss_weight="edm",
+    ratio_ema=0.0, ratio_bin_by="position", normalise_h=True, weight="abs_mean",
+    abs_mean_eps=1e-6, fake_loss_weight="edm",
     same_noise_real=False, sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0,
     ramp_min=0.002, ramp_max=0.998, p_mean=-1.2, p_std=1.2, sigma_fixed=1.0,
-    discriminator=dict(name="mlp"), fake_optim={}, disc_optim={})
+    critic_noise={}, discriminator=dict(name="mlp"), fake_optim={}, disc_optim={})
 
 
 def fdistill_objective(**overrides) -> ml_collections.ConfigDict:
@@ -73,15 +74,18 @@ def fdistill_objective(**overrides) -> ml_collections.ConfigDict:
 
 
 # Uni-Instruct's objective section (fdistill/objectives/uni_instruct.py:Settings documents each
-# field): SiD's recipe (SiD and Uni-Instruct share it) with the expanded forward KL.
+# field): SiD's recipe (SiD and Uni-Instruct share it) with the expanded forward KL. SiD's
+# code trains the fake score on EDM's lognormal levels whatever the generator's ramp
+# (critic_noise), and weighs SiDA's GAN term by lsg_gan / lsg = 0.01 / 100 (sida_gan_scale).
 UNI_INSTRUCT_OBJECTIVE = dict(
     name="uni_instruct", loss="expanded", divergence="forward_kl", alpha=0.5, sid_alpha=1.2,
-    sim_distance="pseudo_huber", sim_c=1.0, adv_weight=0.5, switch_step=0, switch_divergence="",
-    scale="sid", gen_every=2, warmup_critic_steps=0,
+    sim_distance="pseudo_huber", sim_c=1.0, adv_weight=0.5, sida_gan_scale=1e-4, switch_step=0,
+    switch_divergence="", scale="sid", gen_every=2, warmup_critic_steps=0,
     gan_weight=0.0, logit_clip=10.0, fake_loss_weight="edm", same_noise_real=False,
-    sigma_dist="karras", critic_sigma_dist="", sigma_min=0.002, sigma_max=80.0, rho=7.0,
-    ramp_min=0.2, ramp_max=0.998,
+    sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0,
+    ramp_min=0.2, ramp_max=1.0,  # SiD: t ~ U[0, t_max = 800 / 1000] on EDM's Karras ramp
     p_mean=-1.2, p_std=1.2, sigma_fixed=1.0,
+    critic_noise=dict(sigma_dist="lognormal", p_mean=-1.2, p_std=1.2),
     discriminator=dict(name="mlp"), fake_optim={}, disc_optim={})
 
 

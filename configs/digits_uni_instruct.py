@@ -6,8 +6,10 @@
 Variant = the method of ``configs/toy2d_uni_instruct.py`` (Uni-Instruct divergences, sid,
 sid_half, sim_l2, sim_huber, dmd, dmd2, diff_instruct, sida, rkl_then_fkl); other keys as
 ``digits_fdistill.py``; SiDA's logit is the channel mean of the fake U-Net's bottleneck. The recipe is
-``digits_fdistill.py``'s (the teacher's lognormal noise levels, U-Net feature heads as the
-discriminator) with SiD's one fake-score update per generator update.
+``digits_fdistill.py``'s (optimisers, U-Net feature heads as the discriminator) with each
+member's own noise levels, as its paper's code draws them (SiD's ramp to t_max = 800 for the
+generator and EDM's lognormal for the fake score; DMD2's and Diff-Instruct's their own;
+docs/reference_equivalence.md) and SiD's one fake-score update per generator update.
 """
 from configs import common
 from configs import digits_fdistill
@@ -21,7 +23,6 @@ def get_config(arg=None):
                                  f"resolution={a.resolution},conditional={a.conditional}")
   base = c.objective
   c.objective = toy2d_uni_instruct.method_objective(
-      a.variant, a.steps, sigma_dist="lognormal", p_mean=base.p_mean, p_std=base.p_std,
-      fake_loss_weight="edm", discriminator=dict(base.discriminator),
+      a.variant, a.steps, fake_loss_weight="edm", discriminator=dict(base.discriminator),
       fake_optim=dict(base.fake_optim), disc_optim=dict(base.disc_optim))
   return c

@@ -35,9 +35,14 @@ METHODS = EXPANDED + ("sid", "sid_half", "sim_l2", "sim_huber", "dmd", "dmd2", "
                       "sida", "rkl_then_fkl")
 
 # The members that are settings of the f-distill objective (reverse KL, h = 1, no ratio).
+# DMD2's code (main/edm/edm_guidance.py): the distribution-matching loss on positions 2-98 %
+# of EDM's 1000-level Karras grid, the fake score on the whole grid, no epsilon in the
+# normaliser; DMD (its first version) on the same levels.
+DMD_LEVELS = dict(sigma_dist="karras", ramp_min=0.02, ramp_max=0.98, abs_mean_eps=0.0,
+                  critic_noise=dict(sigma_dist="karras", ramp_min=0.0, ramp_max=1.0))
 FDISTILL_MEMBERS = dict(
-    dmd=dict(gen_every=2, gan_weight=0.0),
-    dmd2=dict(gen_every=5, gan_weight=3e-3),
+    dmd=dict(gen_every=2, gan_weight=0.0, **DMD_LEVELS),
+    dmd2=dict(gen_every=5, gan_weight=3e-3, **DMD_LEVELS),
     # Diff-Instruct's EDM code: weight 1 on D_fake - D_T, levels log s ~ N(-1.2, 1.2^2), one
     # fake-score update per generator update, no GAN term.
     diff_instruct=dict(gen_every=2, gan_weight=0.0, weight="unit", sigma_dist="lognormal",
@@ -46,11 +51,10 @@ UNI_INSTRUCT_MEMBERS = dict(
     sid=dict(loss="sid", sid_alpha=1.2), sid_half=dict(loss="sid", sid_alpha=0.5),
     sim_l2=dict(loss="sim", sim_distance="l2"),
     sim_huber=dict(loss="sim", sim_distance="pseudo_huber"),
-    # SiDA's code: alpha 1 (its CIFAR-10 runs), 0.5 SiD + 0.5 GAN, real data noised like fakes,
-    # the fake score (and so its discriminator loss, weighted by lambda(s)) on EDM's lognormal
-    # levels (p_mean, p_std) rather than the generator's ramp.
-    sida=dict(loss="sida", sid_alpha=1.0, adv_weight=0.5, same_noise_real=True,
-              critic_sigma_dist="lognormal"),
+    # SiDA's code: alpha 1 (its CIFAR-10 runs), 0.5 SiD + 0.5 GAN (sida_gan_scale: its 0.01 /
+    # 100 loss scales), real data noised like fakes; the fake score (and so its discriminator
+    # loss, weighted by lambda(s)) on EDM's lognormal levels, the family's critic_noise.
+    sida=dict(loss="sida", sid_alpha=1.0, adv_weight=0.5, same_noise_real=True),
     rkl_then_fkl=dict(loss="expanded", divergence="reverse_kl", switch_divergence="forward_kl"))
 
 

@@ -188,7 +188,7 @@ def test_h_is_normalised_to_mean_one_and_weight_uses_abs_mean():
   assert float(stats["h_max"]) > 1.0 > float(stats["h_min"])
   x = jnp.array([[1.0, 2.0], [0.0, 0.0]])
   d = jnp.array([[0.0, 0.0], [0.5, -0.5]])
-  np.testing.assert_allclose(fdistill._abs_mean_weight(x, d, None), [1 / 1.5, 1 / 0.5],
+  np.testing.assert_allclose(fdistill._abs_mean_weight(x, d, None, st), [1 / 1.5, 1 / 0.5],
                              rtol=1e-5)
 
 

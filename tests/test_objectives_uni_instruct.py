@@ -46,10 +46,10 @@ def test_each_method_steps_and_moves_the_right_networks(method, trains_disc):
   assert [step.objective.schedule(i) for i in range(2)] == ["generator", "critic"]
 
 
-# DMD's weighting factor mean|x - D_T| (plus the 1e-6 this codebase adds against 0); Diff-Instruct's
+# DMD's weighting factor mean|x - D_T| (DMD2's code adds no epsilon); Diff-Instruct's
 # EDM code weighs D_fake - D_T by 1 (training/di_loss.py: ``(Dg - Dd) * images``, weight 1.0).
 GRADIENT_WEIGHTS = {
-    "dmd": lambda x, d_t: jnp.mean(jnp.abs(x - d_t), axis=-1, keepdims=True) + 1e-6,
+    "dmd": lambda x, d_t: jnp.mean(jnp.abs(x - d_t), axis=-1, keepdims=True),
     "diff_instruct": lambda x, d_t: jnp.ones_like(x[:, :1])}
 
 
@@ -145,9 +145,9 @@ def test_sida_without_its_gan_term_is_sid_at_alpha_1():
 
 
 def test_sida_gan_term_uses_the_fake_scores_last_hidden_layer():
-  """adv_weight = 1: the loss is SiDA's GAN term, numel * softplus(-clip(logit)) / max(mean|G -
-  D_T|, 1e-5), the logit being the mean of the fake MLP's last hidden layer at x_t, computed
-  here in numpy from the network's features and SiDA's formula."""
+  """adv_weight = 1: the loss is SiDA's scaled GAN term, numel * mean(softplus(-clip(logit))) *
+  mean(1 / max(mean|G - D_T|, 1e-5)) (SiDA's batch-mean BCE), the logit being the mean of the
+  fake MLP's last hidden layer at x_t, computed here in numpy from the network's features."""
   nets, st, inputs, gen = sida_parts(adv_weight=1.0)
   batch, rng = toy.batch(0), jax.random.key(5)
   value, aux = uni_instruct.make_generator_loss(nets, st)(gen, inputs, batch, rng)
@@ -159,14 +159,17 @@ def test_sida_gan_term_uses_the_fake_scores_last_hidden_layer():
   _, feats = nets.fake_apply(inputs["fake"], x_t, sigma, return_features=True)
   x = np.asarray(x, np.float64)
   logit = np.clip(np.asarray(feats[-1]).mean(-1), -st.logit_clip, st.logit_clip)
-  per = 2 * np.log1p(np.exp(-logit)) / np.maximum(np.abs(x - d_t).mean(-1), 1e-5)
-  np.testing.assert_allclose(float(value), per.mean(), rtol=1e-4)
-  np.testing.assert_allclose(float(aux["gan_gen"]), per.mean(), rtol=1e-4)
+  gan = 2 * np.log1p(np.exp(-logit)).mean() * np.mean(
+      1 / np.maximum(np.abs(x - d_t).mean(-1), 1e-5))
+  np.testing.assert_allclose(float(value), st.sida_gan_scale * gan, rtol=1e-4)
+  np.testing.assert_allclose(float(aux["gan_gen"]), gan, rtol=1e-4)
 
 
 def test_sida_fake_score_loss_adds_the_lambda_weighted_discriminator_loss():
-  """The fake score's loss = its DSM loss + lambda(s) (softplus(fake logit) + softplus(-real
-  logit)) / 2, the data noised with the generator samples' (s, eps) (same_noise_real)."""
+  """The fake score's loss = its DSM loss summed over dimensions + mean lambda(s) (mean
+  softplus(fake logit) + mean softplus(-real logit)) / 2, the data noised with the generator
+  samples' (s, eps) (same_noise_real); SiDA's weighting (tests/test_reference_equivalence.py
+  checks it against SiDA's code in float64)."""
   nets, st, inputs, gen = sida_parts()
   cb = critics.critic_batch(nets, st, gen, toy.batch(0), jax.random.key(2))
   np.testing.assert_allclose(cb["real_t"] - toy.batch(0)["x"], cb["x_t"] - cb["x_gen"],
@@ -179,9 +182,9 @@ def test_sida_fake_score_loss_adds_the_lambda_weighted_discriminator_loss():
             for x in (cb["x_t"], cb["real_t"])]
   s = np.asarray(cb["sigma"], np.float64)
   lam = (s**2 + 0.25) / (s * 0.5)**2
-  adv = np.mean(lam * (np.log1p(np.exp(logits[0])) + np.log1p(np.exp(-logits[1]))) / 2)
+  adv = np.mean(lam) * (np.log1p(np.exp(logits[0])).mean() + np.log1p(np.exp(-logits[1])).mean()) / 2
   np.testing.assert_allclose(float(aux["adv_disc_loss"]), adv, rtol=1e-4)
-  np.testing.assert_allclose(float(value), float(dsm) + adv, rtol=1e-4)
+  np.testing.assert_allclose(float(value), 2 * float(dsm) + adv, rtol=1e-4)  # numel = 2
 
 
 # ---------------------------------------------------------------------------
@@ -224,8 +227,11 @@ def test_bad_settings_name_the_field():
   with pytest.raises(ValueError, match="objective.switch_divergence='forward_kl' needs"):
     uni_instruct.Settings.from_config(common.uni_instruct_objective(
         switch_divergence="forward_kl"))
-  with pytest.raises(ValueError, match="objective.critic_sigma_dist='uniform'"):
-    uni_instruct.Settings.from_config(common.uni_instruct_objective(critic_sigma_dist="uniform"))
+  with pytest.raises(ValueError, match="objective.critic_noise.sigma_dist='uniform'"):
+    uni_instruct.Settings.from_config(common.uni_instruct_objective(
+        critic_noise=dict(sigma_dist="uniform")))
+  with pytest.raises(ValueError, match="objective.critic_noise.sigma is not a noise-level"):
+    uni_instruct.Settings.from_config(common.uni_instruct_objective(critic_noise=dict(sigma=1)))
   with pytest.raises(ValueError, match="objective.gan_weight=0.1 must be 0 with loss='sida'"):
     uni_instruct.Settings.from_config(common.uni_instruct_objective(loss="sida", gan_weight=0.1))
   with pytest.raises(ValueError, match="objective.adv_weight=2"):

@@ -8,6 +8,7 @@ matching on stop_gradient(G(z)), discriminator whose logit estimates
 ``loss(params, inputs, batch, rng) -> (loss, aux)``.
 """
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -29,6 +30,11 @@ class Nets:
   disc: disc_lib.Discriminator
   x_shape: tuple
   sigma_init: float
+
+
+def at_least_f32(x):
+  """``x`` in float32, or float64 if it is (the float64 equivalence tests)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def per_sample_mean(x):
@@ -74,19 +80,23 @@ def encoder_logits(nets: Nets, fake_params, x_t, sigma, cond, rng=None):
   if not feats:
     raise ValueError("loss='sida' needs a fake score that returns encoder features "
                      "(config.model: mlp with hidden layers, songunet, dhariwalunet or dit)")
-  return d, jnp.mean(feats[-1].astype(jnp.float32), axis=-1)
+  return d, jnp.mean(at_least_f32(feats[-1]), axis=-1)
 
 
 def make_fake_score_loss(nets: Nets, fake_loss_weight: str, encoder_disc: bool = False):
   """DSM of the fake score on the critic batch's stop_gradient generator samples.
 
-  ``fake_loss_weight``: 'edm' (lambda(s) |D - x0|^2) or 'none' (plain x0 MSE, FastGen).
+  ``fake_loss_weight``: 'edm' (lambda(s) |D - x0|^2) or 'none' (plain x0 MSE, FastGen); the
+  per-sample error is a mean over data dimensions (SiD's code sums: a constant factor).
   ``encoder_disc`` (SiDA): the fake score's encoder is also the discriminator, trained in
-  the same loss by ``lambda(s) * (logistic loss of real vs generator logits) / 2`` with
-  EDM's lambda(s) whatever ``fake_loss_weight`` is (SiDA's code), noised data from
-  ``batch["real_t"]`` (SiDA noises both with the same (s, eps): ``same_noise_real``).
+  the same loss, weighted as SiDA's code weights it (``loss.sum() / B + loss_D.sum() / B``):
+  the DSM error SUMMED over data dimensions, plus ``mean_b lambda(s_b) (BCE_real + BCE_fake)
+  / 2`` with each BCE the mean over the batch and the logit map, lambda EDM's whatever
+  ``fake_loss_weight`` is; noised data from ``batch["real_t"]`` (SiDA noises both with the
+  same (s, eps): ``same_noise_real``).
   """
   weight_fn = lookup(FAKE_LOSS_WEIGHTS, fake_loss_weight, "objective.fake_loss_weight")
+  numel = math.prod(nets.x_shape)
 
   def loss(params, inputs, batch, rng):
     del inputs
@@ -99,10 +109,10 @@ def make_fake_score_loss(nets: Nets, fake_loss_weight: str, encoder_disc: bool =
     value = jnp.mean(weight_fn(sigma) * err)
     if not encoder_disc:
       return value, {"fake_loss": value}
+    value = numel * value
     _, real_logit = encoder_logits(nets, params, batch["real_t"], batch["real_sigma"], cond, rng)
-    logistic = (per_sample_mean(jax.nn.softplus(fake_logit)) +
-                per_sample_mean(jax.nn.softplus(-real_logit)))
-    adv = jnp.mean(edm.loss_weight(batch["real_sigma"]) * logistic / 2)
+    bce = jnp.mean(jax.nn.softplus(fake_logit)) + jnp.mean(jax.nn.softplus(-real_logit))
+    adv = jnp.mean(edm.loss_weight(batch["real_sigma"])) * bce / 2
     return value + adv, {"fake_loss": value + adv, "dsm_loss": value, "adv_disc_loss": adv}
 
   return loss

@@ -19,18 +19,21 @@ logits averaged over heads and clipped to [-10, 10], ``r = exp(logit)``
 clipped to [0.1, 20], ``r`` divided by an EMA of its mean in its noise-level
 bin (carried in the train state), ``h(r)`` divided by its mean over the global
 batch, and the per-sample normaliser ``1/(mean|x - D_T| + 1e-6)`` of DMD's
-surrogate. One deliberate difference: FastGen bins ``t`` linearly on
-[t_min, t_max] (with EDM's [0.002, 80] two thirds of the samples land in the
-first bin); we bin the sampler's own uniform coordinate (the Karras ramp
-position or the lognormal CDF), so every bin receives the same share.
+surrogate. One deliberate difference, a setting: FastGen bins ``t`` linearly on
+[t_min, t_max] (``ratio_bin_by='sigma'``; with EDM's [0.002, 80] two thirds of the
+samples land in the first bin); by default (``'position'``) we bin the sampler's own
+uniform coordinate (the Karras ramp position or the lognormal CDF), so every bin
+receives the same share. The normaliser's ``+ abs_mean_eps`` (1e-6 here, none in DMD2's
+code, which maps the rare infinity to a large number instead) is a setting too.
+The fake score and the discriminator train on ``objective.critic_noise``'s levels (empty:
+the generator's; DMD2: the whole ramp, :func:`noise.critic_levels`).
 
 Update schedule (DMD2 / FastGen ``student_update_freq``): the generator is
 updated on every ``gen_every``-th step, the fake score and the discriminator
 on the others, each with its own optax optimiser, gradient clipping and the
-NaN guard of :func:`fdistill.train.update.grad_and_update`. The two kinds of
-step are separate functions (``Objective.branches``) that the training loop
-jits and picks on the host; ``Objective.step`` combines them with a
-``lax.cond`` for callers that want one function.
+NaN guard of the :class:`fdistill.optim.update.Updater`. The two kinds of
+step are separate functions (``Objective.steps``) that the training loop
+jits and picks on the host (``Objective.schedule``).
 
 Initialisation: the generator and the fake score copy the teacher's params
 (``teacher.kind`` 'checkpoint' or 'edm_pickle'; same architecture as the
@@ -58,7 +61,7 @@ from fdistill.optim import update
 from fdistill.registry import check_choice
 
 # Sub-sections of ``config.objective`` that are not :class:`Settings` fields.
-SECTIONS = ("name", "discriminator", "fake_optim", "disc_optim")
+SECTIONS = ("name", "discriminator", "fake_optim", "disc_optim", "critic_noise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +78,12 @@ class Settings:
   ratio_upper: float
   ratio_bins: int                 # 0: no per-bin ratio normalisation
   ratio_ema: float                # EMA rate of the bin means (0: this batch's means)
+  ratio_bin_by: str               # position: the sampler's uniform coordinate; sigma: linear
+                                  # bins of sigma on [sigma_min, sigma_max] (FastGen)
   normalise_h: bool               # divide h by its global-batch mean
   weight: str                     # abs_mean: h / mean|x - D_T| (DMD); sigma2: h / s^2 (exact);
                                   # unit: h (Diff-Instruct's s^2 weighting of the score gap)
+  abs_mean_eps: float             # abs_mean: h / (mean|x - D_T| + eps) (DMD2's code: 0)
   fake_loss_weight: str           # edm: lambda(s) |D - x0|^2; none: plain x0 MSE (FastGen)
   same_noise_real: bool           # noise real data with the fake samples' (s, eps)
   sigma_dist: str                 # karras | lognormal | fixed
@@ -95,6 +101,10 @@ class Settings:
     settings = settings_from_config(cls, objective_config, SECTIONS, "fdistill_objective")
     check_choice(settings.sigma_dist, noise.SIGMA_DISTS, "objective.sigma_dist")
     check_choice(settings.weight, WEIGHTS, "objective.weight")
+    check_choice(settings.ratio_bin_by, RATIO_BIN_BY, "objective.ratio_bin_by")
+    if not settings.abs_mean_eps >= 0:
+      raise ValueError(f"objective.abs_mean_eps={settings.abs_mean_eps} must be >= 0")
+    noise.critic_levels(settings, objective_config.critic_noise)
     check_choice(settings.fake_loss_weight, critics.FAKE_LOSS_WEIGHTS,
                  "objective.fake_loss_weight")
     divergences.get(settings.divergence, settings.alpha)
@@ -111,27 +121,35 @@ def _bcast(w, x):
   return w.reshape(w.shape + (1,) * (x.ndim - 1))
 
 
-def _abs_mean_weight(x, d_teacher, sigma):
-  """DMD's normaliser ``1 / (mean|x - D_T| + 1e-6)`` per sample."""
+def _abs_mean_weight(x, d_teacher, sigma, st):
+  """DMD's normaliser ``1 / (mean|x - D_T| + abs_mean_eps)`` per sample."""
   del sigma
-  return 1.0 / (critics.per_sample_mean(jnp.abs(x - d_teacher)) + 1e-6)
+  return 1.0 / (critics.per_sample_mean(jnp.abs(x - d_teacher)) + st.abs_mean_eps)
 
 
-def _sigma2_weight(x, d_teacher, sigma):
+def _sigma2_weight(x, d_teacher, sigma, st):
   """``1/s^2``: turns the surrogate's x-gradient into exactly h (S_fake - S_T) (tests)."""
-  del x, d_teacher
+  del x, d_teacher, st
   return 1.0 / sigma**2
 
 
-def _unit_weight(x, d_teacher, sigma):
+def _unit_weight(x, d_teacher, sigma, st):
   """1: the x-gradient is the denoiser difference ``D_fake - D_T = s^2 (S_q - S_p)``, i.e. the
   level-s gradient weighted by ``s^2``: Diff-Instruct's (its EDM code's generator loss is
   ``(D_fake - D_T) * G(z)`` with weight 1, Luo et al. 2023, training/di_loss.py)."""
-  del x, sigma
+  del x, sigma, st
   return jnp.ones(d_teacher.shape[:1], jnp.float32)
 
 
 WEIGHTS = {"abs_mean": _abs_mean_weight, "sigma2": _sigma2_weight, "unit": _unit_weight}
+RATIO_BIN_BY = ("position", "sigma")
+
+
+def bin_coordinate(sigma, u, st):
+  """The coordinate in [0, 1] the ratio bins divide: ``u`` or sigma's place on its range."""
+  if st.ratio_bin_by == "position":
+    return u
+  return (sigma - st.sigma_min) / (st.sigma_max - st.sigma_min)
 
 
 def vsd_surrogate(x, d_fake, d_teacher, weight):
@@ -156,8 +174,9 @@ def make_generator_loss(nets: critics.Nets, div: divergences.Divergence, st: Set
     d_teacher, feats = critics.teacher_and_features(nets, inputs["teacher"], x_t, sigma, cond)
     d_teacher = jax.lax.stop_gradient(d_teacher)
     logits = nets.disc.apply(inputs["disc"], x_t, sigma, feats)
-    h, bins, stats = ratio.f_weight(logits, u, inputs["bins"], div, st)
-    weight = jax.lax.stop_gradient(h * normaliser(x, d_teacher, sigma))
+    h, bins, stats = ratio.f_weight(logits, bin_coordinate(sigma, u, st), inputs["bins"], div,
+                                    st)
+    weight = jax.lax.stop_gradient(h * normaliser(x, d_teacher, sigma, st))
     vsd = vsd_surrogate(x, d_fake, d_teacher, weight)
     gan = critics.generator_gan_loss(logits)
     total = vsd + st.gan_weight * gan
@@ -177,7 +196,8 @@ def build(config, task) -> Objective:
   """f-distill of ``task``'s teacher into a one-step generator of architecture ``config.model``."""
   st = Settings.from_config(config.objective)
   div = divergences.get(st.divergence, st.alpha)
-  parts = scaffold.build(config, task, st, "fdistill")
+  parts = scaffold.build(config, task, st, "fdistill",
+                         critic_levels=noise.critic_levels(st, config.objective.critic_noise))
   gen_loss = make_generator_loss(parts.nets, div, st)
 
   def generator_step(state, teacher, batch, rng):

@@ -6,7 +6,14 @@ CPU). A noise-level sampler maps a standard normal ``e`` [B] to ``(sigma, u)``,
 ``u`` in (0, 1) the sampler's own uniform coordinate, used to bin the density
 ratio. Samplers read these settings (``config.objective`` fields): sigma_dist,
 sigma_min, sigma_max, rho, ramp_min, ramp_max, p_mean, p_std, sigma_fixed.
+
+The critics (fake score, discriminator) may train on another law than the generator's
+loss (SiD's code: the generator on a Karras ramp, the fake score on EDM's lognormal;
+DMD2's: the generator on ramp positions 2-98 %, the fake score on the whole ramp): the
+``objective.critic_noise`` section overrides any of the fields above for the critics
+(:func:`critic_levels`); empty means the generator's law.
 """
+import dataclasses
 import math
 
 import jax
@@ -39,6 +46,24 @@ def _fixed(e, st):
 
 
 SIGMA_DISTS = {"karras": _karras, "lognormal": _lognormal, "fixed": _fixed}
+FIELDS = ("sigma_dist", "sigma_min", "sigma_max", "rho", "ramp_min", "ramp_max", "p_mean",
+          "p_std", "sigma_fixed")
+
+
+def critic_levels(st, overrides):
+  """``st`` (a settings dataclass with the :data:`FIELDS`) with ``overrides`` (the
+  ``objective.critic_noise`` section) replacing some of its noise fields; a ValueError
+  names an unknown key or an unknown law."""
+  overrides = dict(overrides)
+  unknown = sorted(set(overrides) - set(FIELDS))
+  if unknown:
+    raise ValueError(f"objective.critic_noise.{unknown[0]} is not a noise-level field; valid: "
+                     f"{', '.join(FIELDS)}")
+  levels = dataclasses.replace(st, **overrides)
+  if levels.sigma_dist not in SIGMA_DISTS:
+    raise ValueError(f"objective.critic_noise.sigma_dist={levels.sigma_dist!r} is not valid; "
+                     f"valid values: {', '.join(SIGMA_DISTS)}")
+  return levels
 
 
 def sample_sigma(e, st):

@@ -16,7 +16,8 @@ from fdistill.objectives import divergences
 
 def density_ratio(logits, st):
   """``r = exp(clip(mean_heads(logit)))`` clipped to [ratio_lower, ratio_upper] (FastGen)."""
-  log_r = jnp.clip(jnp.mean(logits.astype(jnp.float32), axis=-1), -st.logit_clip, st.logit_clip)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  log_r = jnp.clip(jnp.mean(logits, axis=-1), -st.logit_clip, st.logit_clip)
   return jnp.clip(jnp.exp(log_r), st.ratio_lower, st.ratio_upper)
 
 

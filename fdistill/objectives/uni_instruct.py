@@ -15,9 +15,10 @@ evaluated at the noised generator sample with its input on the gradient path.
             exactly half the reverse-KL member, the published 1.2 its own estimator;
   sim       SIM (Luo et al. 2024) with ``sim_distance`` 'l2' or 'pseudo_huber';
   sida      SiDA (Zhou et al. 2024, "Adversarial Score identity Distillation"):
-            ``(1 - adv_weight) SiD + adv_weight GAN``, the GAN logit being the channel mean of
-            the fake score's last encoder features (no separate discriminator; the fake score
-            learns it beside its DSM loss, :func:`critics.make_fake_score_loss`).
+            ``(1 - adv_weight) SiD + adv_weight sida_gan_scale GAN``, the GAN logit being the
+            channel mean of the fake score's last encoder features (no separate
+            discriminator; the fake score learns it beside its DSM loss,
+            :func:`critics.make_fake_score_loss`).
 
 Recipe "reverse KL, then another divergence": with ``switch_divergence`` set, generator
 steps from ``switch_step`` on use it (kind ``generator_switched``, its own compiled program
@@ -26,6 +27,8 @@ when either phase needs the ratio, so it is ready at the switch.
 
 ``objective.scale``: 'sid' (SiD's ``s^4 / mean|G - D_T|`` per sample, the
 published training scale), 'sigma4' or 'exact' (score units: the oracle's).
+The fake score and the discriminator train on ``objective.critic_noise``'s levels (SiD's
+code: EDM's lognormal, whatever the generator's ramp; :func:`noise.critic_levels`).
 The fake score, discriminator, schedule and one-step sampler are f-distill's
 (:mod:`fdistill.objectives.scaffold`); an optional non-saturating GAN term
 (``gan_weight``) uses the same discriminator.
@@ -45,7 +48,7 @@ from fdistill.objectives.base import Objective, settings_from_config
 from fdistill.optim import update
 from fdistill.registry import check_choice
 
-SECTIONS = ("name", "discriminator", "fake_optim", "disc_optim")
+SECTIONS = ("name", "discriminator", "fake_optim", "disc_optim", "critic_noise")
 LOSSES = ("expanded", "sid", "sim", "sida")
 SWITCHED = "generator_switched"  # the kind of generator step after ``switch_step``
 
@@ -61,6 +64,8 @@ class Settings:
   sim_distance: str               # sim: l2 | pseudo_huber
   sim_c: float                    # sim: pseudo-Huber's c
   adv_weight: float               # sida: weight of the GAN term (SiDA: 0.5, SiD gets the rest)
+  sida_gan_scale: float           # sida: the GAN term's scale against SiD's before that mix
+                                  # (SiDA's code: lsg_gan / lsg = 0.01 / 100 = 1e-4)
   switch_step: int                # expanded: generator steps >= this use switch_divergence
   switch_divergence: str          # '' = no switch; else a divergence name or 'pearson'
   scale: str                      # sid | sigma4 | exact
@@ -71,7 +76,6 @@ class Settings:
   fake_loss_weight: str           # edm | none
   same_noise_real: bool
   sigma_dist: str                 # karras | lognormal | fixed
-  critic_sigma_dist: str          # the critics' levels: '' = sigma_dist (SiDA/SiD code: lognormal)
   sigma_min: float
   sigma_max: float
   rho: float
@@ -88,8 +92,7 @@ class Settings:
     check_choice(st.scale, ul.SCALES, "objective.scale")
     check_choice(st.sim_distance, ("l2", "pseudo_huber"), "objective.sim_distance")
     check_choice(st.sigma_dist, noise.SIGMA_DISTS, "objective.sigma_dist")
-    check_choice(st.critic_sigma_dist, ("",) + tuple(noise.SIGMA_DISTS),
-                 "objective.critic_sigma_dist")
+    noise.critic_levels(st, objective_config.critic_noise)
     check_choice(st.fake_loss_weight, critics.FAKE_LOSS_WEIGHTS, "objective.fake_loss_weight")
     ul.get_divergence(st.divergence, st.alpha)
     if st.gen_every < 1:
@@ -99,6 +102,9 @@ class Settings:
                        "term is objective.adv_weight, through the fake score's encoder)")
     if not 0 <= st.adv_weight <= 1:
       raise ValueError(f"objective.adv_weight={st.adv_weight} must be in [0, 1]")
+    if not st.sida_gan_scale > 0:
+      raise ValueError(f"objective.sida_gan_scale={st.sida_gan_scale} must be > 0 "
+                       "(SiDA's code: 1e-4)")
     if st.switch_divergence:
       ul.get_divergence(st.switch_divergence, st.alpha)
       if st.loss != "expanded" or st.switch_step < 1:
@@ -120,10 +126,13 @@ class Settings:
 
 
 def make_sida_generator_loss(nets: critics.Nets, st: Settings):
-  """SiDA's generator loss: ``(1 - adv_weight) SiD(sid_alpha) + adv_weight GAN``, each per
-  sample times SiD's ``1 / mean|G - D_T|`` (SiDA's EDM code: ``0.5 loss + 0.5 loss_gan``, with
-  ``loss_gan = numel * BCE(clip(logit, +-10), 1) / mean|G - D_T|``; here the BCE is each
-  sample's own mean over its logit map rather than the batch mean). The logit is the frozen
+  """SiDA's generator loss, ``(1 - adv_weight) SiD + adv_weight sida_gan_scale GAN``.
+
+  As SiDA's EDM code computes it (``0.5 lsg loss_sid + 0.5 lsg_gan loss_gan`` with lsg = 100,
+  lsg_gan = 0.01; this is that divided by lsg): ``SiD = mean_b sid_loss_b / wf_b`` and
+  ``GAN = C H W mean_b(1 / wf_b) BCE``, ``wf_b = max(mean|G - D_T|, 1e-5)`` SiD's per-sample
+  normaliser and ``BCE`` the mean of ``softplus(-clip(logit, +-10))`` over the batch AND the
+  logit map (one scalar, then divided by each sample's ``wf``). The logit is the frozen
   fake score's channel-mean encoder feature at ``x_t`` (input on the gradient path)."""
   numel = math.prod(nets.x_shape)
 
@@ -138,9 +147,9 @@ def make_sida_generator_loss(nets: critics.Nets, st: Settings):
     d_fake, logit = critics.encoder_logits(nets, frozen["fake"], x_t, sigma, cond)
     normaliser = ul.sid_normaliser(x, d_teacher)
     sid = jnp.mean(ul.sid_loss(d_teacher, d_fake, x, st.sid_alpha) * normaliser)
-    clipped = jnp.clip(logit, -st.logit_clip, st.logit_clip)
-    gan = jnp.mean(numel * critics.per_sample_mean(jax.nn.softplus(-clipped)) * normaliser)
-    value = (1 - st.adv_weight) * sid + st.adv_weight * gan
+    bce = jnp.mean(jax.nn.softplus(-jnp.clip(logit, -st.logit_clip, st.logit_clip)))
+    gan = numel * jnp.mean(normaliser) * bce
+    value = (1 - st.adv_weight) * sid + st.adv_weight * st.sida_gan_scale * gan
     return value, {"sid": sid, "gan_gen": gan}
 
   return loss
@@ -198,8 +207,7 @@ def build(config, task) -> Objective:
   parts = scaffold.build(config, task, st, "uni_instruct",
                          train_disc=any(p.needs_ratio for p in phases) or bool(st.gan_weight),
                          encoder_disc=st.loss == "sida",
-                         critic_levels=dataclasses.replace(
-                             st, sigma_dist=st.critic_sigma_dist or st.sigma_dist))
+                         critic_levels=noise.critic_levels(st, config.objective.critic_noise))
 
   def generator_step_of(phase):
     gen_loss = make_generator_loss(parts.nets, phase)
