@@ -14,10 +14,12 @@ measures a program the trainer does not run. Two entry points:
 """
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Callable, Dict, Optional
 
 import jax
+import numpy as np
 
 from fdistill import data, models, objectives, teachers
 from fdistill.registry import lookup
@@ -87,18 +89,60 @@ class Sampling:
 # Checks that run before anything is created or written.
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _number(value, field, low=None, high=None, low_open=False, integer=False):
   kinds = (int,) if integer else (int, float)
   if isinstance(value, bool) or not isinstance(value, kinds):
     raise ValueError(f"{field}={value!r} must be {'an integer' if integer else 'a number'}")
+  if not math.isfinite(value):
+    raise ValueError(f"{field}={value!r} must be a finite number")
   if low is not None and (value <= low if low_open else value < low):
     raise ValueError(f"{field}={value!r} must be {'>' if low_open else '>='} {low}")
   if high is not None and value >= high:
     raise ValueError(f"{field}={value!r} must be < {high}")
 
 
+def check_numbers_finite(section, prefix=""):
+  """Every float of ``section`` (nested sections, lists and tuples too) is finite and fits
+  float32, the dtype it is used in (``lr=1e39`` is finite as typed and inf on the device)."""
+  items = section.items() if hasattr(section, "items") else enumerate(section)
+  for key, value in items:
+    field = f"{prefix}.{key}" if prefix and not isinstance(key, int) else (
+        f"{prefix}[{key}]" if isinstance(key, int) else str(key))
+    if hasattr(value, "items") or isinstance(value, (list, tuple)):
+      check_numbers_finite(value, field)
+    elif isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+      raise ValueError(f"{field}={value!r} must be a finite number within float32's range "
+                       f"(|x| <= {FLOAT32_MAX:.3g})")
+
+
+def check_noise_levels(config):
+  """The relations between noise-level fields, wherever a section has them."""
+  if not config.model.sigma_data > 0:
+    raise ValueError(f"model.sigma_data={config.model.sigma_data!r} must be > 0")
+  sections = {"objective": config.objective}
+  if "critic_noise" in config.objective:
+    sections["objective.critic_noise"] = dict(config.objective,
+                                              **dict(config.objective.critic_noise))
+  for prefix, sec in sections.items():
+    if "p_std" in sec and not sec["p_std"] > 0:
+      raise ValueError(f"{prefix}.p_std={sec['p_std']!r} must be > 0")
+    if "sigma_min" in sec and not 0 < sec["sigma_min"] < sec["sigma_max"]:
+      raise ValueError(f"{prefix}.sigma_min={sec['sigma_min']!r} and sigma_max="
+                       f"{sec['sigma_max']!r} must satisfy 0 < sigma_min < sigma_max")
+    if "ramp_min" in sec and not 0 <= sec["ramp_min"] < sec["ramp_max"] <= 1:
+      raise ValueError(f"{prefix}.ramp_min={sec['ramp_min']!r} and ramp_max="
+                       f"{sec['ramp_max']!r} must satisfy 0 <= ramp_min < ramp_max <= 1")
+    if "rho" in sec and not sec["rho"] > 0:
+      raise ValueError(f"{prefix}.rho={sec['rho']!r} must be > 0")
+
+
 def validate(config):
   """Ranges and names of every section (ValueError naming the field); no side effects."""
+  check_numbers_finite(config)
+  check_noise_levels(config)
   tc, ec = config.train, config.eval
   _number(tc.batch_size, "train.batch_size", 0, low_open=True, integer=True)
   _number(tc.num_steps, "train.num_steps", 0, integer=True)

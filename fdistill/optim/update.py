@@ -80,9 +80,10 @@ class Updater:
   def __call__(self, net_state, loss_fn, inputs, batch, rng):
     """One update of ``net_state`` on ``loss_fn``; returns (net_state, loss, aux, ok).
 
-    NaN guard: if the loss, a gradient or the gradient norm is non-finite, the
-    whole update (params, optimiser state, EMA) is skipped and ``ok`` is False.
-    ``aux`` gains ``grad_norm``.
+    NaN guard: if the loss, a gradient, the gradient norm or the update's RESULT (params,
+    optimiser state, EMA: a non-finite learning rate makes finite gradients into
+    non-finite params) is non-finite, the whole update is skipped and ``ok`` is False, so
+    a saved state is always finite. ``aux`` gains ``grad_norm``.
     """
     (loss, aux), grads = self.value_and_grad(loss_fn, net_state["params"], inputs, batch, rng)
     grad_norm = optax.tree.norm(grads)
@@ -92,6 +93,7 @@ class Updater:
                opt_state=opt_state)
     if self.ema_decay is not None:
       new["ema"] = state_lib.ema_update(net_state["ema"], new["params"], self.ema_decay)
+    ok = ok & state_lib.all_finite(new)
     return state_lib.select_tree(ok, new, net_state), loss, dict(aux, grad_norm=grad_norm), ok
 
 
