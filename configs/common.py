@@ -62,7 +62,7 @@ FDISTILL_OBJECTIVE = dict(
     name="fdistill", divergence="js", alpha=0.5, gen_every=5, warmup_critic_steps=0,
     gan_weight=1e-3, logit_clip=10.0, ratio_lower=0.1, ratio_upper=20.0, ratio_bins=10,
     ratio_ema=0.0, ratio_bin_by="position", normalise_h=True, weight="abs_mean",
-    abs_mean_eps=1e-6, fake_loss_weight="edm",
+    abs_mean_eps=1e-6, disc_features="teacher", disc_loss_weight=1.0, fake_loss_weight="edm",
     same_noise_real=False, sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0,
     ramp_min=0.002, ramp_max=0.998, p_mean=-1.2, p_std=1.2, sigma_fixed=1.0,
     critic_noise={}, discriminator=dict(name="mlp"), fake_optim={}, disc_optim={})

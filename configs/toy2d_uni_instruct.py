@@ -47,6 +47,12 @@ FDISTILL_MEMBERS = dict(
     # fake-score update per generator update, no GAN term.
     diff_instruct=dict(gen_every=2, gan_weight=0.0, weight="unit", sigma_dist="lognormal",
                        p_mean=-1.2, p_std=1.2))
+# DMD2's classifier (main/edm/edm_unified_model.py, edm_guidance.py): one head on the fake
+# U-Net's bottleneck, trained with the fake score by its guidance loss (cls_loss_weight 1e-2),
+# the generator's term at its own noise draw. Where the networks have no features (the toy's
+# MLP discriminator), dmd2 keeps the heads on the teacher's side (FastGen's placement).
+DMD2_CLASSIFIER = dict(disc_features="fake", disc_loss_weight=1e-2,
+                       discriminator=dict(name="unet_heads", feature_indices=(-1,)))
 UNI_INSTRUCT_MEMBERS = dict(
     sid=dict(loss="sid", sid_alpha=1.2), sid_half=dict(loss="sid", sid_alpha=0.5),
     sim_l2=dict(loss="sim", sim_distance="l2"),
@@ -64,9 +70,11 @@ def method_objective(method, num_steps, **overrides):
   common.check_choice(method, METHODS, "variant")
   if method in FDISTILL_MEMBERS:
     shared = {k: v for k, v in overrides.items() if k in common.FDISTILL_OBJECTIVE}
+    fields = dict(FDISTILL_MEMBERS[method])
+    if method == "dmd2" and dict(shared.get("discriminator", {})).get("name") == "unet_heads":
+      fields.update(DMD2_CLASSIFIER)
     return common.fdistill_objective(**dict(
-        shared, divergence="reverse_kl", ratio_bins=0, normalise_h=False,
-        **FDISTILL_MEMBERS[method]))
+        shared, divergence="reverse_kl", ratio_bins=0, normalise_h=False, **fields))
   fields = UNI_INSTRUCT_MEMBERS.get(method, dict(loss="expanded", divergence=method))
   if method == "rkl_then_fkl":
     fields = dict(fields, switch_step=max(num_steps // 2, 1))

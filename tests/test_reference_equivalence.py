@@ -16,6 +16,7 @@ is their channel mean); a linear discriminator on the teacher's features; and a
 generator whose params ARE its samples, so d loss / d params is d loss / d G(z) per
 sample.
 """
+import dataclasses
 import math
 import os
 
@@ -253,7 +254,7 @@ def test_sida_generator_equals_sidas_code_over_100():
 
 def critic_batch_of(st_levels, gen, real, same_noise):
   """The critic batch of the project's step (one call of critics.critic_batch)."""
-  import dataclasses
+
   st = dataclasses.replace(st_levels, same_noise_real=same_noise)
   return critics.critic_batch(NETS, st, gen, real, RNG)
 
@@ -615,3 +616,67 @@ def test_rcm_dmd_regulariser_equals_rcms_code_over_d():
   assert_close(NUMEL * ours(x), ref(x))
   assert_close(NUMEL * jax.grad(ours)(x), jax.grad(ref)(x))
   assert_misses(NUMEL * jax.grad(ours)(x), jax.grad(lambda y: ref(y, x_fake))(x))
+
+
+# ---------------------------------------------------------------------------
+# DMD2's classifier on the fake score's bottleneck (tianweiy/DMD2 edm_unified_model.py,
+# edm_guidance.py: compute_cls_logits, guidance cls loss, gen_cls_loss).
+
+FAKE_NETS = dataclasses.replace(NETS, disc_features="fake")
+
+
+def dmd2_settings():
+  st, objective = fd_settings("dmd2", discriminator=dict(name="unet_heads"))
+  assert (st.disc_features, st.disc_loss_weight, st.gan_weight) == ("fake", 1e-2, 3e-3)
+  return st, noise.critic_levels(st, objective.critic_noise)
+
+
+def test_dmd2_generator_gan_term_reads_the_fake_score_at_its_own_noise():
+  """DMD2: ``dm_loss + 3e-3 softplus(-cls(fake_unet bottleneck at x + s' eps')).mean()``, s'
+  drawn over the whole grid (``diffusion_gan``), the fake U-Net frozen, its input live."""
+  st, levels = dmd2_settings()
+  gen, teacher, fake, disc, _ = networks()
+  inputs = {"teacher": teacher, "fake": fake, "disc": disc, "bins": jnp.ones((1,))}
+  loss = fdistill.make_generator_loss(FAKE_NETS, divergences.get("reverse_kl"), st, levels)
+  batch = {"x": jnp.zeros((B,) + X_SHAPE)}
+  grad = jax.grad(lambda p: loss(p, inputs, batch, RNG)[0])(gen)["x"]
+  (_, eps, eps_gan), (e, e_gan) = noise.draw_noise(RNG, B, X_SHAPE, 3, 2)
+  sigma, s_gan = noise.sample_sigma(e, st)[0], noise.sample_sigma(e_gan, levels)[0]
+
+  def ref(x, features_of=fake, at_own_noise=True):
+    dm = dm_reference(x, teacher, fake, eps, sigma, "dmd2")
+    x_gan = x + bcast(s_gan) * eps_gan if at_own_noise else x + bcast(sigma) * eps
+    s = s_gan if at_own_noise else sigma
+    feats = denoiser(features_of, x_gan, s, return_features=True)[1]
+    return dm + 3e-3 * jnp.mean(jax.nn.softplus(-(feats[-1].reshape(B, -1) @ disc["w"])))
+
+  assert_close(grad, per_sample_grad(ref, gen["x"]))
+  assert_misses(grad, per_sample_grad(lambda x: ref(x, features_of=teacher), gen["x"]))
+  assert_misses(grad, per_sample_grad(lambda x: ref(x, at_own_noise=False), gen["x"]))
+
+
+def test_dmd2_guidance_loss_trains_fake_score_and_classifier_jointly():
+  """DMD2's guidance loss ``mean(lambda (D_fake - x)^2) + 1e-2 (softplus(l_fake).mean() +
+  softplus(-l_real).mean())``, logits from the fake U-Net's bottleneck: its gradient w.r.t. the
+  fake score and w.r.t. the head are those of the project's two updates (constant 1)."""
+  st, levels = dmd2_settings()
+  gen, _, fake, disc, real = networks()
+  cb = critic_batch_of(levels, gen, real, False)
+  fake_loss, disc_loss = critics.make_joint_fake_score_loss(FAKE_NETS, "edm", st.disc_loss_weight)
+
+  def ref(fake_p, disc_p, cls_weight=1e-2):
+    lam = (cb["sigma"]**2 + SD**2) / (cb["sigma"] * SD)**2
+    d, feats = denoiser(fake_p, cb["x_t"], cb["sigma"], return_features=True)
+    _, real_feats = denoiser(fake_p, cb["real_t"], cb["real_sigma"], return_features=True)
+    dsm = jnp.mean(bcast(lam) * (d - cb["x_gen"])**2)
+    logit = lambda f: f[-1].reshape(B, -1) @ disc_p["w"]
+    cls = jnp.mean(jax.nn.softplus(logit(feats))) + jnp.mean(jax.nn.softplus(-logit(real_feats)))
+    return dsm + cls_weight * cls
+
+  got_fake = jax.grad(lambda p: fake_loss(p, {"disc": disc}, cb, None)[0])(fake)
+  got_disc = jax.grad(lambda p: disc_loss(p, {"fake": fake}, cb, None)[0])(disc)
+  assert_close(fake_loss(fake, {"disc": disc}, cb, None)[0], ref(fake, disc))
+  assert_close(got_fake, jax.grad(ref)(fake, disc))
+  assert_close(got_disc, jax.grad(ref, argnums=1)(fake, disc))
+  # The fake score's encoder must learn the classifier too (without it: DSM alone).
+  assert_misses(got_fake, jax.grad(lambda p: ref(p, disc, cls_weight=0.0))(fake))

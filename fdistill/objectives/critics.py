@@ -30,6 +30,13 @@ class Nets:
   disc: disc_lib.Discriminator
   x_shape: tuple
   sigma_init: float
+  # Whose encoder features the discriminator's heads read: the frozen teacher's (FastGen,
+  # f-distill) or the fake score's, whose encoder the discriminator loss then trains too
+  # (DMD2's classifier on the fake U-Net's bottleneck). :data:`DISC_FEATURES`.
+  disc_features: str = "teacher"
+
+
+DISC_FEATURES = ("teacher", "fake")
 
 
 def at_least_f32(x):
@@ -47,6 +54,16 @@ def teacher_and_features(nets: Nets, teacher_params, x_t, sigma, cond):
     d, feats = nets.teacher_apply(teacher_params, x_t, sigma, cond, return_features=True)
     return d, feats
   return nets.teacher_apply(teacher_params, x_t, sigma, cond), None
+
+
+def disc_logits(nets: Nets, disc_params, feature_params, x_t, sigma, cond):
+  """The discriminator's logits [B, heads] at ``x_t``, reading the features of the network
+  ``nets.disc_features`` names, whose params are ``feature_params`` (teacher or fake score)."""
+  if nets.disc_features == "teacher":
+    _, feats = teacher_and_features(nets, feature_params, x_t, sigma, cond)
+  else:
+    _, feats = nets.fake_apply(feature_params, x_t, sigma, cond, return_features=True)
+  return nets.disc.apply(disc_params, x_t, sigma, feats)
 
 
 def generate(nets: Nets, params, z, cond=None):
@@ -132,25 +149,48 @@ def unpair(x):
 
 
 def make_discriminator_loss(nets: Nets):
-  """Logistic loss on noised data vs noised generator samples; ``inputs`` = teacher params."""
-
-  def logits_of(params, teacher, x_t, sigma, cond):
-    _, feats = teacher_and_features(nets, teacher, x_t, sigma, cond)
-    return nets.disc.apply(params, x_t, sigma, feats)
+  """Logistic loss on noised data vs noised generator samples; ``inputs`` = the params of the
+  network whose features the heads read (the teacher's, or the fake score's with
+  ``nets.disc_features='fake'``)."""
 
   def loss(params, inputs, batch, rng):
     del rng
-    # Fake and real rows through one teacher pass: one network in the compiled step, not two
+    # Fake and real rows through one feature pass: one network in the compiled step, not two
     # (XLA:CPU's compile time grows with each network copy; benchmarks/compile_time.py).
     cond = batch.get("cond")
-    fake, real = unpair(logits_of(params, inputs, pair(batch["x_t"], batch["real_t"]),
-                                  pair(batch["sigma"], batch["real_sigma"]),
-                                  None if cond is None else pair(cond, cond)))
+    fake, real = unpair(disc_logits(nets, params, inputs, pair(batch["x_t"], batch["real_t"]),
+                                    pair(batch["sigma"], batch["real_sigma"]),
+                                    None if cond is None else pair(cond, cond)))
     value = discriminator_loss(real, fake)
     accuracy = 0.5 * (jnp.mean(real > 0) + jnp.mean(fake < 0))
     return value, {"disc_loss": value, "disc_accuracy": accuracy}
 
   return loss
+
+
+def make_joint_fake_score_loss(nets: Nets, fake_loss_weight: str, disc_loss_weight: float):
+  """DMD2's guidance loss as a function of each of its two parts' params, the other held:
+  ``DSM(fake) + disc_loss_weight * logistic(disc on the fake score's features)``.
+
+  Returns ``(fake_loss, disc_loss)``: ``fake_loss(fake_params, {"disc": ...}, ...)`` and
+  ``disc_loss(disc_params, {"fake": ...}, ...)``; differentiating each at the same point
+  gives the joint loss's gradient, applied by each network's own optimiser (DMD2: one
+  optimiser over the fake U-Net and its classifier head; ``cls_loss_weight`` 1e-2)."""
+  dsm = make_fake_score_loss(nets, fake_loss_weight)
+  logistic = make_discriminator_loss(nets)
+
+  def fake_loss(params, inputs, batch, rng):
+    value, aux = dsm(params, None, batch, rng)
+    adv, adv_aux = logistic(inputs["disc"], params, batch, None)
+    total = value + disc_loss_weight * adv
+    return total, dict(aux, fake_loss=total, dsm_loss=value, adv_disc_loss=adv_aux["disc_loss"])
+
+  def disc_loss(params, inputs, batch, rng):
+    del rng
+    adv, aux = logistic(params, inputs["fake"], batch, None)
+    return disc_loss_weight * adv, aux
+
+  return fake_loss, disc_loss
 
 
 def critic_batch(nets: Nets, st, gen_params, batch, rng, fsdp_gather: bool = True):

@@ -84,6 +84,10 @@ class Settings:
   weight: str                     # abs_mean: h / mean|x - D_T| (DMD); sigma2: h / s^2 (exact);
                                   # unit: h (Diff-Instruct's s^2 weighting of the score gap)
   abs_mean_eps: float             # abs_mean: h / (mean|x - D_T| + eps) (DMD2's code: 0)
+  disc_features: str              # teacher: heads on the frozen teacher's features (FastGen);
+                                  # fake: on the fake score's, trained with it (DMD2)
+  disc_loss_weight: float         # disc_features='fake': the discriminator loss's weight in the
+                                  # fake score's joint loss (DMD2's cls_loss_weight 1e-2)
   fake_loss_weight: str           # edm: lambda(s) |D - x0|^2; none: plain x0 MSE (FastGen)
   same_noise_real: bool           # noise real data with the fake samples' (s, eps)
   sigma_dist: str                 # karras | lognormal | fixed
@@ -105,6 +109,9 @@ class Settings:
     if not settings.abs_mean_eps >= 0:
       raise ValueError(f"objective.abs_mean_eps={settings.abs_mean_eps} must be >= 0")
     noise.critic_levels(settings, objective_config.critic_noise)
+    check_choice(settings.disc_features, critics.DISC_FEATURES, "objective.disc_features")
+    if not settings.disc_loss_weight > 0:
+      raise ValueError(f"objective.disc_loss_weight={settings.disc_loss_weight} must be > 0")
     check_choice(settings.fake_loss_weight, critics.FAKE_LOSS_WEIGHTS,
                  "objective.fake_loss_weight")
     divergences.get(settings.divergence, settings.alpha)
@@ -160,24 +167,45 @@ def vsd_surrogate(x, d_fake, d_teacher, weight):
   return 0.5 * jnp.mean(jnp.square(x - target))
 
 
-def make_generator_loss(nets: critics.Nets, div: divergences.Divergence, st: Settings):
-  """Generator loss; ``inputs = {"teacher", "fake", "disc", "bins"}``, aux has the new bins."""
+def make_generator_loss(nets: critics.Nets, div: divergences.Divergence, st: Settings,
+                        gan_levels=None):
+  """Generator loss; ``inputs = {"teacher", "fake", "disc", "bins"}``, aux has the new bins.
+
+  The ratio and the GAN term read the discriminator at ``x_t``, on the teacher's features. With
+  ``nets.disc_features='fake'`` (DMD2) the ratio reads the fake score's features at ``x_t``
+  and the GAN term is DMD2's: the logit at the sample noised again at its own level, drawn
+  from ``gan_levels`` (the critics' law: DMD2's ``diffusion_gan`` over the whole grid),
+  through the frozen fake score with its input on the gradient path."""
   normaliser = WEIGHTS[st.weight]
+  own_gan_noise = nets.disc_features == "fake"
+  if own_gan_noise and gan_levels is None:
+    raise ValueError("disc_features='fake' needs the GAN term's noise levels (gan_levels)")
 
   def loss(params, inputs, batch, rng):
     cond = batch.get("cond")
-    (z, eps), (e,) = noise.draw_noise(rng, batch["x"].shape[0], nets.x_shape, 2, 1)
+    xs, es = noise.draw_noise(rng, batch["x"].shape[0], nets.x_shape, 2 + own_gan_noise,
+                              1 + own_gan_noise)
+    (z, eps), e = xs[:2], es[0]
     x = critics.generate(nets, params, z, cond)
     sigma, u = noise.sample_sigma(e, st)
     x_t = edm.add_noise(x, eps, sigma)
-    d_fake = jax.lax.stop_gradient(nets.fake_apply(inputs["fake"], x_t, sigma, cond))
-    d_teacher, feats = critics.teacher_and_features(nets, inputs["teacher"], x_t, sigma, cond)
-    d_teacher = jax.lax.stop_gradient(d_teacher)
+    if own_gan_noise:
+      d_fake, feats = nets.fake_apply(inputs["fake"], x_t, sigma, cond, return_features=True)
+      d_teacher = nets.teacher_apply(inputs["teacher"], x_t, sigma, cond)
+    else:
+      d_fake = nets.fake_apply(inputs["fake"], x_t, sigma, cond)
+      d_teacher, feats = critics.teacher_and_features(nets, inputs["teacher"], x_t, sigma, cond)
+    d_fake, d_teacher = jax.lax.stop_gradient((d_fake, d_teacher))
     logits = nets.disc.apply(inputs["disc"], x_t, sigma, feats)
     h, bins, stats = ratio.f_weight(logits, bin_coordinate(sigma, u, st), inputs["bins"], div,
                                     st)
     weight = jax.lax.stop_gradient(h * normaliser(x, d_teacher, sigma, st))
     vsd = vsd_surrogate(x, d_fake, d_teacher, weight)
+    if own_gan_noise and st.gan_weight:
+      gan_sigma, _ = noise.sample_sigma(es[1], gan_levels)
+      x_gan = edm.add_noise(x, xs[2], gan_sigma)
+      frozen = jax.lax.stop_gradient(inputs)
+      logits = critics.disc_logits(nets, frozen["disc"], frozen["fake"], x_gan, gan_sigma, cond)
     gan = critics.generator_gan_loss(logits)
     total = vsd + st.gan_weight * gan
     return total, dict(stats, vsd_loss=vsd, gan_gen=gan, bins=bins)
@@ -196,9 +224,10 @@ def build(config, task) -> Objective:
   """f-distill of ``task``'s teacher into a one-step generator of architecture ``config.model``."""
   st = Settings.from_config(config.objective)
   div = divergences.get(st.divergence, st.alpha)
-  parts = scaffold.build(config, task, st, "fdistill",
-                         critic_levels=noise.critic_levels(st, config.objective.critic_noise))
-  gen_loss = make_generator_loss(parts.nets, div, st)
+  critic_levels = noise.critic_levels(st, config.objective.critic_noise)
+  parts = scaffold.build(config, task, st, "fdistill", critic_levels=critic_levels,
+                         disc_features=st.disc_features, disc_loss_weight=st.disc_loss_weight)
+  gen_loss = make_generator_loss(parts.nets, div, st, critic_levels)
 
   def generator_step(state, teacher, batch, rng):
     inputs = {"teacher": teacher, "fake": state["fake"]["params"],
@@ -216,8 +245,12 @@ def build(config, task) -> Objective:
   # Generator: its forward and backward, the fake score's and the teacher's forwards (the
   # teacher's features give the ratio) and, for the GAN term, the backward from the logit
   # through the teacher's feature layers to x_t; no network but G needs weight gradients.
+  # With the fake score's features (DMD2) the GAN term is a forward and an input gradient of
+  # the fake score at its own noised sample.
+  fake_gan = st.disc_features == "fake" and bool(st.gan_weight)
   gen_passes = add_passes({"train": 1, "forward": 2},
-                          {"disc_input_grad": int(bool(st.gan_weight))})
+                          {"disc_input_grad": int(bool(st.gan_weight) and not fake_gan)},
+                          {"forward": int(fake_gan), "input_grad": int(fake_gan)})
   return Objective(init=init, steps={"generator": generator_step, "critic": parts.critic_step},
                    schedule=parts.schedule, export=lambda state: state["gen"]["ema"],
                    sampler=parts.sample,

@@ -69,11 +69,15 @@ class Scaffold:
 
 
 def build(config, task, st, what: str, train_disc: bool = True,
-          encoder_disc: bool = False, critic_levels=None) -> Scaffold:
+          encoder_disc: bool = False, critic_levels=None, disc_features: str = "teacher",
+          disc_loss_weight: float = 1.0) -> Scaffold:
   """The shared parts for objective ``what`` (its name in error messages). ``encoder_disc``:
   the fake score's encoder doubles as the discriminator (SiDA; see
   :func:`fdistill.objectives.critics.make_fake_score_loss`). ``critic_levels``: settings
-  whose noise-level fields the critic batch uses (default ``st``, the generator's levels)."""
+  whose noise-level fields the critic batch uses (default ``st``, the generator's levels).
+  ``disc_features``: whose features the discriminator reads (:data:`critics.DISC_FEATURES`;
+  'fake': DMD2's placement, the fake score and the heads trained by one joint loss, the
+  discriminator part weighted by ``disc_loss_weight``)."""
   critic_levels = st if critic_levels is None else critic_levels
   if task.teacher_apply is None:
     raise ValueError(f"objective.name={what!r} distils a teacher: set teacher.kind to "
@@ -81,13 +85,21 @@ def build(config, task, st, what: str, train_disc: bool = True,
                      "'edm_pickle' (with teacher.path)")
   _, net_apply = _generator_net(config)
   sample = sampler(config, task)
-  feature_shapes = disc_lib.teacher_feature_shapes(task.teacher_apply, task.teacher_abstract,
-                                                   task.x_shape, task.cond_dim)
+  fresh = jax.eval_shape(sample.init_params, jax.random.key(0))
+  if disc_features == "teacher":
+    feature_shapes = disc_lib.teacher_feature_shapes(task.teacher_apply, task.teacher_abstract,
+                                                     task.x_shape, task.cond_dim)
+  else:  # the fake score's: the generator's architecture
+    feature_shapes = disc_lib.teacher_feature_shapes(net_apply, fresh, task.x_shape,
+                                                     task.cond_dim)
   disc = disc_lib.build(config.objective.discriminator, task.x_shape, feature_shapes,
                         config.model.sigma_data)
+  if disc_features == "fake" and train_disc and not disc.uses_features:
+    raise ValueError(f"objective.disc_features='fake' needs a discriminator that reads "
+                     f"features: objective.discriminator.name='unet_heads' (got "
+                     f"{config.objective.discriminator.name!r})")
   nets = critics.Nets(net_apply, task.teacher_apply, net_apply, disc, tuple(task.x_shape),
-                      float(config.generator.sigma_init))
-  fresh = jax.eval_shape(sample.init_params, jax.random.key(0))
+                      float(config.generator.sigma_init), disc_features)
   from_teacher = config.teacher.kind != "analytic"  # a network: checkpoint or edm_pickle
   if from_teacher and not critics.same_structure(fresh, task.teacher_abstract):
     raise ValueError(f"{what} initialises the generator from the teacher: config.model must "
@@ -98,8 +110,13 @@ def build(config, task, st, what: str, train_disc: bool = True,
                                                          config.objective.fake_optim))
   disc_update = update.updater(config, section_optimizer(config.optim,
                                                          config.objective.disc_optim))
-  fake_loss = critics.make_fake_score_loss(nets, st.fake_loss_weight, encoder_disc)
-  disc_loss = critics.make_discriminator_loss(nets)
+  joint = disc_features == "fake" and train_disc
+  if joint:
+    fake_loss, disc_loss = critics.make_joint_fake_score_loss(nets, st.fake_loss_weight,
+                                                              disc_loss_weight)
+  else:
+    fake_loss = critics.make_fake_score_loss(nets, st.fake_loss_weight, encoder_disc)
+    disc_loss = critics.make_discriminator_loss(nets)
 
   def init(rng, teacher=None):
     """Fresh networks; with a network teacher, generator (params, EMA) and fake score copy it."""
@@ -115,21 +132,26 @@ def build(config, task, st, what: str, train_disc: bool = True,
     c_rng, f_rng, d_rng = jax.random.split(rng, 3)
     cb = critics.critic_batch(nets, critic_levels, state["gen"]["params"], batch, c_rng,
                               gen_update.fsdp_gather)
-    fake, _, f_aux, ok = fake_update(state["fake"], fake_loss, None, cb, f_rng)
+    fake_inputs = {"disc": state["disc"]["params"]} if joint else None
+    fake, _, f_aux, ok = fake_update(state["fake"], fake_loss, fake_inputs, cb, f_rng)
     metrics = dict(f_aux, fake_grad_norm=f_aux["grad_norm"])
     del metrics["grad_norm"]
     new = dict(state, fake=fake)
     if train_disc:
-      new["disc"], _, d_aux, d_ok = disc_update(state["disc"], disc_loss, teacher, cb, d_rng)
+      # Joint (DMD2): both gradients at the same point, the fake score's params as they were.
+      disc_inputs = {"fake": state["fake"]["params"]} if joint else teacher
+      new["disc"], _, d_aux, d_ok = disc_update(state["disc"], disc_loss, disc_inputs, cb, d_rng)
       metrics.update(d_aux, disc_grad_norm=d_aux["grad_norm"])
       del metrics["grad_norm"]
       ok = ok & d_ok
+      if joint:  # one loss: a non-finite part skips both (each Updater skipped its own)
+        new = state_lib.select_tree(ok, new, state)
     return update.count_step(new, ok), metrics
 
   # The critic step's minimum: the generator's samples, the fake score's DSM update (SiDA:
   # again on the real rows, whose encoder pass is counted as a whole network: an upper
   # bound) and, with a discriminator, its logits on fake and real rows.
-  critic_passes = add_passes({"forward": 1, "train": 2 if encoder_disc else 1},
+  critic_passes = add_passes({"forward": 1, "train": 2 if encoder_disc or joint else 1},
                              {"disc_train": 2 * train_disc})
   return Scaffold(nets, sample, gen_update, init, critic_step,
                   lambda i: "generator" if is_generator_step(i, st) else "critic",
