@@ -157,3 +157,38 @@ def test_eval_skips_a_checkpoint_deleted_while_it_reads(reference, tmp_path, mon
   c.eval.update(num_samples=100, batch_size=100)
   results = modes.run(c, workdir, "eval")
   assert set(results) == {20}
+
+
+def _export_files(step_dir):
+  files = (glob.glob(os.path.join(step_dir, "export", "d", "*")) +
+           glob.glob(os.path.join(step_dir, "export", "ocdbt.process_*", "d", "*")))
+  assert files, os.listdir(os.path.join(step_dir, "export"))
+  return files
+
+
+def flip_export_bytes(step_dir):
+  for path in _export_files(step_dir):
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_corrupt_export_is_refused_by_sample_and_skipped_by_eval(reference, tmp_path):
+  """16 flipped bytes in checkpoint 20's export item (issue 26: sample wrote all-NaN samples
+  and eval recorded them): sampling it is one error naming the checkpoint; the eval job
+  scores checkpoint 10, skips 20 and says so, and records nothing for it."""
+  base, _ = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  flip_export_bytes(os.path.join(workdir, "checkpoints", "20"))
+  c = config(20)
+  c.eval.update(num_samples=100, batch_size=100, timeout_seconds=0.0)
+  with pytest.raises(errors.CorruptCheckpointError, match="checkpoints/20: its exported params"):
+    modes.run(c, workdir, "sample")
+  assert not glob.glob(os.path.join(workdir, "samples*"))
+  results = modes.run(c, workdir, "eval")
+  assert set(results) == {10}
+  with pytest.raises(errors.CorruptCheckpointError, match="checkpoints/20"):
+    c.eval.step = 20
+    modes.run(c, workdir, "eval")

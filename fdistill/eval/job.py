@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from fdistill import experiment
+from fdistill import errors, experiment
 from fdistill.diffusion import gmm as gmm_lib
 from fdistill.eval import fid as fid_lib
 from fdistill.io import checkpoint
@@ -408,11 +408,13 @@ def run(config, workdir):
   writer = writers.make_writer(eval_dir, resume_step=max(map(int, done), default=0))
   evaluator = None  # built at the first checkpoint, whose metadata gives the data shape
   last_new = time.time()
+  skipped = set()  # steps whose export is corrupt or half-deleted
 
   def next_step() -> int:
     if only >= 0:
       return _STOP if is_done(only) else only
-    todo = [s for s in sorted(checkpoint.saved_steps(workdir)) if not is_done(s)]
+    todo = [s for s in sorted(checkpoint.saved_steps(workdir))
+            if not is_done(s) and s not in skipped]
     if todo:
       return todo[0]
     finished = is_done(config.train.num_steps)
@@ -432,6 +434,13 @@ def run(config, workdir):
         evaluator = make_evaluator(config, workdir)
       start = time.time()
       metrics = evaluate_checkpoint(config, workdir, step, evaluator)
+    except errors.CorruptCheckpointError as e:
+      if only >= 0:
+        raise
+      # Half-deleted under us by the trainer's keep-last-N, or damaged: never scored.
+      logging.warning("eval: skipped step %d: %s", step, e)
+      skipped.add(step)
+      continue
     except Exception:  # pylint: disable=broad-except
       if only >= 0 or step in checkpoint.saved_steps(workdir):
         raise

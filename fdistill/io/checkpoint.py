@@ -143,15 +143,28 @@ class Checkpointer:
     return dst
 
   def restore_export(self, abstract_params, step: Optional[int] = None):
-    """Only the exported params of ``step`` (None = latest), into ``abstract_params``' shardings.
+    """Only the exported params of ``step`` (None = latest), into ``abstract_params``' shardings,
+    verified against the digest saved with them and for finiteness.
 
-    Reads nothing of the ``state`` item (no optimiser moments, no other networks).
+    Reads nothing of the ``state`` item (no optimiser moments, no other networks). A
+    corrupt or unreadable export is a :class:`CorruptCheckpointError` naming the
+    checkpoint (sampling, evaluating or distilling from it would give garbage silently).
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.manager.directory}")
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        export=ocp.args.StandardRestore(_targets(abstract_params))))
+    where = os.path.join(str(self.manager.directory), str(step))
+    targets = _targets(abstract_params)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          export=ocp.args.StandardRestore(targets),
+          meta=ocp.args.JsonRestore()))
+      problem = problems(out["export"], out["meta"].get("digest", {}).get("export"))
+    except (KeyError, ValueError, OSError) as e:  # a missing item or file, bad bytes or tree
+      problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if problem is not None:
+      raise CorruptCheckpointError(f"checkpoint {where}: its exported params are {problem}; "
+                                   "use another step (or restore this one from a backup)")
     return out["export"], step
 
   def wait(self):
