@@ -12,6 +12,7 @@ measures a program the trainer does not run. Two entry points:
   params from a run's checkpoints (its ``export`` item) and a jitted sampler;
   no dataset, no teacher, no optimiser state.
 """
+import copy
 import dataclasses
 import json
 import math
@@ -221,6 +222,69 @@ def check_workdir(workdir, config=None):
                         for f in differ[:3])
     raise ValueError(f"--workdir={workdir!r} holds another run ({details}); use a new workdir "
                      "or the run's own config")
+
+
+def check_num_steps(config, workdir):
+  """A resumed run cannot end before the step it has reached (nothing is rewritten)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return
+  reached = max(checkpoint.saved_steps(workdir), default=0)
+  if config.train.num_steps < reached:
+    raise ValueError(f"train.num_steps={config.train.num_steps} is below step {reached}, which "
+                     f"--workdir={workdir!r} has reached; give train.num_steps >= {reached} or "
+                     "use a new workdir")
+
+
+TEACHER_PIN = "teacher.json"
+
+
+def pin_teacher(config, workdir):
+  """``(config, pin)``: a student's teacher checkpoint fixed at its first start.
+
+  A ``teacher.kind='checkpoint'`` student loads the same teacher step on every resume
+  (``teacher.step=-1`` means the latest at the FIRST start, recorded with the export's
+  digest in ``<workdir>/teacher.json``), so a teacher run that gained checkpoints since
+  does not silently change the teacher. The returned config has ``teacher.step`` set to
+  that step; ``pin`` is the record to write (None for other teacher kinds). A changed or
+  missing teacher checkpoint is a ValueError naming the field. Writes nothing."""
+  tc = config.teacher
+  if tc.kind != "checkpoint":
+    return config, None
+  pin_path = os.path.join(workdir, TEACHER_PIN)
+  pinned = json.load(open(pin_path)) if os.path.exists(pin_path) else None
+  teacher_dir = os.path.abspath(tc.workdir)
+  if pinned is None:
+    steps = checkpoint.saved_steps(tc.workdir) if os.path.isdir(tc.workdir) else []
+    if not steps:
+      raise ValueError(f"teacher.workdir={tc.workdir!r} has no checkpoint; train the teacher "
+                       "first (--mode=train_teacher)")
+    step = int(tc.step) if tc.step >= 0 else max(steps)
+    if step not in steps:
+      raise ValueError(f"teacher.step={tc.step}: teacher.workdir={tc.workdir!r} has no "
+                       f"checkpoint {step} (saved: {sorted(steps)})")
+  else:
+    step = int(pinned["step"])
+    if pinned["workdir"] != teacher_dir:
+      raise ValueError(f"teacher.workdir={tc.workdir!r}: this run started from the teacher in "
+                       f"{pinned['workdir']!r} ({pin_path}); resume with that teacher.workdir or "
+                       "use a new workdir")
+    if tc.step >= 0 and tc.step != step:
+      raise ValueError(f"teacher.step={tc.step}: this run started from teacher step {step} "
+                       f"({pin_path}); resume with teacher.step=-1 or {step}, or use a new "
+                       "workdir")
+  try:
+    digest = checkpoint.latest_meta(tc.workdir, step).get("digest", {}).get("export")
+  except FileNotFoundError:
+    raise ValueError(f"teacher.workdir={tc.workdir!r} no longer has checkpoint {step}, the "
+                     f"teacher step this run started from ({pin_path}); restore it or use a new "
+                     "workdir") from None
+  if pinned is not None and digest != pinned["digest"]:
+    raise ValueError(f"teacher.workdir={tc.workdir!r}: checkpoint {step} changed since this run "
+                     f"started (its export digest differs from {pin_path}); restore the original "
+                     "or use a new workdir")
+  config = copy.deepcopy(config)
+  config.teacher.step = step
+  return config, {"workdir": teacher_dir, "step": step, "digest": digest}
 
 
 def start_generator_from_run(exp: "Experiment", state):

@@ -62,9 +62,14 @@ def run(config, workdir, mode, num_samples=0):
   if mode in ("train_teacher", "distill"):
     check_mode(mode, config)
     experiment.check_workdir(workdir, config)
+    experiment.check_num_steps(config, workdir)
     experiment.check_generator_init(config, workdir)
+    config, teacher_pin = experiment.pin_teacher(config, workdir)
+    from fdistill.io import lock
+    from fdistill.parallel import mesh as mesh_lib
     from fdistill.train import loop  # after the checks: it imports the metric writers
-    return loop.train(config, workdir)
+    with lock.hold(workdir, enabled=mesh_lib.is_main_process()):
+      return loop.train(config, workdir, teacher_pin=teacher_pin)
   experiment.check_workdir(workdir)
   if mode == "sample" or config.eval.timeout_seconds == 0:
     check_run_exists(workdir)

@@ -55,13 +55,24 @@ CASES = [
     (["--config.train.batch_size=12"], "train.batch_size=12 must be divisible"),
     (["--config.train.num_steps=-5"], "train.num_steps=-5"),
     (["--config.optim.lr=0"], "optim.lr=0"),
+    # Issue 26: settings that once trained on and saved NaN checkpoints, or were accepted.
+    (["--config.optim.lr=nan"], "optim.lr=nan must be a finite number"),
+    (["--config.optim.lr=inf"], "optim.lr=inf must be a finite number"),
+    (["--config.optim.lr=1e39"], "optim.lr=1e+39 must be a finite number within float32"),
+    (["--config.optim.grad_clip=nan"], "optim.grad_clip=nan must be a finite number"),
+    (["--config.objective.p_std=-1.0"], "objective.p_std=-1.0 must be > 0"),
+    (["--config.model.sigma_data=0.0"], "model.sigma_data=0.0 must be > 0"),
+    (["--config.train.num_steps=5"], "train.num_steps=5 is below step 10"),
+    (["--config=configs/toy2d_fdistill.py:js,teacher=analytic", "--mode=distill",
+      "--workdir={w}/student", "--config.objective.sigma_min=50.0"],
+     "objective.sigma_min=50.0 and sigma_max=10.0 must satisfy"),
     (["--config.model.hidden=(32,32)"], "holds another run (model"),
     (["--config=configs/toy2d_fdistill.py:js,teacher_dir={w},distribution=gmm8", "--mode=distill"],
      "holds another run (objective.name"),
     (["--config=configs/toy2d_fdistill.py:kl,teacher=analytic", "--mode=distill",
       "--workdir={w}/student"], "divergence"),
     (["--config=configs/toy2d_fdistill.py:js,teacher_dir={w}/none", "--mode=distill",
-      "--workdir={w}/student"], "config.json not found"),
+      "--workdir={w}/student"], "has no checkpoint; train the teacher first"),
     (["--config=configs/toy2d_fdistill.py:js,teacher=analytic", "--mode=distill",
       "--workdir={w}/student", "--config.teacher.kind=edm_pickle",
       "--config.teacher.path={w}/absent.pkl"], "absent.pkl: no such file"),
@@ -125,3 +136,64 @@ def test_metrics_jsonl_has_one_strict_row_per_step_after_restarts(tmp_path):
   rows = [strict(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   steps = [r["step"] for r in rows if "train/loss" in r]
   assert steps == [5, 10, 15, 20, 25, 30]
+
+
+def test_a_second_trainer_on_a_workdir_is_refused_and_a_stale_lock_is_taken_over(teacher_dir,
+                                                                                   tmp_path):
+  """One trainer per workdir (issue 26: two ran to the end on one workdir): a live holder's
+  lock (here: this test's own process) refuses the second start with one FATAL line and
+  nothing written; a lock left by a dead process (kill -9) is taken over."""
+  import shutil
+  import socket
+  from fdistill.io import lock
+  workdir = str(tmp_path / "run")
+  shutil.copytree(teacher_dir, workdir)
+  path = os.path.join(workdir, lock.LOCK_NAME)
+  with open(path, "w") as f:
+    json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": 0}, f)
+  before = tree_hash(workdir)
+  out = cli(TEACHER, f"--workdir={workdir}", "--config.train.num_steps=12")
+  fatal = [line for line in out.stderr.splitlines() if line.startswith("FATAL:")]
+  assert out.returncode == 2 and len(fatal) == 1 and "is in use by another trainer" in fatal[0]
+  assert f"pid {os.getpid()}" in fatal[0]
+  assert tree_hash(workdir) == before
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  with open(path, "w") as f:
+    json.dump({"host": socket.gethostname(), "pid": int(dead), "since": 0}, f)
+  with lock.hold(workdir):  # the dead holder's lock is stale: taken over, then released
+    assert json.load(open(path))["pid"] == os.getpid()
+  assert not os.path.exists(path)
+
+
+def student_config(teacher, steps):
+  c = __import__("configs.toy2d_fdistill", fromlist=["x"]).get_config(
+      f"js,teacher_dir={teacher},distribution=gmm8")
+  c.train.update(dict(num_steps=steps, save_every=2, log_every=2, batch_size=64))
+  return c
+
+
+def test_a_student_keeps_the_teacher_step_it_started_from(teacher_dir, tmp_path):
+  """A student resumed after its teacher run gained a checkpoint keeps its first teacher step
+  (issue 26: it silently switched); another step, or a changed or deleted teacher
+  checkpoint, is one error naming the field."""
+  import shutil
+  from fdistill.io import checkpoint
+  teacher = str(tmp_path / "teacher")
+  shutil.copytree(teacher_dir, teacher)
+  student = str(tmp_path / "student")
+  modes.run(student_config(teacher, 2), student, "distill")
+  assert json.load(open(os.path.join(student, "teacher.json")))["step"] == 10
+  config = toy.tiny_teacher_config(12)
+  config.model = __import__("configs.toy2d_teacher", fromlist=["x"]).get_config("gmm8").model
+  config.train.save_every = 2
+  modes.run(config, teacher, "train_teacher")  # the teacher's latest is now 12
+  modes.run(student_config(teacher, 4), student, "distill")
+  assert checkpoint.load_config(student).teacher.step == 10
+  wrong = student_config(teacher, 6)
+  wrong.teacher.step = 12
+  with pytest.raises(ValueError, match="teacher.step=12: this run started from teacher step 10"):
+    modes.run(wrong, student, "distill")
+  shutil.rmtree(os.path.join(teacher, "checkpoints", "10"))
+  with pytest.raises(ValueError, match="no longer has checkpoint 10"):
+    modes.run(student_config(teacher, 6), student, "distill")

@@ -206,13 +206,15 @@ def restore_export_from(workdir: str, abstract_params, shardings, step: Optional
     ckpt.close()
 
 
-def latest_meta(workdir: str) -> dict:
-  """The JSON metadata of ``workdir``'s latest checkpoint (FileNotFoundError if none)."""
+def latest_meta(workdir: str, step: Optional[int] = None) -> dict:
+  """The JSON metadata of ``workdir``'s checkpoint ``step`` (None: the latest;
+  FileNotFoundError if there is none)."""
   ckpt = Checkpointer(workdir)
   try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {ckpt.manager.directory}")
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.all_steps():
+      raise FileNotFoundError(f"no checkpoint {'' if step is None else step} under "
+                              f"{ckpt.manager.directory}".replace("  ", " "))
     return ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   finally:
     ckpt.close()
@@ -227,14 +229,19 @@ def saved_steps(workdir: str):
     ckpt.close()
 
 
-def save_config(workdir: str, config) -> None:
-  """Writes ``config.json`` beside the checkpoints (atomically: write then rename)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically (write then rename)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    f.write(text)
   os.replace(tmp, path)
+
+
+def save_config(workdir: str, config) -> None:
+  """Writes ``config.json`` beside the checkpoints (atomically: write then rename)."""
+  write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2,
+                                                                            sort_keys=True))
 
 
 def load_config(workdir: str):

@@ -7,6 +7,7 @@ event: save, then return). Which kind of step runs is decided on the host
 (``Experiment.schedule``); each kind is one jitted program.
 """
 import collections
+import json
 import os
 import signal
 import time
@@ -87,17 +88,22 @@ def save(ckpt, exp, step, state, force=False):
   return ckpt.save(step, state, exp.export(state), meta=experiment.run_meta(exp), force=force)
 
 
-def train(config, workdir: str, mesh=None):
+def train(config, workdir: str, mesh=None, teacher_pin=None):
   """Runs ``config.train.num_steps`` steps of ``config.objective``; resumes from ``workdir``.
 
   Returns (state, experiment, the last logged record). Nothing is written before
   the experiment is built (config checked, teacher and data found); SIGTERM and
   Ctrl-C save after the step in flight (a second Ctrl-C aborts at once).
+  ``teacher_pin``: the teacher checkpoint record of :func:`experiment.pin_teacher`,
+  written beside ``config.json``.
   """
   exp = experiment.build(config, mesh)
   tc = config.train
   if mesh_lib.is_main_process():
     checkpoint.save_config(workdir, config)
+    if teacher_pin is not None:
+      checkpoint.write_text(os.path.join(workdir, experiment.TEACHER_PIN),
+                            json.dumps(teacher_pin, indent=1))
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
   init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
   state = init_or_restore(exp, ckpt, init_rng)
