@@ -162,6 +162,8 @@ def validate(config):
   _number(config.optim.micro_batches, "optim.micro_batches", 1, integer=True)
   for field in ("num_samples", "batch_size", "num_plot_samples", "sampler_steps"):
     _number(ec[field], f"eval.{field}", 1, integer=True)
+  for field in ("poll_seconds", "timeout_seconds"):
+    _number(ec[field], f"eval.{field}", 0)
   mesh_lib.check_batch_size(tc.batch_size, make_mesh(config))
   settings = getattr(objectives.module(config), "Settings", None)
   if settings is not None:

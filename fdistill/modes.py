@@ -58,6 +58,8 @@ def run(config, workdir, mode, num_samples=0):
   from fdistill import experiment
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}; valid values: {', '.join(MODES)}")
+  if num_samples < 0:
+    raise ValueError(f"--num_samples={num_samples} must be >= 0 (0 = eval.num_plot_samples)")
   experiment.validate(config)
   if mode in ("train_teacher", "distill"):
     check_mode(mode, config)

@@ -213,3 +213,44 @@ def test_sample_batches_cycle_class_labels():
   assert out.shape == (7, 2)
   np.testing.assert_array_equal(out[:, 0], np.arange(7) % 3)
   assert [len(c) for c in calls] == [4, 4]  # one compiled shape: the last batch is cut
+
+
+def test_bad_fid_files_and_workdirs_fail_before_anything_is_written(tmp_path, run_dir):
+  """Issue 26: a truncated, random-bytes, NaN or wrong-width FID reference, an Inception file
+  that is no archive, a missing eval.step and a workdir that holds no run are each one error
+  naming the field or file, and nothing is created (no eval/, no events file)."""
+  import shutil
+  from fdistill.eval import fid as fid_lib
+  workdir = str(tmp_path / "run_copy")
+  shutil.copytree(run_dir, workdir)
+  shutil.rmtree(os.path.join(workdir, "eval"), ignore_errors=True)
+  good = str(tmp_path / "good.npz")
+  fid_lib.save_reference(good, np.zeros(2048), np.eye(2048))
+  refs = {"truncated": lambda p: open(p, "wb").write(open(good, "rb").read()[:500]),
+          "random": lambda p: open(p, "wb").write(os.urandom(4096)),
+          "nan": lambda p: fid_lib.save_reference(p, np.full(3, np.nan), np.eye(3))}
+  weights = str(tmp_path / "weights.npz")
+  np.savez(weights, x=np.zeros(1))
+  config = tiny_config()
+  config.eval.update(dict(metric="fid", inception_path=weights))
+  for name, make in refs.items():
+    path = str(tmp_path / f"{name}.npz")
+    make(path)
+    config.eval.fid_ref = path
+    with pytest.raises(ValueError, match=f"FID reference {path}") as info:
+      job.run(config, workdir)
+    assert "\n" not in str(info.value)
+  config.eval.fid_ref = good
+  config.eval.inception_path = str(tmp_path / "random.npz")
+  with pytest.raises(ValueError, match="eval.inception_path=.*is not a converted .npz"):
+    job.run(config, workdir)
+  config = tiny_config()
+  config.eval.step = 999
+  with pytest.raises(ValueError, match="eval.step=999: .* has no checkpoint 999"):
+    job.run(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, "eval"))
+  config.eval.update(step=-1, timeout_seconds=0.2, poll_seconds=0.1)
+  missing = str(tmp_path / "mistyped")
+  with pytest.raises(ValueError, match="holds no run"):
+    job.run(config, missing)
+  assert not os.path.exists(missing)

@@ -17,6 +17,7 @@ with the batch split over the devices of a mesh when one is given (under
 """
 import functools
 import os
+import zipfile
 import warnings
 from typing import Callable, Optional, Tuple
 
@@ -172,13 +173,24 @@ def load_reference(path: str) -> Tuple[np.ndarray, np.ndarray]:
   if not os.path.isfile(path):
     raise ValueError(f"FID reference {path!r} does not exist (EDM's fid-refs .npz with 'mu' and "
                      "'sigma', or one written by fdistill.eval.fid.save_reference)")
-  with np.load(path, allow_pickle=False) as data:
-    if "mu" not in data.files or "sigma" not in data.files:
-      raise ValueError(f"FID reference {path}: needs arrays 'mu' and 'sigma', has {data.files}")
-    mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      if "mu" not in data.files or "sigma" not in data.files:
+        raise ValueError(f"FID reference {path}: needs arrays 'mu' and 'sigma', has {data.files}")
+      mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+  except (OSError, EOFError, zipfile.BadZipFile) as e:  # truncated, random bytes, a pickle
+    raise ValueError(f"FID reference {path}: not a readable .npz ({type(e).__name__}); remake "
+                     "it with fdistill.eval.ref_stats or use EDM's fid-refs npz") from None
+  except ValueError as e:
+    if str(e).startswith("FID reference"):
+      raise
+    raise ValueError(f"FID reference {path}: not a readable .npz of arrays ({e}); remake it "
+                     "with fdistill.eval.ref_stats or use EDM's fid-refs npz") from None
   if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
     raise ValueError(f"FID reference {path}: mu {mu.shape} / sigma {sigma.shape} are not "
                      "(D,) / (D, D)")
+  if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+    raise ValueError(f"FID reference {path}: mu or sigma holds non-finite values; remake it")
   return mu, sigma
 
 

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import time
+import zipfile
 from typing import Callable, Iterator, Optional
 
 import jax
@@ -243,13 +244,22 @@ def _prepare_toy(config, sampling):
 
 
 def _check_fid(config):
-  check_inception(config)
-  check_fid_ref(config)
+  """Both files exist and read (the reference's arrays and their finiteness; the Inception file
+  is a .npz archive) before the job writes or samples anything; the reference's width is
+  checked against the detector's when it loads (``_prepare_fid``)."""
+  weights = check_inception(config)
+  fid_lib.load_reference(check_fid_ref(config))
+  if not zipfile.is_zipfile(weights):
+    raise ValueError(f"eval.inception_path={weights!r} is not a converted .npz (make it with "
+                     "python -m fdistill.eval.convert_inception)")
 
 
 def _prepare_fid(config, sampling):
   reference = fid_lib.load_reference(check_fid_ref(config))
   detector = inception_detector(config, sampling.mesh)
+  if reference[0].size != detector.dim:  # before any sampling
+    raise ValueError(f"eval.fid_ref={config.eval.fid_ref!r} holds {reference[0].size}-d "
+                     f"statistics; the detector's features are {detector.dim}-d")
 
   def compute(params, rng):
     batches = sample_batches(sampling, params, rng, config.eval.num_samples,
@@ -374,6 +384,20 @@ def agreed(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
+def wait_for_run(workdir, timeout_seconds, poll_seconds):
+  """Returns once ``workdir`` holds a run (its ``config.json``); a trainer started beside the
+  job may write it a while after the job starts. A ValueError if none appears within
+  ``timeout_seconds``: a mistyped workdir is an error, and nothing is created under it."""
+  path = os.path.join(workdir, "config.json")
+  deadline = time.time() + timeout_seconds
+  while not os.path.exists(path):
+    if time.time() >= deadline:
+      raise ValueError(f"--workdir={workdir!r} holds no run (no config.json"
+                       + (f" after {timeout_seconds:g} s, eval.timeout_seconds" if timeout_seconds
+                          else "") + "); give the workdir of a training run")
+    time.sleep(min(poll_seconds, max(deadline - time.time(), 0)))
+
+
 def run(config, workdir):
   """Polls ``workdir`` and evaluates every new checkpoint; returns {step: metrics}.
 
@@ -385,6 +409,13 @@ def run(config, workdir):
   metric = metric_of(config)  # fail fast on a bad name, a missing file or field
   if metric.check is not None:
     metric.check(config)
+  only = int(config.eval.step)
+  wait_for_run(workdir, config.eval.timeout_seconds, config.eval.poll_seconds)
+  if only >= 0:  # checked before eval/ exists: a wrong step writes nothing
+    saved = sorted(checkpoint.saved_steps(workdir))
+    if only not in saved:
+      raise ValueError(f"eval.step={only}: {workdir} has no checkpoint {only} "
+                       f"(saved: {saved or 'none'})")
   main = mesh_lib.is_main_process()
   eval_dir = os.path.join(workdir, "eval")
   os.makedirs(eval_dir, exist_ok=True)
@@ -396,15 +427,9 @@ def run(config, workdir):
   def is_done(step):
     return metric.key in done.get(str(step), {})
 
-  only = int(config.eval.step)
-  if only >= 0:
-    if is_done(only):
-      logging.info("eval: step %d already evaluated (%s); nothing to do", only, done_path)
-      return {only: done[str(only)]}
-    saved = sorted(checkpoint.saved_steps(workdir))
-    if only not in saved:
-      raise ValueError(f"eval.step={only}: {workdir} has no checkpoint {only} "
-                       f"(saved: {saved or 'none'})")
+  if only >= 0 and is_done(only):
+    logging.info("eval: step %d already evaluated (%s); nothing to do", only, done_path)
+    return {only: done[str(only)]}
   writer = writers.make_writer(eval_dir, resume_step=max(map(int, done), default=0))
   evaluator = None  # built at the first checkpoint, whose metadata gives the data shape
   last_new = time.time()
