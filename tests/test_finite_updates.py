@@ -70,3 +70,25 @@ def test_teacher_sigma_data_and_dsm_levels_are_checked():
   config.objective.p_std = -1.0
   with pytest.raises(ValueError, match="objective.p_std=-1.0 must be > 0"):
     experiment.validate(config)
+
+
+def test_a_save_refuses_non_finite_state(tmp_path):
+  """The checkpointer refuses a state with a NaN (nothing written, the older checkpoints kept)."""
+  from fdistill import errors
+  from fdistill.io import checkpoint
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=1)
+  good = {"w": jnp.ones((3,))}
+  assert ckpt.save(1, good, good)
+  ckpt.wait()
+  with pytest.raises(errors.NonFiniteRunError, match="refusing to save step 2"):
+    ckpt.save(2, {"w": jnp.array([1.0, jnp.nan, 0.0])}, good)
+  ckpt.wait()
+  assert ckpt.all_steps() == [1]
+  ckpt.close()
+
+
+def test_a_truncated_config_json_names_its_file(tmp_path):
+  from fdistill.io import checkpoint
+  (tmp_path / "config.json").write_text('{"seed": 0, "data": {"name": "to')
+  with pytest.raises(ValueError, match="config.json is not valid JSON"):
+    checkpoint.load_config(str(tmp_path))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
-from fdistill.errors import CorruptCheckpointError
+from fdistill.errors import CorruptCheckpointError, NonFiniteRunError
 
 
 def _leaf_digest(x):
@@ -92,7 +92,17 @@ class Checkpointer:
 
   def save(self, step: int, state, export, meta: Optional[dict] = None,
            force: bool = False) -> bool:
-    """Saves ``state`` and the ``export`` params at ``step`` (``force``: even off-schedule)."""
+    """Saves ``state`` and the ``export`` params at ``step`` (``force``: even off-schedule).
+
+    Refuses (NonFiniteRunError, nothing written) a state with a non-finite float: the step's
+    guard never commits one, so this is the last line against saving garbage over good
+    checkpoints (keep-N would then delete those)."""
+    floats = [x for x in jax.tree_util.tree_leaves((state, export))
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    if floats and not all(jax.device_get(_all_finite(floats))):
+      raise NonFiniteRunError(
+          f"refusing to save step {step}: the state holds non-finite values; the checkpoints "
+          f"under {self.manager.directory} (latest {self.latest_step()}) were left as they were")
     meta = dict(meta or {}, step=int(step),
                 digest={"state": digest(state), "export": digest(export)})
     return self.manager.save(int(step), args=ocp.args.Composite(
@@ -250,8 +260,12 @@ def load_config(workdir: str):
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a fdistill workdir?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except ValueError as e:  # truncated or edited by hand
+    raise ValueError(f"{path} is not valid JSON ({e}); restore it from a copy, or rewrite it "
+                     "from the run's config file") from None
 
 
 def with_shardings(abstract_state, shardings):
