@@ -111,6 +111,8 @@ def train(config, workdir: str, mesh=None, teacher_pin=None):
   skipped = int(jax.device_get(state["skipped"]))
 
   writer = writers.make_writer(workdir, resume_step=start)
+  writer.write_text(start, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
+  last_log = (time.monotonic(), start)
   console = console_lib.Console(tc.num_steps, start)
   console.line(f"fdistill {config.objective.name}: workdir {workdir}, {jax.device_count()} "
                f"{jax.devices()[0].platform} devices (mesh {dict(exp.mesh.shape)}), "
@@ -136,6 +138,11 @@ def train(config, workdir: str, mesh=None, teacher_pin=None):
       if log:
         record = dict(means.flush(len(exp.steps) == 1), **{"train/skipped": skipped})
         writer.write_scalars(done, record)
+        now = time.monotonic()
+        writer.write_tensorboard(done, {
+            "run/learning_rate": learning_rate(config.optim, done),
+            "run/steps_per_second": (done - last_log[1]) / max(now - last_log[0], 1e-9)})
+        last_log = (now, done)
       console.progress(done, record if log else None, force=done == tc.num_steps)
       if log or periodic_save or preempted:
         stop_if_runaway(consecutive, done, tc.max_consecutive_skips)
@@ -148,8 +155,12 @@ def train(config, workdir: str, mesh=None, teacher_pin=None):
         save(ckpt, exp, done, state)
         console.line(f"saved checkpoint {done} in {ckpt.manager.directory}")
       if tc.sample_every and done % tc.sample_every == 0:
+        png_path = os.path.join(workdir, f"samples_{done:07d}.png")
         write_samples(exp.sampler, exp.export(state), jax.random.fold_in(sample_rng, done),
-                      config, os.path.join(workdir, f"samples_{done:07d}.png"))
+                      config, png_path)
+        if os.path.exists(png_path):  # process 0 wrote it
+          png = open(png_path, "rb").read()
+          writer.write_png(done, "samples", png, *writers.png_size(png))
   ckpt.wait()
   ckpt.close()
   writer.flush()
@@ -157,6 +168,12 @@ def train(config, workdir: str, mesh=None, teacher_pin=None):
   console.line(f"done: step {int(jax.device_get(state['step']))} in {elapsed:.0f} s; "
                f"{console_lib.summary_values(record, limit=8)}".rstrip("; "))
   return state, exp, record
+
+
+def learning_rate(optim_config, step: int) -> float:
+  """The generator's learning rate at ``step`` (``state.make_optimizer``'s linear warm-up)."""
+  warmup = int(optim_config.warmup_steps)
+  return float(optim_config.lr) * (min(1.0, step / warmup) if warmup > 0 else 1.0)
 
 
 def plot_reference(config):
