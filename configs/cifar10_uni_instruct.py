@@ -13,8 +13,9 @@ score, one fake-score update per generator update, the generator's noise levels 
 Karras ramp from t = 0 to t_max = 800 of 1000 (``ramp_min = 0.2, ramp_max = 1``), the fake
 score's on EDM's lognormal(-1.2, 1.2) (``critic_noise``), SiD's alpha 1.2, SiD's normalised
 scale. Batch 256. DMD and DMD2 keep DMD2's own levels (``toy2d_uni_instruct.DMD_LEVELS``).
-Not reproduced: SiD's CIFAR-10 code also augments the fake score's inputs (EDM's augment
-pipe, p = 0.12, the networks conditioned on its labels); this project has no augmentation.
+SiD's CIFAR-10 code also augments the fake score's inputs (EDM's augment pipe, p = 0.12, the
+fake score conditioned on its 9 labels): ``augment_p = 0.12`` for the family's members here
+(``fdistill/data/augment.py``; ImageNet-64: 0, as SiD's).
 Published one-step FIDs (CIFAR-10, 50k samples): SiD 1.923 uncond / 1.710 cond; Uni-Instruct
 1.46 uncond / 1.38 cond (forward KL); DMD 2.66 cond; SIM 2.06 uncond; Diff-Instruct 4.53 uncond
 (its own recipe: batch 128, lr 1e-5, init_sigma 1.0; this config keeps SiD's batch and noise
@@ -30,13 +31,14 @@ from configs import common
 from configs import toy2d_uni_instruct
 
 
-def sid_recipe(c, method, *, lr, batch_size, num_steps, feature_indices):
-  """SiD's optimiser and noise levels on ``c`` (CIFAR-10 and ImageNet-64 differ in lr, batch)."""
+def sid_recipe(c, method, *, lr, batch_size, num_steps, feature_indices, augment_p):
+  """SiD's optimiser and noise levels on ``c`` (CIFAR-10 and ImageNet-64 differ in lr, batch and
+  the fake score's augmentation: 0.12 and 0)."""
   # Diff-Instruct's published command starts the generator at init_sigma 1.0; SiD's family 2.5.
   c.generator.sigma_init = 1.0 if method == "diff_instruct" else 2.5
   c.objective = toy2d_uni_instruct.method_objective(
       method, num_steps, sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, ramp_min=0.2,
-      ramp_max=1.0, fake_loss_weight="edm",
+      ramp_max=1.0, fake_loss_weight="edm", augment_p=augment_p,
       discriminator=dict(name="unet_heads", feature_indices=feature_indices),
       fake_optim={}, disc_optim={})
   c.optim.update(dict(lr=lr, warmup_steps=0, weight_decay=0.0, b1=0.0, b2=0.999, eps=1e-8,
@@ -54,4 +56,4 @@ def get_config(arg=None):
   c.model = architectures.ddpmpp_cifar10(cond=a.cond)
   common.network_teacher(c, a.teacher, a.teacher_dir)
   return sid_recipe(c, a.variant, lr=1e-5, batch_size=256, num_steps=400_000,
-                    feature_indices=(0, 1, -1))
+                    feature_indices=(0, 1, -1), augment_p=0.12)

@@ -82,7 +82,7 @@ UNI_INSTRUCT_OBJECTIVE = dict(
     sim_distance="pseudo_huber", sim_c=1.0, adv_weight=0.5, sida_gan_scale=1e-4, switch_step=0,
     switch_divergence="", scale="sid", gen_every=2, warmup_critic_steps=0,
     gan_weight=0.0, logit_clip=10.0, fake_loss_weight="edm", same_noise_real=False,
-    sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0,
+    augment_p=0.0, sigma_dist="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0,
     ramp_min=0.2, ramp_max=1.0,  # SiD: t ~ U[0, t_max = 800 / 1000] on EDM's Karras ramp
     p_mean=-1.2, p_std=1.2, sigma_fixed=1.0,
     critic_noise=dict(sigma_dist="lognormal", p_mean=-1.2, p_std=1.2),

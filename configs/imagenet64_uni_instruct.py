@@ -19,4 +19,5 @@ def get_config(arg=None):
   c = imagenet64_teacher.student_base()
   common.network_teacher(c, a.teacher, a.teacher_dir)
   return cifar10_uni_instruct.sid_recipe(c, a.variant, lr=4e-6, batch_size=1024,
-                                         num_steps=400_000, feature_indices=(-1,))
+                                         num_steps=400_000, feature_indices=(-1,),
+                                         augment_p=0.0)

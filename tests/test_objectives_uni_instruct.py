@@ -236,3 +236,36 @@ def test_bad_settings_name_the_field():
     uni_instruct.Settings.from_config(common.uni_instruct_objective(loss="sida", gan_weight=0.1))
   with pytest.raises(ValueError, match="objective.adv_weight=2"):
     uni_instruct.Settings.from_config(common.uni_instruct_objective(adv_weight=2.0))
+
+
+def test_cifar10_sid_critic_step_augments_the_fake_scores_inputs():
+  """The CIFAR-10 SiD recipe (augment_p 0.12) on the tiny 8x8 DDPM++ (augment_dim 9): a critic
+  step runs with EDM's labels in its batch (that they reach the loss is checked in float64 by
+  tests/test_reference_equivalence.py); a network without augment_dim is refused."""
+  from configs import architectures, cifar10_uni_instruct
+  from fdistill import models
+  from fdistill.objectives.base import Task
+  config = cifar10_uni_instruct.get_config("sid,cond=False")
+  config.model = architectures.tiny_songunet()
+  config.model.label_dim = 0
+  config.objective.discriminator = dict(name="mlp", hidden=(8,), emb_dim=8)
+  module = models.build(config.model)
+  apply_fn = models.make_denoiser(module, 0.5)
+  teacher = models.init_params(module, jax.random.key(1), (1, 8, 8, 3))
+  task = Task((8, 8, 3), 0, apply_fn, jax.eval_shape(lambda: teacher))
+  batch = {"x": jax.random.normal(jax.random.key(2), (4, 8, 8, 3))}
+  obj = objectives.build(config, task)
+  state = obj.init(jax.random.key(0), teacher)
+  assert obj.schedule(1) == "critic"
+  new, metrics = jax.jit(obj.steps["critic"])(state, teacher, batch, jax.random.key(3))
+  assert np.isfinite(float(metrics["fake_loss"])) and int(new["skipped"]) == 0
+  assert changed(state["fake"]["params"], new["fake"]["params"])
+  st = uni_instruct.Settings.from_config(config.objective)
+  nets = scaffold.build(config, task, st, "uni_instruct").nets
+  cb = critics.critic_batch(nets, st, state["gen"]["params"], batch, jax.random.key(3),
+                            augment_p=st.augment_p)
+  assert cb["augment_labels"].shape == (4, 9) and cb["real_augment_labels"].shape == (4, 9)
+  config.model.augment_dim = 0
+  config.objective.augment_p = 0.12
+  with pytest.raises(ValueError, match="objective.augment_p=0.12 .* model.augment_dim=9"):
+    objectives.build(config, task)

@@ -87,19 +87,25 @@ def record(request):
 
 
 def mlp_params(key, d_in=NUMEL, d_out=NUMEL):
-  k1, k2, k3, k4 = jax.random.split(key, 4)
+  k1, k2, k3, k4, k5 = jax.random.split(key, 5)
   return {"w1": jax.random.normal(k1, (d_in, HIDDEN)) / math.sqrt(d_in),
           "wt": jax.random.normal(k2, (HIDDEN,)), "b1": 0.1 * jax.random.normal(k3, (HIDDEN,)),
-          "w2": jax.random.normal(k4, (HIDDEN, d_out)) / math.sqrt(HIDDEN)}
+          "w2": jax.random.normal(k4, (HIDDEN, d_out)) / math.sqrt(HIDDEN),
+          "wa": jax.random.normal(k5, (9, HIDDEN)) / 3}
 
 
-def denoiser(params, x, sigma, cond=None, rng=None, return_features=False):
-  """EDM preconditioning around an MLP; features: the hidden layer as [B, 2, 2, 8]."""
+def denoiser(params, x, sigma, cond=None, rng=None, return_features=False,
+             augment_labels=None):
+  """EDM preconditioning around an MLP; features: the hidden layer as [B, 2, 2, 8]; EDM's
+  augmentation labels enter the hidden layer linearly (zero labels: no contribution)."""
   del cond, rng
   s = jnp.reshape(sigma, (-1, 1))
   flat = x.reshape(x.shape[0], -1)
   c_in, c_noise = 1 / jnp.sqrt(s**2 + SD**2), jnp.log(s) / 4
-  hidden = jnp.tanh((c_in * flat) @ params["w1"] + c_noise * params["wt"] + params["b1"])
+  pre = (c_in * flat) @ params["w1"] + c_noise * params["wt"] + params["b1"]
+  if augment_labels is not None:
+    pre = pre + augment_labels @ params["wa"]
+  hidden = jnp.tanh(pre)
   out = (SD**2 / (s**2 + SD**2)) * flat + (s * SD / jnp.sqrt(s**2 + SD**2)) * (
       hidden @ params["w2"])
   out = out.reshape(x.shape)
@@ -310,6 +316,35 @@ def test_fake_score_loss_equals_sids_code_over_numel():
   assert_close(jax.tree_util.tree_map(lambda g: NUMEL * g, grad), jax.grad(ref)(fake))
   unweighted = jax.grad(lambda p: ref(p, "none"))(fake)
   assert_misses(jax.tree_util.tree_map(lambda g: NUMEL * g, grad), unweighted)
+
+
+def test_augmented_fake_score_loss_equals_sids_code():
+  """SiD's CIFAR-10 fake-score loss with EDM's augmentation (p = 0.12 there; 1 here so every
+  transform runs): ``y, labels = augment_pipe(G(z))``, ``sum_b lambda_b sum_pix (D_fake(y + s n;
+  labels) - y)^2 / B``: the target is the AUGMENTED sample and the network sees its labels."""
+  from configs import cifar10_uni_instruct
+  assert cifar10_uni_instruct.get_config("sid").objective.augment_p == 0.12
+  from fdistill.data import augment
+  st, _ = ui_settings("sid")
+  gen, _, fake, _, real = networks()
+  levels = noise.critic_levels(st, {"sigma_dist": "lognormal"})
+  cb = critics.critic_batch(NETS, levels, gen, real, RNG, augment_p=1.0)
+  plain = critics.critic_batch(NETS, levels, gen, real, RNG)
+  np.testing.assert_array_equal(cb["sigma"], plain["sigma"])  # the same noise draws
+  y, labels = augment.augment(jax.random.fold_in(RNG, 1), gen["x"], 1.0)
+  x_t = y + bcast(cb["sigma"]) * (plain["x_t"] - plain["x_gen"]) / bcast(plain["sigma"])
+  loss = critics.make_fake_score_loss(NETS, "edm")
+  grad = jax.grad(lambda p: loss(p, None, cb, None)[0])(fake)
+
+  def ref(p, with_labels=True):
+    lam = (cb["sigma"]**2 + SD**2) / (cb["sigma"] * SD)**2
+    d = denoiser(p, x_t, cb["sigma"], augment_labels=labels if with_labels else None)
+    return jnp.sum(lam * sum_pix((d - y)**2)) / B
+
+  assert_close(NUMEL * loss(fake, None, cb, None)[0], ref(fake))
+  assert_close(jax.tree_util.tree_map(lambda g: NUMEL * g, grad), jax.grad(ref)(fake))
+  assert_misses(jax.tree_util.tree_map(lambda g: NUMEL * g, grad),
+                jax.grad(lambda p: ref(p, with_labels=False))(fake))
 
 
 def test_rcm_fake_score_weight_is_rcms_one_over_sin_squared():

@@ -45,13 +45,16 @@ def make_denoiser(module, sigma_data: float = edm.SIGMA_DATA) -> Callable:
   """Returns ``apply(params, x, sigma, cond=None, rng=None, return_features=False) -> D``.
 
   ``rng`` enables dropout (training); ``return_features`` also returns the
-  network's encoder features (for discriminators).
+  network's encoder features (for discriminators); ``augment_labels`` [B, 9] condition a
+  U-Net with ``augment_dim`` on EDM's augmentation (``fdistill.data.augment``).
   """
 
-  def net_fn(params, x_in, c_noise, cond, rng=None, return_features=False):
+  def net_fn(params, x_in, c_noise, cond, rng=None, return_features=False,
+             augment_labels=None):
     rngs = {"dropout": rng} if rng is not None else None
+    extra = {} if augment_labels is None else {"augment_labels": augment_labels}
     return module.apply({"params": params}, x_in, c_noise, cond, train=rng is not None,
-                        return_features=return_features, rngs=rngs)
+                        return_features=return_features, rngs=rngs, **extra)
 
   return edm.precondition(net_fn, sigma_data)
 

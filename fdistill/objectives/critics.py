@@ -14,6 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fdistill.data import augment
 from fdistill.diffusion import edm
 from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import noise
@@ -84,7 +85,13 @@ def discriminator_loss(real_logits, fake_logits):
 FAKE_LOSS_WEIGHTS = {"edm": edm.loss_weight, "none": jnp.ones_like}
 
 
-def encoder_logits(nets: Nets, fake_params, x_t, sigma, cond, rng=None):
+def _labels(augment_labels):
+  """The fake score's augmentation keyword: none at all without augmentation (networks
+  without ``augment_dim`` take no such argument)."""
+  return {} if augment_labels is None else {"augment_labels": augment_labels}
+
+
+def encoder_logits(nets: Nets, fake_params, x_t, sigma, cond, rng=None, augment_labels=None):
   """``(D_fake, logit)``: the fake score and SiDA's discriminator logit, the channel mean of
   the fake score's last encoder features (a U-Net's bottleneck after its middle blocks:
   logits [B, H, W]; the toy MLP's last hidden layer: [B]).
@@ -93,7 +100,8 @@ def encoder_logits(nets: Nets, fake_params, x_t, sigma, cond, rng=None):
   encoder the discriminator, so no separate network is trained; the mean over channels is
   its logit map (their EDM code: ``x.mean(dim=1)`` after the encoder blocks).
   """
-  d, feats = nets.fake_apply(fake_params, x_t, sigma, cond, rng=rng, return_features=True)
+  d, feats = nets.fake_apply(fake_params, x_t, sigma, cond, rng=rng, return_features=True,
+                             **_labels(augment_labels))
   if not feats:
     raise ValueError("loss='sida' needs a fake score that returns encoder features "
                      "(config.model: mlp with hidden layers, songunet, dhariwalunet or dit)")
@@ -118,16 +126,18 @@ def make_fake_score_loss(nets: Nets, fake_loss_weight: str, encoder_disc: bool =
   def loss(params, inputs, batch, rng):
     del inputs
     x_t, sigma, cond = batch["x_t"], batch["sigma"], batch.get("cond")
+    labels = batch.get("augment_labels")  # SiD's augmented fake-score inputs (critic_batch)
     if not encoder_disc:
-      d = nets.fake_apply(params, x_t, sigma, cond, rng=rng)
+      d = nets.fake_apply(params, x_t, sigma, cond, rng=rng, **_labels(labels))
     else:
-      d, fake_logit = encoder_logits(nets, params, x_t, sigma, cond, rng)
+      d, fake_logit = encoder_logits(nets, params, x_t, sigma, cond, rng, labels)
     err = per_sample_mean(jnp.square(d - batch["x_gen"]))
     value = jnp.mean(weight_fn(sigma) * err)
     if not encoder_disc:
       return value, {"fake_loss": value}
     value = numel * value
-    _, real_logit = encoder_logits(nets, params, batch["real_t"], batch["real_sigma"], cond, rng)
+    _, real_logit = encoder_logits(nets, params, batch["real_t"], batch["real_sigma"], cond, rng,
+                                   batch.get("real_augment_labels"))
     bce = jnp.mean(jax.nn.softplus(fake_logit)) + jnp.mean(jax.nn.softplus(-real_logit))
     adv = jnp.mean(edm.loss_weight(batch["real_sigma"])) * bce / 2
     return value + adv, {"fake_loss": value + adv, "dsm_loss": value, "adv_disc_loss": adv}
@@ -193,12 +203,17 @@ def make_joint_fake_score_loss(nets: Nets, fake_loss_weight: str, disc_loss_weig
   return fake_loss, disc_loss
 
 
-def critic_batch(nets: Nets, st, gen_params, batch, rng, fsdp_gather: bool = True):
+def critic_batch(nets: Nets, st, gen_params, batch, rng, fsdp_gather: bool = True,
+                 augment_p: float = 0.0):
   """Noised stop_gradient generator samples and noised data for one critic step.
 
   The fake score and the discriminator see the same noised generator samples
   (FastGen); the data get their own noise levels unless ``st.same_noise_real``.
   ``st`` holds the noise-level settings (:mod:`fdistill.objectives.noise`).
+  ``augment_p`` > 0 (SiD's CIFAR-10 recipe): the generator samples, and the data, are
+  augmented by EDM's pipe before the noise (independent draws), the DSM target being the
+  augmented sample, and the batch carries their labels (``augment_labels``,
+  ``real_augment_labels``) for the fake score.
   """
   cond = batch.get("cond")
   real = batch["x"]
@@ -206,13 +221,19 @@ def critic_batch(nets: Nets, st, gen_params, batch, rng, fsdp_gather: bool = Tru
   # Whole generator weights for this forward (FSDP), as inside the Updater.
   gen_params = partition.gather_fsdp(gen_params, fsdp_gather)
   x_gen = jax.lax.stop_gradient(generate(nets, gen_params, z, cond))
+  extra = {}
+  if augment_p:  # keys folded off ``rng``: the noise draws above stay those of no augmentation
+    x_gen, extra["augment_labels"] = augment.augment(jax.random.fold_in(rng, 1), x_gen,
+                                                     augment_p)
+    real, extra["real_augment_labels"] = augment.augment(jax.random.fold_in(rng, 2), real,
+                                                         augment_p)
   sigma, _ = noise.sample_sigma(e, st)
   if st.same_noise_real:
     real_sigma, real_eps = sigma, eps
   else:
     real_sigma = noise.sample_sigma(real_e, st)[0]
   out = {"x_gen": x_gen, "x_t": edm.add_noise(x_gen, eps, sigma), "sigma": sigma,
-         "real_t": edm.add_noise(real, real_eps, real_sigma), "real_sigma": real_sigma}
+         "real_t": edm.add_noise(real, real_eps, real_sigma), "real_sigma": real_sigma, **extra}
   if cond is not None:
     out["cond"] = cond
   return out

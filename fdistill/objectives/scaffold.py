@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from fdistill import models
+from fdistill.data import augment
 from fdistill.diffusion import edm
 from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import critics
@@ -70,14 +71,15 @@ class Scaffold:
 
 def build(config, task, st, what: str, train_disc: bool = True,
           encoder_disc: bool = False, critic_levels=None, disc_features: str = "teacher",
-          disc_loss_weight: float = 1.0) -> Scaffold:
+          disc_loss_weight: float = 1.0, augment_p: float = 0.0) -> Scaffold:
   """The shared parts for objective ``what`` (its name in error messages). ``encoder_disc``:
   the fake score's encoder doubles as the discriminator (SiDA; see
   :func:`fdistill.objectives.critics.make_fake_score_loss`). ``critic_levels``: settings
   whose noise-level fields the critic batch uses (default ``st``, the generator's levels).
   ``disc_features``: whose features the discriminator reads (:data:`critics.DISC_FEATURES`;
   'fake': DMD2's placement, the fake score and the heads trained by one joint loss, the
-  discriminator part weighted by ``disc_loss_weight``)."""
+  discriminator part weighted by ``disc_loss_weight``). ``augment_p``: EDM's augmentation of
+  the critics' inputs (SiD's CIFAR-10 recipe; :func:`critics.critic_batch`)."""
   critic_levels = st if critic_levels is None else critic_levels
   if task.teacher_apply is None:
     raise ValueError(f"objective.name={what!r} distils a teacher: set teacher.kind to "
@@ -94,6 +96,11 @@ def build(config, task, st, what: str, train_disc: bool = True,
                                                      task.cond_dim)
   disc = disc_lib.build(config.objective.discriminator, task.x_shape, feature_shapes,
                         config.model.sigma_data)
+  if augment_p and (config.model.name not in ("songunet", "dhariwalunet") or
+                    config.model.augment_dim != augment.NUM_LABELS):
+    raise ValueError(f"objective.augment_p={augment_p} conditions the fake score on EDM's "
+                     f"{augment.NUM_LABELS} augmentation labels: it needs a U-Net with "
+                     f"model.augment_dim={augment.NUM_LABELS} (EDM's CIFAR-10 networks)")
   if disc_features == "fake" and train_disc and not disc.uses_features:
     raise ValueError(f"objective.disc_features='fake' needs a discriminator that reads "
                      f"features: objective.discriminator.name='unet_heads' (got "
@@ -131,7 +138,7 @@ def build(config, task, st, what: str, train_disc: bool = True,
   def critic_step(state, teacher, batch, rng):
     c_rng, f_rng, d_rng = jax.random.split(rng, 3)
     cb = critics.critic_batch(nets, critic_levels, state["gen"]["params"], batch, c_rng,
-                              gen_update.fsdp_gather)
+                              gen_update.fsdp_gather, augment_p)
     fake_inputs = {"disc": state["disc"]["params"]} if joint else None
     fake, _, f_aux, ok = fake_update(state["fake"], fake_loss, fake_inputs, cb, f_rng)
     metrics = dict(f_aux, fake_grad_norm=f_aux["grad_norm"])

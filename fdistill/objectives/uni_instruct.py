@@ -75,6 +75,8 @@ class Settings:
   logit_clip: float               # |log r| clip of the ratio inside the surrogate
   fake_loss_weight: str           # edm | none
   same_noise_real: bool
+  augment_p: float                # EDM's augmentation of the fake score's inputs (SiD's CIFAR-10
+                                  # recipe: 0.12; fdistill.data.augment); 0 = off
   sigma_dist: str                 # karras | lognormal | fixed
   sigma_min: float
   sigma_max: float
@@ -102,6 +104,8 @@ class Settings:
                        "term is objective.adv_weight, through the fake score's encoder)")
     if not 0 <= st.adv_weight <= 1:
       raise ValueError(f"objective.adv_weight={st.adv_weight} must be in [0, 1]")
+    if not 0 <= st.augment_p <= 1:
+      raise ValueError(f"objective.augment_p={st.augment_p} must be in [0, 1]")
     if not st.sida_gan_scale > 0:
       raise ValueError(f"objective.sida_gan_scale={st.sida_gan_scale} must be > 0 "
                        "(SiDA's code: 1e-4)")
@@ -207,7 +211,8 @@ def build(config, task) -> Objective:
   parts = scaffold.build(config, task, st, "uni_instruct",
                          train_disc=any(p.needs_ratio for p in phases) or bool(st.gan_weight),
                          encoder_disc=st.loss == "sida",
-                         critic_levels=noise.critic_levels(st, config.objective.critic_noise))
+                         critic_levels=noise.critic_levels(st, config.objective.critic_noise),
+                         augment_p=st.augment_p)
 
   def generator_step_of(phase):
     gen_loss = make_generator_loss(parts.nets, phase)
