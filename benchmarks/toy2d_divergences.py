@@ -179,6 +179,7 @@ def parse_overrides(items):
 
 
 def main(argv=None):
+  plotting.use_headless_backend()  # here, not at import: the notebooks import this module
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--divergences", default=",".join(DEFAULT_DIVERGENCES))
   parser.add_argument("--alpha", type=float, default=2.0, help="for divergence alpha")

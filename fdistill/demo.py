@@ -144,6 +144,7 @@ def main(argv):
   del argv
   from fdistill.diffusion import gmm as gmm_lib
   from fdistill.io import console, plotting
+  plotting.use_headless_backend()
   console.quiet_libraries()
   console.ENABLED = False  # one line per stage here, not the runs' own progress lines
   start = time.time()

@@ -115,7 +115,9 @@ def main(argv):
     fatal("--workdir is required (a directory; created if missing)")
   if _MODE.value not in MODES:
     fatal(f"--mode={_MODE.value!r}; valid values: {', '.join(MODES)}")
+  from fdistill.io import plotting
   from fdistill.parallel import mesh as mesh_lib
+  plotting.use_headless_backend()
   enable_compile_cache(_CACHE.value, _WORKDIR.value)
   try:
     mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,

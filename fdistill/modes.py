@@ -1,7 +1,6 @@
 """The run modes as importable functions (main.py, the demo, tests and notebooks call them)."""
 import os
 
-from absl import logging
 
 MODES = ("train_teacher", "distill", "eval", "sample")
 
@@ -20,7 +19,8 @@ def check_mode(mode, config):
 
 
 def sample(config, workdir, num=0):
-  """Samples the latest checkpoint's exported network into ``samples_step<N>.png`` (+ .npy).
+  """Samples the latest checkpoint's exported network into
+  ``samples_<step>_<sampler steps>steps.png`` (+ .npy; :func:`loop.samples_path`).
 
   Needs only the run's own checkpoint (no data set, no teacher).
   """
@@ -31,11 +31,13 @@ def sample(config, workdir, num=0):
   task = experiment.task_of_run(workdir)
   sampling = experiment.build_sampler(config, task)
   params, step = experiment.restore_export(sampling, workdir)
-  path = os.path.join(workdir, f"samples_step{step}.png")
+  path = loop.samples_path(workdir, step, config.eval.sampler_steps)
   samples = loop.write_samples(sampling, params, jax.random.key(config.seed + 2), config, path,
                                num=num or None)
   np.save(path.replace(".png", ".npy"), samples)
-  logging.info("Wrote %s", path)
+  from fdistill.io import console
+  console.say(f"wrote {path} and {path.replace('.png', '.npy')}: {len(samples)} samples of "
+              f"checkpoint {step}")
   return path
 
 

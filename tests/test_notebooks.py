@@ -22,6 +22,12 @@ def _execute(monkeypatch, name):
   client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": NOTEBOOKS}})
   client.execute()
+  # Every cell that calls plt.show() must have drawn (a backend switched to Agg at import
+  # once made every figure vanish silently in Jupyter and Colab).
+  for cell in nb.cells:
+    if cell.cell_type == "code" and "plt.show()" in cell.source:
+      images = [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+      assert images, f"{name}: a cell calling plt.show() drew nothing:\n{cell.source[:300]}"
   return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                  for o in c.get("outputs", []))
 

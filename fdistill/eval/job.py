@@ -49,6 +49,7 @@ from fdistill import errors, experiment
 from fdistill.diffusion import gmm as gmm_lib
 from fdistill.eval import fid as fid_lib
 from fdistill.io import checkpoint
+from fdistill.io import console
 from fdistill.io import writers
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.registry import lookup
@@ -431,6 +432,12 @@ def run(config, workdir):
     logging.info("eval: step %d already evaluated (%s); nothing to do", only, done_path)
     return {only: done[str(only)]}
   writer = writers.make_writer(eval_dir, resume_step=max(map(int, done), default=0))
+  console.say(f"eval {metric.key} of {workdir}: " + (
+      f"checkpoint {only}" if only >= 0 else
+      f"every new checkpoint until step {config.train.num_steps} (poll "
+      f"{config.eval.poll_seconds:g} s, timeout {config.eval.timeout_seconds:g} s)")
+      + f", {config.eval.num_samples} samples, {config.eval.sampler_steps} sampler steps")
+  evaluated = 0
   evaluator = None  # built at the first checkpoint, whose metadata gives the data shape
   last_new = time.time()
   skipped = set()  # steps whose export is corrupt or half-deleted
@@ -450,6 +457,10 @@ def run(config, workdir):
     step = agreed(next_step())
     if step == _STOP:
       writer.flush()
+      best = best_of(done, metric)
+      console.say(f"eval done: {evaluated} checkpoint(s) evaluated, results in {done_path}"
+                  + (f"; best {metric.key}={best['value']:.5g} at step {best['step']}"
+                     if best else ""))
       return {only: done[str(only)]} if only >= 0 else {int(k): v for k, v in done.items()}
     if step == _WAIT:
       time.sleep(config.eval.poll_seconds)
@@ -479,6 +490,7 @@ def run(config, workdir):
     if main:
       _write_json(done_path, done)
       best = _update_best(eval_dir, done, metric)
-    logging.info("eval step %d (%.1f s): %s; best: %s", step, time.time() - start, metrics,
-                 best)
+    evaluated += 1
+    shown = ", ".join(f"{k.split('/', 1)[-1]}={float(v):.5g}" for k, v in metrics.items())
+    console.say(f"eval step {step} ({time.time() - start:.1f} s): {shown}")
     last_new = time.time()

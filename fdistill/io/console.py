@@ -39,6 +39,23 @@ def summary_values(record, limit=4):
   return "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in losses[:limit])
 
 
+def format_rate(step, now, first, total):
+  """``'12.3 steps/s  ETA 0:01:02'`` (or ``'4.2 s/step'`` below one step per second), the rate
+  measured from the first completed step (``first = (time, step)``), so compiling is not
+  counted; before a second step completes the rate is unknown."""
+  if step <= first[1] or now <= first[0]:
+    return "compiling / first step"
+  rate = (step - first[1]) / (now - first[0])
+  shown = f"{rate:.1f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step"
+  return f"{shown}  ETA {_format_eta((total - step) / rate)}"
+
+
+def say(text):
+  """One line for the person at the terminal (process 0; off when the demo silences runs)."""
+  if ENABLED and mesh_lib.is_main_process():
+    print(text, flush=True)
+
+
 class Console:
   """Prints the run's lines on process 0 (``stream`` defaults to stdout)."""
 
@@ -49,6 +66,7 @@ class Console:
     self.total, self.start = total_steps, start_step
     self.every = every_seconds
     self.started = self.last_print = time.monotonic()
+    self.first = None  # (time, step) of the first completed step: the rate excludes compiling
     self.record = {}
     self._dirty = False
 
@@ -67,13 +85,12 @@ class Console:
     if record:
       self.record = record
     now = time.monotonic()
+    if self.first is None:
+      self.first = (now, step)
     if not self.enabled or not (force or now - self.last_print >= self.every):
       return
     self.last_print = now
-    done = step - self.start
-    rate = done / max(now - self.started, 1e-9)
-    eta = _format_eta((self.total - step) / rate) if rate > 0 else "?"
-    text = (f"step {step}/{self.total}  {rate:.1f} steps/s  ETA {eta}  "
+    text = (f"step {step}/{self.total}  {format_rate(step, now, self.first, self.total)}  "
             f"{summary_values(self.record)}").rstrip()
     if self.in_place:
       self.stream.write("\r\033[K" + text)

@@ -1,12 +1,20 @@
-"""PNG output of samples: a scatter for 2-D data, a grid for images."""
+"""PNG output of samples: a scatter for 2-D data, a grid for images.
+
+No backend is chosen here: a notebook keeps its inline backend (so ``plt.show()`` draws),
+and the command-line entry points choose the headless one (``use_headless_backend``).
+"""
 import io
 import os
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")  # headless: CI, eval jobs and pods have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def use_headless_backend():
+  """Agg, for the CLI, the demo and the benchmarks (pods and CI have no display); call before
+  any figure is made."""
+  matplotlib.use("Agg")
 
 
 def scatter_2d(ax, samples, reference=None, title=None, lim=1.6):

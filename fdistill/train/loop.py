@@ -155,7 +155,7 @@ def train(config, workdir: str, mesh=None, teacher_pin=None):
         save(ckpt, exp, done, state)
         console.line(f"saved checkpoint {done} in {ckpt.manager.directory}")
       if tc.sample_every and done % tc.sample_every == 0:
-        png_path = os.path.join(workdir, f"samples_{done:07d}.png")
+        png_path = samples_path(workdir, done, config.eval.sampler_steps)
         write_samples(exp.sampler, exp.export(state), jax.random.fold_in(sample_rng, done),
                       config, png_path)
         if os.path.exists(png_path):  # process 0 wrote it
@@ -168,6 +168,12 @@ def train(config, workdir: str, mesh=None, teacher_pin=None):
   console.line(f"done: step {int(jax.device_get(state['step']))} in {elapsed:.0f} s; "
                f"{console_lib.summary_values(record, limit=8)}".rstrip("; "))
   return state, exp, record
+
+
+def samples_path(workdir, step: int, sampler_steps: int) -> str:
+  """One name for sample grids, from training and from ``--mode=sample``: the checkpoint step
+  and the sampler's step count (a 2-step grid never overwrites the 1-step one)."""
+  return os.path.join(workdir, f"samples_{step:07d}_{sampler_steps}steps.png")
 
 
 def learning_rate(optim_config, step: int) -> float:
