@@ -21,6 +21,7 @@ from fdistill.eval import fid
 from fdistill.eval import inception
 from fdistill.eval import job
 from fdistill.eval import ref_stats
+from fdistill.io import checkpoint
 from fdistill.io import plotting
 
 
@@ -254,3 +255,25 @@ def test_bad_fid_files_and_workdirs_fail_before_anything_is_written(tmp_path, ru
   with pytest.raises(ValueError, match="holds no run"):
     job.run(config, missing)
   assert not os.path.exists(missing)
+
+
+def test_another_sampler_setting_is_evaluated_not_served_from_the_old_record(tmp_path, run_dir):
+  """Issue 23: eval with 2 sampler steps, then 1, served the 2-step numbers. Each record now
+  carries its setting; a different one is evaluated, and the replaced record is kept."""
+  import shutil
+  workdir = str(tmp_path / "run_copy")
+  shutil.copytree(run_dir, workdir)
+  shutil.rmtree(os.path.join(workdir, "eval"), ignore_errors=True)
+  config = tiny_config()
+  step = max(checkpoint.saved_steps(workdir))
+  config.eval.update(step=step, sampler_steps=2)
+  two = modes.run(config, workdir, "eval")[step]
+  config.eval.sampler_steps = 1
+  one = modes.run(config, workdir, "eval")[step]
+  assert one != two
+  record = json.load(open(os.path.join(workdir, "eval", "done.json")))[str(step)]
+  assert "sampler_steps=1|" in record["setting"]
+  replaced = [json.loads(line) for line in open(os.path.join(workdir, "eval", "replaced.jsonl"))]
+  assert [r["step"] for r in replaced] == [step] and "sampler_steps=2|" in replaced[0]["setting"]
+  again = modes.run(config, workdir, "eval")[step]  # the same setting: served, not re-run
+  assert again == one

@@ -344,10 +344,21 @@ def _write_json(path, value):
   os.replace(tmp, path)
 
 
-def best_of(done, metric: Metric) -> Optional[dict]:
-  """The best recorded step for ``metric`` (finite values only; the earliest on ties)."""
+def eval_setting(config, metric: Metric) -> str:
+  """Everything besides the checkpoint that changes an evaluation's numbers, as one string:
+  a record made with another setting is never served for this one."""
+  times = config.objective.sampler_times if "sampler_times" in config.objective else None
+  return (f"{metric.key}|sampler_steps={config.eval.sampler_steps}|num_samples="
+          f"{config.eval.num_samples}|sampler_times={None if times is None else list(times)}"
+          f"|seed={config.seed}")
+
+
+def best_of(done, metric: Metric, setting: Optional[str] = None) -> Optional[dict]:
+  """The best recorded step for ``metric`` (finite values only; the earliest on ties), among
+  the records of ``setting`` (None: all)."""
   scored = [(float(rec[metric.key]), int(step)) for step, rec in done.items()
-            if rec.get(metric.key) is not None and math.isfinite(float(rec[metric.key]))]
+            if rec.get(metric.key) is not None and math.isfinite(float(rec[metric.key]))
+            and (setting is None or rec.get("setting") == setting)]
   if not scored:
     return None
   sign = 1.0 if metric.lower_is_better else -1.0
@@ -356,8 +367,12 @@ def best_of(done, metric: Metric) -> Optional[dict]:
           "lower_is_better": metric.lower_is_better}
 
 
-def _update_best(eval_dir, done, metric):
-  best = best_of(done, metric)
+def _metrics_only(record):
+  return {k: v for k, v in record.items() if k != "setting"}
+
+
+def _update_best(eval_dir, done, metric, setting=None):
+  best = best_of(done, metric, setting)
   path = os.path.join(eval_dir, "best.json")
   if best is not None:
     current = None
@@ -422,15 +437,17 @@ def run(config, workdir):
   os.makedirs(eval_dir, exist_ok=True)
   done_path = os.path.join(eval_dir, "done.json")
   done = json.load(open(done_path)) if os.path.exists(done_path) else {}
-  if main:
-    _update_best(eval_dir, done, metric)  # catches up after a stop between the two writes
+  setting = eval_setting(config, metric)
+  if main:  # catches up after a stop between the two writes
+    _update_best(eval_dir, done, metric, setting)
 
   def is_done(step):
-    return metric.key in done.get(str(step), {})
+    record = done.get(str(step), {})
+    return metric.key in record and record.get("setting") == setting
 
   if only >= 0 and is_done(only):
     logging.info("eval: step %d already evaluated (%s); nothing to do", only, done_path)
-    return {only: done[str(only)]}
+    return {only: _metrics_only(done[str(only)])}
   writer = writers.make_writer(eval_dir, resume_step=max(map(int, done), default=0))
   console.say(f"eval {metric.key} of {workdir}: " + (
       f"checkpoint {only}" if only >= 0 else
@@ -457,11 +474,13 @@ def run(config, workdir):
     step = agreed(next_step())
     if step == _STOP:
       writer.flush()
-      best = best_of(done, metric)
+      best = best_of(done, metric, setting)
       console.say(f"eval done: {evaluated} checkpoint(s) evaluated, results in {done_path}"
                   + (f"; best {metric.key}={best['value']:.5g} at step {best['step']}"
                      if best else ""))
-      return {only: done[str(only)]} if only >= 0 else {int(k): v for k, v in done.items()}
+      if only >= 0:
+        return {only: _metrics_only(done[str(only)])}
+      return {int(k): _metrics_only(v) for k, v in done.items() if v.get("setting") == setting}
     if step == _WAIT:
       time.sleep(config.eval.poll_seconds)
       continue
@@ -485,11 +504,14 @@ def run(config, workdir):
                       step, workdir)
       continue
     writer.write_scalars(step, metrics)
-    done[str(step)] = dict(done.get(str(step), {}), **metrics)
-    best = best_of(done, metric)
+    previous = done.get(str(step))
+    if main and previous is not None and previous.get("setting") != setting:
+      with open(os.path.join(eval_dir, "replaced.jsonl"), "a") as f:  # kept, not lost
+        f.write(json.dumps(dict(previous, step=step)) + "\n")
+    done[str(step)] = dict(metrics, setting=setting)
     if main:
       _write_json(done_path, done)
-      best = _update_best(eval_dir, done, metric)
+      _update_best(eval_dir, done, metric, setting)
     evaluated += 1
     shown = ", ".join(f"{k.split('/', 1)[-1]}={float(v):.5g}" for k, v in metrics.items())
     console.say(f"eval step {step} ({time.time() - start:.1f} s): {shown}")
