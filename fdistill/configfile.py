@@ -1,4 +1,5 @@
 """Loading a config file the way ``--config=path[:arg]`` does (for tools without absl flags)."""
+import ast
 import os
 
 
@@ -13,3 +14,30 @@ def load_config_file(spec):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def apply_config_flags(config, flags):
+  """Applies ``--config.a.b=value`` strings to ``config`` as ``fdistill.main`` does (values as
+  Python literals, else strings); a ValueError names an unknown field, a non-override
+  argument or a value of the wrong type."""
+  for flag in flags:
+    key, sep, text = flag.partition("=")
+    if not (sep and key.startswith("--config.")):
+      raise ValueError(f"unexpected argument {flag!r}; overrides are --config.SECTION.FIELD=VALUE")
+    path = key[len("--config."):].split(".")
+    node = config
+    for part in path[:-1]:
+      if part not in node:
+        raise ValueError(f"unknown config field config.{'.'.join(path)}")
+      node = node[part]
+    if path[-1] not in node:
+      raise ValueError(f"unknown config field config.{'.'.join(path)}")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    try:
+      node[path[-1]] = value
+    except TypeError as e:
+      raise ValueError(f"{key}={text}: {e}") from None
+  return config

@@ -277,3 +277,45 @@ def test_another_sampler_setting_is_evaluated_not_served_from_the_old_record(tmp
   assert [r["step"] for r in replaced] == [step] and "sampler_steps=2|" in replaced[0]["setting"]
   again = modes.run(config, workdir, "eval")[step]  # the same setting: served, not re-run
   assert again == one
+
+
+def test_fid_in_one_command_equals_an_independent_frechet_distance(tmp_path, capsys):
+  """``python -m fdistill.eval.fid_cli SAMPLES --ref=REF`` on a .npz and on a folder of PNGs (the
+  same images) prints the Frechet distance that NumPy/SciPy give from the stand-in's features."""
+  from PIL import Image
+  from scipy import linalg
+  from fdistill.eval import fid_cli
+  rng = np.random.default_rng(0)
+  samples = rng.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8)
+  real = rng.integers(0, 256, size=(60, 8, 8, 3), dtype=np.uint8)
+  detector = stand_in_detector([])(None)
+  feats = lambda u8: np.asarray(detector.extract(u8), np.float64)
+  mu_r, sigma_r = feats(real).mean(0), np.cov(feats(real), rowvar=False)
+  ref = str(tmp_path / "ref.npz")
+  fid.save_reference(ref, mu_r, sigma_r)
+  f = feats(samples)
+  mu, sigma = f.mean(0), np.cov(f, rowvar=False)
+  covmean = linalg.sqrtm(sigma @ sigma_r).real
+  want = float(np.sum((mu - mu_r)**2) + np.trace(sigma + sigma_r - 2 * covmean))
+  np.savez(tmp_path / "samples.npz", samples=samples)
+  folder = tmp_path / "pngs"
+  folder.mkdir()
+  for i, image in enumerate(samples):
+    Image.fromarray(image).save(folder / f"{i:03d}.png")
+  for path in (str(tmp_path / "samples.npz"), str(folder)):
+    got = fid_cli.main([path, f"--ref={ref}", "--batch_size=16"], detector=detector)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert "FID " in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    fid_cli.main([str(tmp_path / "nothing.txt"), f"--ref={ref}"], detector=detector)
+  assert "FATAL:" in capsys.readouterr().err
+
+
+def test_ref_stats_takes_config_overrides_like_fdistill_main():
+  from fdistill.configfile import apply_config_flags, load_config_file
+  args, overrides = ref_stats.parse_args(
+      ["--config=configs/digits_teacher.py", "--out=/tmp/x.npz", "--config.data.seed=3"])
+  config = apply_config_flags(load_config_file(args.config), overrides)
+  assert config.data.seed == 3
+  with pytest.raises(ValueError, match="unknown config field config.data.bogus"):
+    apply_config_flags(config, ["--config.data.bogus=1"])

@@ -35,7 +35,7 @@ import ml_collections
 from absl import logging
 
 from fdistill import data
-from fdistill.configfile import load_config_file
+from fdistill.configfile import apply_config_flags, load_config_file
 from fdistill.errors import USER_ERRORS
 from fdistill.eval import fid
 from fdistill.eval import job
@@ -50,7 +50,7 @@ def parse_args(argv=None):
   p.add_argument("--out", required=True, help="Output .npz (EDM's fid-refs layout: mu, sigma).")
   p.add_argument("--num", type=int, default=50_000, help="Images to use (0 = the whole dataset).")
   p.add_argument("--batch_size", type=int, default=500, help="Images decoded per batch.")
-  return p.parse_args(argv)
+  return p.parse_known_args(argv)
 
 
 def dataset_of(config):
@@ -89,11 +89,11 @@ def reference_stats(config, num: int = 50_000, batch_size: int = 500, detector=N
 
 
 def main(argv=None):
-  args = parse_args(argv)
+  args, overrides = parse_args(argv)
   try:
     start = time.time()
     mesh_lib.maybe_initialize_distributed()  # before any JAX computation
-    config = load_config_file(args.config)
+    config = apply_config_flags(load_config_file(args.config), overrides)
     devices = jax.device_count()  # the detector's batch split over all devices of all processes
     mesh = jax.make_mesh((devices,), ("batch",)) if devices > 1 else None
     stats = reference_stats(config, args.num, args.batch_size, mesh=mesh)
