@@ -1,0 +1,192 @@
+"""Image results: a teacher on real digits, its few-step samplers, and one-step students of every
+family distilled from it, scored with the same metric; tables and sample grids.
+
+  python benchmarks/image_results.py --data=digits                      # the full run (hours of CPU)
+  python benchmarks/image_results.py --data=digits --quick --out=/tmp/x  # the suite's setting
+
+Resumable: each stage is a normal ``fdistill.main`` mode on its own workdir under ``--out``
+(a training run resumes bit-for-bit; an evaluation already recorded with the same setting is
+served from its record), so a run stopped part-way continues when started again.
+
+Stages: (1) the teacher (``configs/digits_teacher.py`` at ``--resolution``, the U-Net sized by
+``--channels``); (2) the teacher's Heun sampler at its full step count and at 4, 2 and 1 steps
+(the naive few-step baseline a student must beat); (3) each student row of :data:`STUDENTS`
+(f-distill JS / reverse KL / forward KL, Uni-Instruct forward KL, SiD, SiDA, DMD2, sCM and
+rCM) for ``--student_steps`` steps from the teacher, scored at its sampler steps; (4) the
+metric's data floor (the dataset's two halves against each other). Metric: ``digits_fd``
+(``fdistill/eval/digits_fd.py``: a classifier-feature Frechet distance; a proxy, not FID).
+Writes ``results.json``, ``results.md`` and ``grids.png`` (teacher vs the students) plus one
+grid per row under ``--out``.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from configs import digits_fdistill, digits_rcm, digits_teacher, digits_uni_instruct  # noqa: E402
+from fdistill import modes  # noqa: E402
+from fdistill.io import checkpoint  # noqa: E402
+from fdistill.io import plotting  # noqa: E402
+
+# (row name, config module, variant, sampler steps to score)
+STUDENTS = [
+    ("f-distill JS", digits_fdistill, "js", (1,)),
+    ("f-distill reverse KL", digits_fdistill, "reverse_kl", (1,)),
+    ("f-distill forward KL", digits_fdistill, "forward_kl", (1,)),
+    ("Uni-Instruct forward KL", digits_uni_instruct, "forward_kl", (1,)),
+    ("SiD", digits_uni_instruct, "sid", (1,)),
+    ("SiDA", digits_uni_instruct, "sida", (1,)),
+    ("DMD2", digits_uni_instruct, "dmd2", (1,)),
+    ("sCM", digits_rcm, "scm", (1, 2)),
+    ("rCM", digits_rcm, "rcm", (1, 2)),
+]
+TEACHER_SAMPLER_STEPS = (18, 4, 2, 1)
+
+
+def sized(config, args):
+  """The U-Net width, the run length and the eval sample count of this results run."""
+  config.model.model_channels = args.channels
+  config.eval.num_samples = args.num_samples
+  config.eval.batch_size = min(args.num_samples, 500)
+  config.train.log_every = max(1, min(config.train.log_every, config.train.num_steps // 4))
+  config.train.save_every = config.train.num_steps
+  config.train.sample_every = 0
+  if args.quick:
+    config.model.update(dict(channel_mult=(1, 2), attn_resolutions=(4,)))
+    config.train.batch_size = 16
+  return config
+
+
+def teacher_config(args):
+  c = digits_teacher.get_config(f"resolution={args.resolution},steps={args.teacher_steps}")
+  return sized(c, args)
+
+
+def student_config(module, variant, teacher_dir, args):
+  c = module.get_config(f"{variant},teacher_dir={teacher_dir},steps={args.student_steps},"
+                        f"resolution={args.resolution}")
+  c = sized(c, args)
+  if "scm_warmup_steps" in c.objective:  # the sCM-only phase within the short budget
+    c.objective.scm_warmup_steps = min(c.objective.scm_warmup_steps, args.student_steps // 4)
+  return c
+
+
+def evaluate(config, workdir, sampler_steps):
+  """digits_fd of the run's last checkpoint at ``sampler_steps`` (cached per setting)."""
+  config.eval.update(dict(step=config.train.num_steps, sampler_steps=sampler_steps,
+                          timeout_seconds=0.0))
+  metrics = modes.run(config, workdir, "eval")[config.train.num_steps]
+  path = modes.run(config, workdir, "sample")
+  return metrics["eval/digits_fd"], np.load(path.replace(".png", ".npy"))
+
+
+def train(config, workdir, mode):
+  """Trains (or resumes) a stage; wall seconds of this call and the run's steps."""
+  start = time.time()
+  if max(checkpoint.saved_steps(workdir) if os.path.isdir(workdir) else [0],
+         default=0) < config.train.num_steps:
+    modes.run(config, workdir, mode)
+  return time.time() - start
+
+
+def data_floor(config, args):
+  """digits_fd of the dataset's two halves against each other (the metric's noise floor)."""
+  from fdistill.eval import digits_fd
+  images, labels = digits_fd.data_images(config)
+  params = digits_fd.load_or_train(config, images, labels)
+  order = np.random.default_rng(0).permutation(len(images))
+  half = len(images) // 2
+  a, b = (digits_fd.stats_of(params, images[order[s]]) for s in (slice(0, half), slice(half, None)))
+  return digits_fd.distance(a, b)
+
+
+def main(argv=None):
+  plotting.use_headless_backend()
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--data", default="digits", choices=["digits"])
+  p.add_argument("--out", default="runs/image_results/digits")
+  p.add_argument("--resolution", type=int, default=8)
+  p.add_argument("--channels", type=int, default=32)
+  p.add_argument("--teacher_steps", type=int, default=4000)
+  p.add_argument("--student_steps", type=int, default=1000)
+  p.add_argument("--num_samples", type=int, default=2000)
+  p.add_argument("--only", default="", help="comma-separated row names to run (default all)")
+  p.add_argument("--quick", action="store_true", help="tiny networks and runs (the suite's)")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.channels, args.teacher_steps, args.student_steps, args.num_samples = 8, 4, 4, 64
+  os.makedirs(args.out, exist_ok=True)
+  rows, grids = [], {}
+  teacher_dir = os.path.join(args.out, "teacher")
+  tc = teacher_config(args)
+  seconds = train(tc, teacher_dir, "train_teacher")
+  for steps in TEACHER_SAMPLER_STEPS:
+    fd, samples = evaluate(teacher_config(args), teacher_dir, steps)
+    name = f"teacher, {steps} Heun steps"
+    rows.append(dict(row=name, family="teacher", sampler_steps=steps, digits_fd=fd,
+                     train_steps=args.teacher_steps, train_seconds=seconds))
+    grids[name] = samples
+    print(f"{name}: digits_fd {fd:.3f}", flush=True)
+  only = set(filter(None, args.only.split(",")))
+  for name, module, variant, sampler_steps in STUDENTS:
+    if only and name not in only:
+      continue
+    workdir = os.path.join(args.out, f"{module.__name__.split('.')[-1]}_{variant}")
+    config = student_config(module, variant, teacher_dir, args)
+    seconds = train(config, workdir, "distill")
+    for steps in sampler_steps:
+      fd, samples = evaluate(student_config(module, variant, teacher_dir, args), workdir, steps)
+      label = f"{name}, {steps} step{'s' if steps > 1 else ''}"
+      rows.append(dict(row=label, family=module.__name__.split(".")[-1], sampler_steps=steps,
+                       digits_fd=fd, train_steps=args.student_steps, train_seconds=seconds))
+      grids[label] = samples
+      print(f"{label}: digits_fd {fd:.3f}", flush=True)
+  floor = data_floor(tc, args)
+  write_outputs(args, rows, grids, floor)
+
+
+def write_outputs(args, rows, grids, floor):
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(dict(rows=rows, data_floor=floor, args=vars(args)), f, indent=1)
+  lines = [f"digits_fd (lower is better; the data's two halves: {floor:.3f}); "
+           f"{args.resolution}x{args.resolution} digits, U-Net {args.channels} channels, "
+           f"{args.num_samples} samples per row", "",
+           "| row | digits_fd | training steps | training seconds |", "|---|---|---|---|"]
+  lines += [f"| {r['row']} | {r['digits_fd']:.3f} | {r['train_steps']} | "
+            f"{r['train_seconds']:.0f} |" for r in rows]
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  for name, samples in grids.items():
+    safe = "".join(ch if ch.isalnum() else "_" for ch in name)
+    plotting.save_image_grid(os.path.join(args.out, f"grid_{safe}.png"), samples[:64], nrow=8,
+                             padding=1)
+  save_side_by_side(os.path.join(args.out, "grids.png"), grids)
+  print("\n".join(lines))
+
+
+def save_side_by_side(path, grids):
+  """One figure: a titled 8x8 grid per row, upscaled (nearest) so digits stay readable."""
+  from matplotlib import pyplot as plt
+  names = list(grids)
+  cols = min(4, len(names))
+  rows = -(-len(names) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+  for ax, name in zip(axes.ravel(), names):
+    grid = plotting.image_grid(grids[name][:64], nrow=8, padding=1)
+    ax.imshow(grid.squeeze(), cmap="gray", interpolation="nearest")
+    ax.set_title(name, fontsize=9)
+  for ax in axes.ravel():
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()

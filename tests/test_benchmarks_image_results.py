@@ -1,0 +1,25 @@
+"""benchmarks/image_results.py in its quick setting: the whole pipeline (teacher, its few-step
+samplers, a student, the data floor) writes every row, table and figure."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_results_run_writes_every_row_and_figure(tmp_path):
+  out = str(tmp_path / "results")
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "image_results.py"),
+                        "--quick", f"--out={out}", "--only=sCM"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert run.returncode == 0, run.stderr[-3000:]
+  results = json.load(open(os.path.join(out, "results.json")))
+  names = [r["row"] for r in results["rows"]]
+  assert names == ["teacher, 18 Heun steps", "teacher, 4 Heun steps", "teacher, 2 Heun steps",
+                   "teacher, 1 Heun steps", "sCM, 1 step", "sCM, 2 steps"]
+  assert all(r["digits_fd"] > 0 for r in results["rows"]) and results["data_floor"] > 0
+  table = open(os.path.join(out, "results.md")).read()
+  assert all(f"| {name} |" in table for name in names)
+  assert os.path.getsize(os.path.join(out, "grids.png")) > 5_000
+  assert len([f for f in os.listdir(out) if f.startswith("grid_")]) == len(names)
