@@ -29,6 +29,8 @@ def base_config():
   c.optim = ml_collections.ConfigDict({
       "lr": 1e-3, "warmup_steps": 0, "grad_clip": 1.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
       "weight_decay": 0.0, "ema_decay": 0.999,
+      # ema_warmup: decay min(ema_decay, (1 + step) / (10 + step)) (fdistill/optim/update.py)
+      "ema_warmup": False,
       "micro_batches": 1})  # gradient accumulation: the batch in micro-batches via lax.scan
   c.train = ml_collections.ConfigDict({
       "batch_size": 256, "num_steps": 1000, "log_every": 100, "save_every": 500,

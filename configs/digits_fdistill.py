@@ -33,7 +33,8 @@ def get_config(arg=None):
       sigma_dist="lognormal", p_mean=-1.2, p_std=1.2, ratio_ema=0.5, fake_loss_weight="edm",
       discriminator=dict(name="unet_heads", feature_indices=(0, 1, -1)),
       fake_optim=dict(grad_clip=0.0), disc_optim=dict(grad_clip=0.0))
-  c.optim.update(dict(lr=2e-4, warmup_steps=0, weight_decay=0.0, grad_clip=10.0, ema_decay=0.99))
+  c.optim.update(dict(lr=2e-4, warmup_steps=0, weight_decay=0.0, grad_clip=10.0, ema_decay=0.99,
+                      ema_warmup=True))
   c.train.update(dict(batch_size=64, num_steps=a.steps, log_every=100, save_every=500,
                       sample_every=500))
   c.eval.num_plot_samples = 64

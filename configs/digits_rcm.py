@@ -62,7 +62,8 @@ def get_config(arg=None):
       adaptive_weight=member != "dmd_only",
       scm_warmup_steps=warmup if member == "rcm" else 0, gen_every=5, rollout_max_steps=4,
       sigma_max=80.0, fake_loss_weight="edm", fake_optim=dict(grad_clip=0.0))
-  c.optim.update(dict(lr=2e-4, warmup_steps=0, weight_decay=0.0, grad_clip=10.0, ema_decay=0.99))
+  c.optim.update(dict(lr=2e-4, warmup_steps=0, weight_decay=0.0, grad_clip=10.0, ema_decay=0.99,
+                      ema_warmup=True))
   c.train.update(dict(batch_size=64, num_steps=a.steps, log_every=100, save_every=500,
                       sample_every=500))
   c.eval.update(dict(num_plot_samples=64, sampler_steps=1))

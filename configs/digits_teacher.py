@@ -23,6 +23,7 @@ def get_config(arg=None):
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 200
   c.optim.ema_decay = 0.999
+  c.optim.ema_warmup = True  # short CPU runs: the EMA starts from the params, not the init
   c.train.batch_size = 64
   c.train.num_steps = a.steps
   c.train.log_every = 100

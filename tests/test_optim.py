@@ -35,3 +35,31 @@ def test_updater_skips_a_non_finite_update_and_keeps_the_ema():
   assert not bool(ok)
   for a, b in zip(jax.tree_util.tree_leaves(bad), jax.tree_util.tree_leaves(net)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_ema_warmup_follows_its_formula_and_a_plain_ema_when_off():
+  """optim.ema_warmup: at run step n the EMA's decay is min(d, (1 + n) / (10 + n)); written here
+  as a NumPy recursion over 30 steps of a 1-parameter SGD-free 'update' (params := step)."""
+  import ml_collections
+  import numpy as np
+  import jax
+  import jax.numpy as jnp
+  from fdistill.optim import state as state_lib
+  from fdistill.optim import update
+  optim = ml_collections.ConfigDict(dict(lr=1.0, warmup_steps=0, grad_clip=0.0, b1=0.0, b2=0.0,
+                                         eps=1e30, weight_decay=0.0))
+  tx = state_lib.make_optimizer(optim)  # eps 1e30: the update is ~0, params stay ~1
+  for warmup in (True, False):
+    upd = update.Updater(tx=tx, ema_decay=0.99, ema_warmup=warmup)
+    net = state_lib.init_net_state({"w": jnp.zeros(())}, tx)
+    want = 0.0
+    for n in range(30):
+      target = float(n + 1)
+      loss = lambda p, i, b, r, t=target: ((p["w"] - t)**2 * 0.0 + 0.0 * p["w"], {})
+      net = dict(net, params={"w": jnp.asarray(target)})  # the params the EMA follows
+      net, _, _, ok = upd(net, loss, None, {"x": jnp.zeros((1,))}, jax.random.key(0), n)
+      decay = min(0.99, (1 + n) / (10 + n)) if warmup else 0.99
+      want = decay * want + (1 - decay) * target
+      assert bool(ok)
+    np.testing.assert_allclose(float(net["ema"]["w"]), want, rtol=1e-5)
+  assert abs(want - 30) > 10  # the plain EMA lags far behind; the warm-up one does not

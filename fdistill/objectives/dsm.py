@@ -64,7 +64,7 @@ def build(config, task) -> Objective:
 
   def step(state, teacher, batch, rng):
     del teacher
-    net, _, aux, ok = net_update(state["net"], loss, None, batch, rng)
+    net, _, aux, ok = net_update(state["net"], loss, None, batch, rng, state["step"])
     return update.count_step(dict(state, net=net), ok), aux
 
   return Objective(init=init, steps={"dsm": step}, schedule=lambda i: "dsm",

@@ -232,7 +232,8 @@ def build(config, task) -> Objective:
   def generator_step(state, teacher, batch, rng):
     inputs = {"teacher": teacher, "fake": state["fake"]["params"],
               "disc": state["disc"]["params"], "bins": state["ratio_bins"]}
-    gen, loss, aux, ok = parts.gen_update(state["gen"], gen_loss, inputs, batch, rng)
+    gen, loss, aux, ok = parts.gen_update(state["gen"], gen_loss, inputs, batch, rng,
+                                             state["step"])
     bins = jnp.where(ok, aux.pop("bins"), state["ratio_bins"])
     metrics = {**aux, "gen_loss": loss}
     metrics["gen_grad_norm"] = metrics.pop("grad_norm")

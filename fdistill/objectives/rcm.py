@@ -434,7 +434,8 @@ def build(config, task) -> Objective:
             state["weight"], weight_loss, None, weight_batch, loss_rng)
         metrics.update(weight_loss=weight_value, logvar=jnp.mean(data["logvar"]))
       inputs = {"teacher": teacher, "fake": state["fake"]["params"]} if with_dmd else None
-      new["gen"], loss, aux, ok = gen_update(state["gen"], loss_fn, inputs, data, loss_rng)
+      new["gen"], loss, aux, ok = gen_update(state["gen"], loss_fn, inputs, data, loss_rng,
+                                                    state["step"])
       metrics.update(aux, gen_loss=loss)
       metrics["gen_grad_norm"] = metrics.pop("grad_norm")
       if weighted:  # joint: a non-finite part skips both (each Updater skipped its own)

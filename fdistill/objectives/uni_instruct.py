@@ -220,7 +220,8 @@ def build(config, task) -> Objective:
     def generator_step(state, teacher, batch, rng):
       inputs = {"teacher": teacher, "fake": state["fake"]["params"],
                 "disc": state["disc"]["params"]}
-      gen, loss, aux, ok = parts.gen_update(state["gen"], gen_loss, inputs, batch, rng)
+      gen, loss, aux, ok = parts.gen_update(state["gen"], gen_loss, inputs, batch, rng,
+                                               state["step"])
       metrics = {**aux, "gen_loss": loss}
       metrics["gen_grad_norm"] = metrics.pop("grad_norm")
       return update.count_step(dict(state, gen=gen), ok), metrics

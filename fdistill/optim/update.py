@@ -44,11 +44,23 @@ class Updater:
                  are then over one slice, still global across devices).
   fsdp_gather:   all-gather params and inputs over fsdp for the compute
                  (``config.mesh.fsdp_gather``; see ``partition.gather_fsdp``).
+  ema_warmup:    the EMA's decay at run step n is ``min(ema_decay, (1 + n) / (10 + n))``
+                 (``config.optim.ema_warmup``; TensorFlow's ExponentialMovingAverage with
+                 num_updates), so a short run's EMA does not keep most of its weight on the
+                 initial params: after 600 steps at 0.999 a plain EMA still holds 55 % of them.
   """
   tx: optax.GradientTransformation
   ema_decay: Optional[float] = None
   micro_batches: int = 1
   fsdp_gather: bool = True
+  ema_warmup: bool = False
+
+  def ema_rate(self, step):
+    """The EMA's decay at run step ``step`` (None: the plain ``ema_decay``)."""
+    if not self.ema_warmup or step is None:
+      return self.ema_decay
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(self.ema_decay, (1.0 + step) / (10.0 + step))
 
   def value_and_grad(self, loss_fn, params, inputs, batch, rng):
     """((loss, aux), grads) of ``loss_fn`` averaged over micro-batches.
@@ -77,8 +89,10 @@ class Updater:
     total, _ = jax.lax.scan(body, zeros, (jnp.arange(self.micro_batches), micro))
     return jax.tree_util.tree_map(lambda x: x / self.micro_batches, total)
 
-  def __call__(self, net_state, loss_fn, inputs, batch, rng):
+  def __call__(self, net_state, loss_fn, inputs, batch, rng, step=None):
     """One update of ``net_state`` on ``loss_fn``; returns (net_state, loss, aux, ok).
+
+    ``step``: the run's step (the EMA's warm-up reads it; see :meth:`ema_rate`).
 
     NaN guard: if the loss, a gradient, the gradient norm or the update's RESULT (params,
     optimiser state, EMA: a non-finite learning rate makes finite gradients into
@@ -92,7 +106,7 @@ class Updater:
     new = dict(net_state, params=optax.apply_updates(net_state["params"], updates),
                opt_state=opt_state)
     if self.ema_decay is not None:
-      new["ema"] = state_lib.ema_update(net_state["ema"], new["params"], self.ema_decay)
+      new["ema"] = state_lib.ema_update(net_state["ema"], new["params"], self.ema_rate(step))
     ok = ok & state_lib.all_finite(new)
     return state_lib.select_tree(ok, new, net_state), loss, dict(aux, grad_norm=grad_norm), ok
 
@@ -113,4 +127,5 @@ def updater(config, optim_config=None, ema: bool = False) -> Updater:
   return Updater(tx=state_lib.make_optimizer(optim_config),
                  ema_decay=float(config.optim.ema_decay) if ema else None,
                  micro_batches=int(config.optim.micro_batches),
-                 fsdp_gather=bool(config.mesh.fsdp_gather))
+                 fsdp_gather=bool(config.mesh.fsdp_gather),
+                 ema_warmup=bool(config.optim.ema_warmup) and ema)
