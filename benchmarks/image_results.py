@@ -86,12 +86,19 @@ def evaluate(config, workdir, sampler_steps):
   return metrics["eval/digits_fd"], np.load(path.replace(".png", ".npy"))
 
 
+def reached(workdir) -> int:
+  return max(checkpoint.saved_steps(workdir) if os.path.isdir(workdir) else [0], default=0)
+
+
 def train(config, workdir, mode):
-  """Trains (or resumes) a stage; wall seconds of this call and the run's steps."""
+  """Trains (or resumes) a stage; the wall seconds of this call. A stage stopped by a signal
+  (it saves first) stops the script: starting it again resumes there."""
   start = time.time()
-  if max(checkpoint.saved_steps(workdir) if os.path.isdir(workdir) else [0],
-         default=0) < config.train.num_steps:
+  if reached(workdir) < config.train.num_steps:
     modes.run(config, workdir, mode)
+    if reached(workdir) < config.train.num_steps:
+      sys.exit(f"stopped at step {reached(workdir)} of {workdir}; run the same command again "
+               "to resume")
   return time.time() - start
 
 
