@@ -112,3 +112,22 @@ def test_mlp_discriminator_accepts_images():
   assert logits.shape == (5, 1) and bool(jnp.all(jnp.isfinite(logits)))
   other = disc.apply(params, -jnp.ones((5, 8, 8, 3)), jnp.full((5,), 0.7))
   assert not np.allclose(logits, other)
+
+
+@pytest.mark.parametrize("channels", [16, 32, 128])
+def test_feature_heads_learn_on_narrow_feature_maps(channels):
+  """The heads' gradient is not zero on 16- and 32-channel maps (a 1x1 GroupNorm of one channel
+  per group zeroed every activation: the digits discriminators never trained)."""
+  import jax
+  import jax.numpy as jnp
+  from fdistill.models import discriminator as disc_lib
+  module = disc_lib.FeatureDiscriminator((-1,), 0)
+  feats = [jax.random.normal(jax.random.key(0), (6, 4, 4, channels))]
+  params = module.init(jax.random.key(1), feats)["params"]
+  loss = lambda p: jnp.mean(jax.nn.softplus(module.apply({"params": p}, feats)))
+  grads = jax.grad(loss)(params)
+  norms = {"/".join(str(k) for k in path): float(jnp.linalg.norm(g))
+           for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  assert all(v > 0 for k, v in norms.items() if "kernel" in k), norms
+  logits = module.apply({"params": params}, feats)
+  assert float(jnp.std(logits)) > 1e-3  # samples are told apart

@@ -45,9 +45,18 @@ class MLPDiscriminator(nn.Module):
     return nn.Dense(1)(h)
 
 
-def _group_count(channels: int, max_groups: int = 32) -> int:
-  """Largest divisor of ``channels`` that is at most ``max_groups``."""
-  return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+def _group_count(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
+  """Largest divisor of ``channels`` that is at most ``max_groups`` and leaves at least
+  ``min_group_size`` channels per group.
+
+  Why the group size: the head's last GroupNorm sees a 1x1 map, where a group of one
+  channel normalises every value to exactly 0; with 32 groups on 16 or 32 channels (the
+  digits U-Nets) every logit was its bias and the discriminator's gradient exactly 0
+  (``disc_grad_norm`` 0.0, ``disc_loss`` 2 log 2): no ratio, no GAN term. Wide networks
+  (>= 128 channels) keep 32 groups, as FastGen's heads.
+  """
+  limit = max(1, min(max_groups, channels // min_group_size))
+  return next(g for g in range(limit, 0, -1) if channels % g == 0)
 
 
 class FeatureHead(nn.Module):
