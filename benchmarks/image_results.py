@@ -133,7 +133,7 @@ def main(argv=None):
   teacher_dir = os.path.join(args.out, "teacher")
   tc = teacher_config(args)
   seconds = train(tc, teacher_dir, "train_teacher")
-  for steps in TEACHER_SAMPLER_STEPS:
+  for steps in (2, 1) if args.quick else TEACHER_SAMPLER_STEPS:  # quick: fewer compiles
     fd, samples = evaluate(teacher_config(args), teacher_dir, steps)
     name = f"teacher, {steps} Heun steps"
     rows.append(dict(row=name, family="teacher", sampler_steps=steps, digits_fd=fd,
