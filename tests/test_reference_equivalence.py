@@ -205,19 +205,25 @@ def project_generator_loss(make_loss, st, gen, inputs):
   return value, grad
 
 
-def test_sid_generator_equals_sids_code_over_100():
-  st, _ = ui_settings("sid")
-  assert (st.loss, st.sid_alpha, st.scale) == ("sid", 1.2, "sid")
+def check_against_sids_code(method, reference, alpha):
+  """The member's loss and gradient x 100 (SiD's lsg) against ``reference(x, teacher, fake,
+  eps, sigma, alpha, **control)``; returns (the gradient x 100, a control's gradient)."""
+  st, _ = ui_settings(method)
   gen, teacher, fake, disc, _ = networks()
   inputs = {"teacher": teacher, "fake": fake, "disc": disc}
   value, grad = project_generator_loss(uni_instruct.make_generator_loss, st, gen, inputs)
   (_, eps), sigma = generator_draws(st)
-  ref = lambda x, **kw: sid_reference(x, teacher, fake, eps, sigma, 1.2, **kw)
+  ref = lambda x, **kw: reference(x, teacher, fake, eps, sigma, alpha, **kw)
   assert_close(100 * value, ref(gen["x"]))
   assert_close(100 * grad, per_sample_grad(ref, gen["x"]))
-  # Negative control: SiD differentiates through the teacher's input.
-  wrong = per_sample_grad(lambda x: ref(x, detach_teacher=True), gen["x"])
-  assert_misses(100 * grad, wrong)
+  return 100 * grad, lambda **kw: per_sample_grad(lambda x: ref(x, **kw), gen["x"])
+
+
+def test_sid_generator_equals_sids_code_over_100():
+  st, _ = ui_settings("sid")
+  assert (st.loss, st.sid_alpha, st.scale) == ("sid", 1.2, "sid")
+  grad, control = check_against_sids_code("sid", sid_reference, 1.2)
+  assert_misses(grad, control(detach_teacher=True))  # SiD differentiates through D_T's input
 
 
 # ---------------------------------------------------------------------------
@@ -244,18 +250,10 @@ def sida_reference(x, teacher, fake, eps, sigma, alpha, per_sample_bce=False, ga
 def test_sida_generator_equals_sidas_code_over_100():
   st, _ = ui_settings("sida")
   assert (st.loss, st.sid_alpha, st.adv_weight, st.sida_gan_scale) == ("sida", 1.0, 0.5, 1e-4)
-  gen, teacher, fake, disc, _ = networks()
-  inputs = {"teacher": teacher, "fake": fake, "disc": disc}
-  value, grad = project_generator_loss(uni_instruct.make_generator_loss, st, gen, inputs)
-  (_, eps), sigma = generator_draws(st)
-  ref = lambda x, **kw: sida_reference(x, teacher, fake, eps, sigma, 1.0, **kw)
-  assert_close(100 * value, ref(gen["x"]))
-  assert_close(100 * grad, per_sample_grad(ref, gen["x"]))
+  grad, control = check_against_sids_code("sida", sida_reference, 1.0)
   # Negative controls: the GAN term mixed 1:1 with SiD's (1e4 too heavy), per-sample BCE.
-  heavy = per_sample_grad(lambda x: ref(x, gan_scale=100.0), gen["x"])
-  own_bce = per_sample_grad(lambda x: ref(x, per_sample_bce=True), gen["x"])
-  assert_misses(100 * grad, heavy)
-  assert_misses(100 * grad, own_bce)
+  assert_misses(grad, control(gan_scale=100.0))
+  assert_misses(grad, control(per_sample_bce=True))
 
 
 def critic_batch_of(st_levels, gen, real, same_noise):

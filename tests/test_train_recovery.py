@@ -43,13 +43,13 @@ def reference(tmp_path_factory):
   return str(base), final_state(straight, 30)
 
 
-def _data_files(step_dir):
-  """The array-data files of the ``state`` item. Orbax's OCDBT writes them per process
-  (``ocdbt.process_*/d``) and may merge them into ``state/d``; which set a restore reads
-  depends on that merge, so a corruption hits both."""
-  files = (glob.glob(os.path.join(step_dir, "state", "d", "*")) +
-           glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")))
-  assert files, os.listdir(os.path.join(step_dir, "state"))
+def _data_files(step_dir, item="state"):
+  """The array-data files of checkpoint ``item`` (``state`` or ``export``). Orbax's OCDBT
+  writes them per process (``ocdbt.process_*/d``) and may merge them into ``<item>/d``;
+  which set a restore reads depends on that merge, so a corruption hits both."""
+  files = (glob.glob(os.path.join(step_dir, item, "d", "*")) +
+           glob.glob(os.path.join(step_dir, item, "ocdbt.process_*", "d", "*")))
+  assert files, os.listdir(os.path.join(step_dir, item))
   return files
 
 
@@ -60,10 +60,10 @@ def truncate_data(step_dir):
       f.truncate(os.path.getsize(path) // 2)
 
 
-def flip_bytes(step_dir):
+def flip_bytes(step_dir, item="state"):
   """16 bytes inverted in the middle of every data file (a file can hold bytes no restore
   reads, so one file alone may change nothing)."""
-  for path in _data_files(step_dir):
+  for path in _data_files(step_dir, item):
     data = bytearray(open(path, "rb").read())
     middle = len(data) // 2
     data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
@@ -159,21 +159,6 @@ def test_eval_skips_a_checkpoint_deleted_while_it_reads(reference, tmp_path, mon
   assert set(results) == {20}
 
 
-def _export_files(step_dir):
-  files = (glob.glob(os.path.join(step_dir, "export", "d", "*")) +
-           glob.glob(os.path.join(step_dir, "export", "ocdbt.process_*", "d", "*")))
-  assert files, os.listdir(os.path.join(step_dir, "export"))
-  return files
-
-
-def flip_export_bytes(step_dir):
-  for path in _export_files(step_dir):
-    data = bytearray(open(path, "rb").read())
-    middle = len(data) // 2
-    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
-    open(path, "wb").write(bytes(data))
-
-
 def test_a_corrupt_export_is_refused_by_sample_and_skipped_by_eval(reference, tmp_path):
   """16 flipped bytes in checkpoint 20's export item (issue 26: sample wrote all-NaN samples
   and eval recorded them): sampling it is one error naming the checkpoint; the eval job
@@ -181,7 +166,7 @@ def test_a_corrupt_export_is_refused_by_sample_and_skipped_by_eval(reference, tm
   base, _ = reference
   workdir = str(tmp_path / "run")
   shutil.copytree(base, workdir)
-  flip_export_bytes(os.path.join(workdir, "checkpoints", "20"))
+  flip_bytes(os.path.join(workdir, "checkpoints", "20"), "export")
   c = config(20)
   c.eval.update(num_samples=100, batch_size=100, timeout_seconds=0.0)
   with pytest.raises(errors.CorruptCheckpointError, match="checkpoints/20: its exported params"):
