@@ -12,7 +12,13 @@ def test_quick_results_run_writes_every_row_and_figure(tmp_path):
   out = str(tmp_path / "results")
   run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "image_results.py"),
                         "--quick", f"--out={out}", "--only=sCM"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                       text=True, timeout=600, env=dict(
+                           os.environ, JAX_PLATFORMS="cpu",
+                           # the suite's compilation cache: the eval and sample modes compile
+                           # the same sampler programs, and so do restarts of the suite
+                           JAX_COMPILATION_CACHE_DIR=os.environ.get(
+                               "FDISTILL_TEST_JAX_CACHE", "/tmp/fdistill_test_jax_cache"),
+                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5"))
   assert run.returncode == 0, run.stderr[-3000:]
   results = json.load(open(os.path.join(out, "results.json")))
   names = [r["row"] for r in results["rows"]]
