@@ -24,7 +24,6 @@ rounded up to a multiple) and the seeds reuse the compiled scans. With
 N-step sampler), a row each; ``--set`` overrides a config field for every row.
 """
 import argparse
-import ast
 import importlib
 import os
 import sys
@@ -35,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fdistill import configfile  # noqa: E402
 from fdistill import objectives  # noqa: E402
 from fdistill import teachers  # noqa: E402
 from fdistill.io import plotting  # noqa: E402
@@ -171,10 +171,7 @@ def parse_overrides(items):
     key, sep, value = item.partition("=")
     if not sep or "." not in key:
       raise ValueError(f"--set={item!r} must be SECTION.FIELD=VALUE")
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
+    out[key] = configfile.literal(value)
   return out
 
 

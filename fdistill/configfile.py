@@ -16,6 +16,14 @@ def load_config_file(spec):
   return module.get_config(arg or None)
 
 
+def literal(text: str):
+  """``text`` as a Python literal (``1``, ``(32,)``, ``{'name': 'mlp'}``), else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def apply_config_flags(config, flags):
   """Applies ``--config.a.b=value`` strings to ``config`` as ``fdistill.main`` does (values as
   Python literals, else strings); a ValueError names an unknown field, a non-override
@@ -32,10 +40,7 @@ def apply_config_flags(config, flags):
       node = node[part]
     if path[-1] not in node:
       raise ValueError(f"unknown config field config.{'.'.join(path)}")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
+    value = literal(text)
     try:
       node[path[-1]] = value
     except TypeError as e:

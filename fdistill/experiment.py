@@ -97,8 +97,6 @@ def _number(value, field, low=None, high=None, low_open=False, integer=False):
   kinds = (int,) if integer else (int, float)
   if isinstance(value, bool) or not isinstance(value, kinds):
     raise ValueError(f"{field}={value!r} must be {'an integer' if integer else 'a number'}")
-  if not math.isfinite(value):
-    raise ValueError(f"{field}={value!r} must be a finite number")
   if low is not None and (value <= low if low_open else value < low):
     raise ValueError(f"{field}={value!r} must be {'>' if low_open else '>='} {low}")
   if high is not None and value >= high:

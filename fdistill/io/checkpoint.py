@@ -63,10 +63,15 @@ def problems(tree, expected_digest):
     return "no content digest in its metadata"
   if digest(tree) != list(expected_digest):
     return "content digest mismatch (bytes changed after the save)"
-  floats = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-  if floats and not all(jax.device_get(_all_finite(floats))):
+  if not floats_finite(tree):
     return "non-finite values"
   return None
+
+
+def floats_finite(tree) -> bool:
+  """Whether every float of ``tree`` is finite (one jitted reduction, one host read)."""
+  floats = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return not floats or all(jax.device_get(_all_finite(floats)))
 
 
 @jax.jit
@@ -97,9 +102,7 @@ class Checkpointer:
     Refuses (NonFiniteRunError, nothing written) a state with a non-finite float: the step's
     guard never commits one, so this is the last line against saving garbage over good
     checkpoints (keep-N would then delete those)."""
-    floats = [x for x in jax.tree_util.tree_leaves((state, export))
-              if jnp.issubdtype(x.dtype, jnp.floating)]
-    if floats and not all(jax.device_get(_all_finite(floats))):
+    if not floats_finite((state, export)):
       raise NonFiniteRunError(
           f"refusing to save step {step}: the state holds non-finite values; the checkpoints "
           f"under {self.manager.directory} (latest {self.latest_step()}) were left as they were")

@@ -142,21 +142,21 @@ class MultiWriter:
     for writer in self._writers:
       writer.write_scalars(step, scalars)
 
+  def _tensorboard(self):
+    return [w for w in self._writers if isinstance(w, TensorBoardWriter)]
+
   def write_tensorboard(self, step, scalars):
     """Scalars for TensorBoard only (the learning rate, steps/s: not run metrics)."""
-    for writer in self._writers:
-      if isinstance(writer, TensorBoardWriter):
-        writer.write_scalars(step, scalars)
+    for writer in self._tensorboard():
+      writer.write_scalars(step, scalars)
 
   def write_text(self, step, tag, text):
-    for writer in self._writers:
-      if hasattr(writer, "write_text"):
-        writer.write_text(step, tag, text)
+    for writer in self._tensorboard():
+      writer.write_text(step, tag, text)
 
   def write_png(self, step, tag, png, height, width):
-    for writer in self._writers:
-      if hasattr(writer, "write_png"):
-        writer.write_png(step, tag, png, height, width)
+    for writer in self._tensorboard():
+      writer.write_png(step, tag, png, height, width)
 
   def flush(self):
     for writer in self._writers:

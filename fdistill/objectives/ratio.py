@@ -11,13 +11,14 @@ logit_clip, ratio_lower, ratio_upper, ratio_bins, ratio_ema, normalise_h.
 import jax
 import jax.numpy as jnp
 
+from fdistill.objectives import critics
 from fdistill.objectives import divergences
 
 
 def density_ratio(logits, st):
   """``r = exp(clip(mean_heads(logit)))`` clipped to [ratio_lower, ratio_upper] (FastGen)."""
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  log_r = jnp.clip(jnp.mean(logits, axis=-1), -st.logit_clip, st.logit_clip)
+  log_r = jnp.clip(jnp.mean(critics.at_least_f32(logits), axis=-1), -st.logit_clip,
+                   st.logit_clip)
   return jnp.clip(jnp.exp(log_r), st.ratio_lower, st.ratio_upper)
 
 
