@@ -47,6 +47,7 @@ STUDENTS = [
     ("rCM", digits_rcm, "rcm", (1, 2)),
 ]
 TEACHER_SAMPLER_STEPS = (18, 4, 2, 1)
+NATIVE_RESOLUTION = {"digits": 8, "mnist5k": 28}
 
 
 def sized(config, args):
@@ -64,13 +65,14 @@ def sized(config, args):
 
 
 def teacher_config(args):
-  c = digits_teacher.get_config(f"resolution={args.resolution},steps={args.teacher_steps}")
+  c = digits_teacher.get_config(f"resolution={args.resolution},steps={args.teacher_steps},"
+                                f"data={args.data}")
   return sized(c, args)
 
 
 def student_config(module, variant, teacher_dir, args):
   c = module.get_config(f"{variant},teacher_dir={teacher_dir},steps={args.student_steps},"
-                        f"resolution={args.resolution}")
+                        f"resolution={args.resolution},data={args.data}")
   c = sized(c, args)
   if "scm_warmup_steps" in c.objective:  # the sCM-only phase within the short budget
     c.objective.scm_warmup_steps = min(c.objective.scm_warmup_steps, args.student_steps // 4)
@@ -116,16 +118,25 @@ def data_floor(config, args):
 def main(argv=None):
   plotting.use_headless_backend()
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--data", default="digits", choices=["digits"])
-  p.add_argument("--out", default="runs/image_results/digits")
-  p.add_argument("--resolution", type=int, default=8)
+  p.add_argument("--data", default="digits", choices=digits_teacher.DATASETS)
+  p.add_argument("--out", default="", help="default runs/image_results/<data>")
+  p.add_argument("--resolution", type=int, default=0,
+                 help="default: the data's native size (digits 8, mnist5k 28)")
   p.add_argument("--channels", type=int, default=32)
   p.add_argument("--teacher_steps", type=int, default=4000)
   p.add_argument("--student_steps", type=int, default=1000)
   p.add_argument("--num_samples", type=int, default=2000)
-  p.add_argument("--only", default="", help="comma-separated row names to run (default all)")
+  p.add_argument("--only", default="",
+                 help="comma-separated student rows to run (default all; 'none': the teacher only)")
   p.add_argument("--quick", action="store_true", help="tiny networks and runs (the suite's)")
   args = p.parse_args(argv)
+  args.out = args.out or os.path.join("runs", "image_results", args.data)
+  args.resolution = args.resolution or NATIVE_RESOLUTION[args.data]
+  only = set(filter(None, args.only.split(",")))
+  unknown = only - {name for name, *_ in STUDENTS} - {"none"}
+  if unknown:
+    p.error(f"--only: unknown rows {sorted(unknown)}; accepted: 'none' or "
+            f"{', '.join(name for name, *_ in STUDENTS)}")
   if args.quick:
     args.channels, args.teacher_steps, args.student_steps, args.num_samples = 8, 4, 4, 64
   os.makedirs(args.out, exist_ok=True)
@@ -140,7 +151,6 @@ def main(argv=None):
                      train_steps=args.teacher_steps, train_seconds=seconds))
     grids[name] = samples
     print(f"{name}: digits_fd {fd:.3f}", flush=True)
-  only = set(filter(None, args.only.split(",")))
   for name, module, variant, sampler_steps in STUDENTS:
     if only and name not in only:
       continue

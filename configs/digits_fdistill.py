@@ -20,9 +20,10 @@ from configs import digits_teacher
 
 def get_config(arg=None):
   a = common.parse_arg(arg, variant="js", alpha=0.5, teacher_dir="runs/digits_teacher",
-                       steps=2000, resolution=16, conditional=False)
+                       steps=2000, resolution=16, conditional=False, data="digits")
   c = common.base_config()
-  teacher = digits_teacher.get_config(f"resolution={a.resolution},conditional={a.conditional}")
+  teacher = digits_teacher.get_config(f"resolution={a.resolution},conditional={a.conditional},"
+                                        f"data={a.data}")
   c.data = teacher.data
   c.model = teacher.model
   c.teacher.kind = "checkpoint"

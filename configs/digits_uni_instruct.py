@@ -22,9 +22,9 @@ from configs import toy2d_uni_instruct
 
 def get_config(arg=None):
   a = common.parse_arg(arg, variant="forward_kl", teacher_dir="runs/digits_teacher", steps=2000,
-                       resolution=16, conditional=False)
+                       resolution=16, conditional=False, data="digits")
   c = digits_fdistill.get_config(f"js,teacher_dir={a.teacher_dir},steps={a.steps},"
-                                 f"resolution={a.resolution},conditional={a.conditional}")
+                                 f"resolution={a.resolution},conditional={a.conditional},data={a.data}")
   base = c.objective
   c.objective = toy2d_uni_instruct.method_objective(
       a.variant, a.steps, fake_loss_weight="edm", discriminator=dict(base.discriminator),
