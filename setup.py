@@ -1,4 +1,8 @@
-"""fdistill: divergence-based diffusion distillation in JAX."""
+"""fdistill: divergence-based diffusion distillation in JAX.
+
+Every third-party module the package imports is declared here (docs/usage.md,
+"Dependencies", says which module needs which package and why clu is not one).
+"""
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -7,21 +11,27 @@ INSTALL_REQUIRES = [
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11",
     "ml-collections>=1.0",
-    "clu>=0.0.12",
+    "etils>=1.5",  # epath: sample grids written to local disks or gs://
+    "numpy",
+    "scipy",  # FID's matrix square root
+    "absl-py",
+    "matplotlib",  # 2-D scatter plots and sample grids
+    "Pillow>=9",  # PNG writing, image folders for the FID command
+    "scikit-learn>=1.0",  # ships the 8x8 digits (data.name=digits) used offline
+    # TensorBoard events are written record by record with tensorboard's protos only
+    # (fdistill/io/writers.py): no TensorFlow at run time.
+    "tensorboard>=2.14",
+    # cifar10 / imagenet64 read prepared tfds datasets through tf.data (fdistill/data/images.py);
+    # TensorFlow is imported only when such a dataset is built.
     "tensorflow-datasets>=4.9",
     "importlib_resources",  # tfds 4.9.10 imports it without declaring it
-    "tensorflow-cpu>=2.16; platform_machine=='x86_64'",  # clu metric writers
-    "tensorboard",  # TF 2.21 no longer pulls it in; clu's summary writer needs it
-    "numpy",
-    "scipy",
-    "absl-py",
-    "matplotlib",
-    "scikit-learn",  # ships the 8x8 digits dataset used offline
+    "tensorflow-cpu>=2.16; platform_machine=='x86_64'",
 ]
 
 EXTRAS = {
     # torch: only tests/torch_reference (EDM's networks, to check the .pkl importer and the
-    # U-Net ports); pinned to the CPU wheel. fdistill itself never imports torch.
+    # U-Net ports); fdistill itself never imports torch. The Makefile installs it from
+    # PyTorch's CPU index (torch==2.13.0 matches its 2.13.0+cpu wheel).
     "test": ["pytest", "pytest-xdist", "mlxtend", "nbformat", "nbclient", "ipykernel",
              "torch==2.13.0"],
     "notebook": ["jupyter", "ipykernel", "nbformat", "nbclient"],

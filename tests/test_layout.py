@@ -8,9 +8,9 @@ its own package and of lower layers only:
   2 models, optim, io, data            networks; update helpers; checkpoints, readers,
                                         writers, plots; datasets
   3 objectives, teachers               losses and schedules; teacher params
-  4 experiment                         the assembly
+  4 experiment, sampling               the assembly; drawing samples from its sampler
   5 train, eval                        the loop, the eval job
-  6 modes                              the run modes
+  6 modes, api                         the run modes; a run as a Python object
   7 main, demo                         entry points
 """
 import ast
@@ -21,8 +21,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = {"registry": 0, "errors": 0, "configfile": 0, "diffusion": 1, "ops": 1, "parallel": 1, "models": 2, "optim": 2,
-          "io": 2, "data": 2, "objectives": 3, "teachers": 3, "experiment": 4, "train": 5,
-          "eval": 5, "modes": 6, "main": 7, "demo": 7}
+          "io": 2, "data": 2, "objectives": 3, "teachers": 3, "experiment": 4, "sampling": 4, "train": 5,
+          "eval": 5, "modes": 6, "api": 6, "main": 7, "demo": 7}
 
 
 def module_name(path):
@@ -51,7 +51,7 @@ def graph():
 
 def layer(module):
   parts = module.split(".")
-  return LAYERS.get(parts[1]) if len(parts) > 1 else None
+  return LAYERS.get(parts[1]) if len(parts) > 1 else 8  # the package root (fdistill.load)
 
 
 def test_every_package_module_has_a_layer():
