@@ -103,6 +103,21 @@ def enable_compile_cache(flag_value, workdir):
   return path
 
 
+def missing_dirs(*paths):
+  """The local directories among ``paths`` that do not exist yet: what this command creates."""
+  return [p for p in paths if p and "://" not in p and not os.path.exists(p)]
+
+
+def remove_created(created, cache_dir, workdir):
+  """After a failed command: the compile cache it created, then its workdir if it created
+  that and nothing else is in it (a failed command leaves nothing on disk)."""
+  import shutil
+  if cache_dir in created:
+    shutil.rmtree(cache_dir, ignore_errors=True)
+  if workdir in created and os.path.isdir(workdir) and not os.listdir(workdir):
+    os.rmdir(workdir)
+
+
 def main(argv):
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
     from fdistill.io import console
@@ -118,7 +133,8 @@ def main(argv):
   from fdistill.io import plotting
   from fdistill.parallel import mesh as mesh_lib
   plotting.use_headless_backend()
-  enable_compile_cache(_CACHE.value, _WORKDIR.value)
+  cache_dir = enable_compile_cache(_CACHE.value, _WORKDIR.value)
+  created = missing_dirs(_WORKDIR.value, cache_dir)
   try:
     mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
                                           _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -129,6 +145,7 @@ def main(argv):
       config.eval.sampler_steps = _NUM_STEPS.value
     run(config, _WORKDIR.value, _MODE.value, _NUM.value)
   except USER_ERRORS as e:
+    remove_created(created, cache_dir, _WORKDIR.value)
     fatal(e)
 
 
