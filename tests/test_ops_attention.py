@@ -20,7 +20,7 @@ from fdistill.ops import flash_jvp
 _TOL = {jnp.float32: 1e-5, jnp.bfloat16: 5e-3, jnp.float16: 1e-3}
 
 
-def _reference(q, k, v, dq, dk, dv, mask, scale):
+def reference(q, k, v, dq, dk, dv, mask, scale):
   """O, dO, LSE in float64 from the closed form (not from the kernel's recurrences)."""
   q, k, v, dq, dk, dv = (np.asarray(x, np.float64) for x in (q, k, v, dq, dk, dv))
   s = scale * np.einsum("bqhd,bkhd->bhqk", q, k)
@@ -37,12 +37,12 @@ def _reference(q, k, v, dq, dk, dv, mask, scale):
   return out, tangent, lse
 
 
-def _rel_l2(x, ref):
+def rel_l2(x, ref):
   x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
   return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
 
-def _inputs(seed, batch, sq, skv, heads, dim, dtype, masked):
+def inputs(seed, batch, sq, skv, heads, dim, dtype, masked):
   rng = np.random.default_rng(seed)
   shapes = [(batch, s, heads, dim) for s in (sq, skv, skv, sq, skv, skv)]
   q, k, v, dq, dk, dv = (jnp.asarray(rng.standard_normal(s), dtype) for s in shapes)
@@ -73,7 +73,7 @@ KERNEL_CASES = [
 
 @pytest.mark.parametrize("batch,sq,skv,heads,dim,dtype,masked,blocks", KERNEL_CASES)
 def test_kernel_matches_float64_and_xla_jvp(batch, sq, skv, heads, dim, dtype, masked, blocks):
-  (q, k, v, dq, dk, dv), mask = _inputs(sq * dim + skv, batch, sq, skv, heads, dim, dtype, masked)
+  (q, k, v, dq, dk, dv), mask = inputs(sq * dim + skv, batch, sq, skv, heads, dim, dtype, masked)
   scale = 0.7 * dim**-0.5
   config = flash_jvp.KernelConfig(*blocks)
   run = jax.jit(lambda *a: flash_jvp.flash_attention_jvp(
@@ -81,45 +81,45 @@ def test_kernel_matches_float64_and_xla_jvp(batch, sq, skv, heads, dim, dtype, m
   res = run(q, k, v, dq, dk, dv)
   for x in res:
     assert np.isfinite(np.asarray(x, np.float32)).all(), "a tile was left unwritten (NaN)"
-  out, tangent, lse = _reference(q, k, v, dq, dk, dv, mask, scale)
+  out, tangent, lse = reference(q, k, v, dq, dk, dv, mask, scale)
   tol = _TOL[dtype]
-  assert _rel_l2(res.out, out) < tol
-  assert _rel_l2(res.tangent, tangent) < tol
+  assert rel_l2(res.out, out) < tol
+  assert rel_l2(res.tangent, tangent) < tol
   np.testing.assert_allclose(np.asarray(res.lse), lse, atol=1e-4)
   # And against jax.jvp of the XLA attention, which rounds differently.
   xla_out, xla_tangent = jax.jvp(
       lambda q, k, v: attention_lib.xla_attention(q, k, v, mask=mask, scale=scale),
       (q, k, v), (dq, dk, dv))
-  assert _rel_l2(res.out, np.asarray(xla_out, np.float64)) < 4 * tol
-  assert _rel_l2(res.tangent, np.asarray(xla_tangent.astype(jnp.float32), np.float64)) < 4 * tol
+  assert rel_l2(res.out, np.asarray(xla_out, np.float64)) < 4 * tol
+  assert rel_l2(res.tangent, np.asarray(xla_tangent.astype(jnp.float32), np.float64)) < 4 * tol
 
 
 @pytest.mark.parametrize("present", [(True, False, False), (False, False, True)],
                          ids=["dq-only", "dv-only"])
 def test_kernel_skips_absent_tangents(present):
   """None tangents are zero: cross-attention to constant K/V has only dq."""
-  (q, k, v, *tangents), mask = _inputs(7, 1, 33, 20, 2, 32, jnp.float32, True)
+  (q, k, v, *tangents), mask = inputs(7, 1, 33, 20, 2, 32, jnp.float32, True)
   given = [t if p else None for t, p in zip(tangents, present)]
   zeros = [t if p else jnp.zeros_like(t) for t, p in zip(tangents, present)]
   config = flash_jvp.KernelConfig(16, 16)
   res = flash_jvp.flash_attention_jvp(q, k, v, *given, mask=mask, config=config,
                                       out_init=_poisoned(q))
-  out, tangent, _ = _reference(q, k, v, *zeros, mask, 32**-0.5)
-  assert _rel_l2(res.out, out) < 1e-5
-  assert _rel_l2(res.tangent, tangent) < 1e-5
+  out, tangent, _ = reference(q, k, v, *zeros, mask, 32**-0.5)
+  assert rel_l2(res.out, out) < 1e-5
+  assert rel_l2(res.tangent, tangent) < 1e-5
 
 
 def test_forward_only_kernel():
-  (q, k, v, *tangents), _ = _inputs(3, 1, 40, 40, 1, 64, jnp.float32, False)
+  (q, k, v, *tangents), _ = inputs(3, 1, 40, 40, 1, 64, jnp.float32, False)
   out, lse = flash_jvp.flash_attention(q, k, v, config=flash_jvp.KernelConfig(16, 16))
-  ref_out, _, ref_lse = _reference(q, k, v, *tangents, None, 64**-0.5)
-  assert _rel_l2(out, ref_out) < 1e-5
+  ref_out, _, ref_lse = reference(q, k, v, *tangents, None, 64**-0.5)
+  assert rel_l2(out, ref_out) < 1e-5
   np.testing.assert_allclose(np.asarray(lse), ref_lse, atol=1e-5)
 
 
 def test_poisoned_buffers_show_unwritten_tiles():
   """The NaN pre-fill is a real check: a kernel that skips its second tile fails it."""
-  (q, *_), _ = _inputs(4, 1, 32, 32, 1, 16, jnp.float32, False)
+  (q, *_), _ = inputs(4, 1, 32, 32, 1, 16, jnp.float32, False)
 
   def first_tile_only(q_ref, init_ref, o_ref):
     del init_ref
@@ -166,15 +166,15 @@ def test_kernel_lowers_to_triton_for_gpu(monkeypatch, tangents):
 # whose gradient is the differentiable fast path.
 
 
-def _routed_and_xla(mask, scale=None):
+def routed_and_xla(mask, scale=None):
   def make(impl):
     return lambda q, k, v: attention_lib.attention(q, k, v, impl=impl, mask=mask, scale=scale)
   return make("flash_jvp"), make("xla")
 
 
 def test_routed_jvp_uses_kernel_and_matches_xla():
-  (q, k, v, *tangents), mask = _inputs(11, 2, 21, 30, 2, 32, jnp.float32, True)
-  routed, xla = _routed_and_xla(mask)
+  (q, k, v, *tangents), mask = inputs(11, 2, 21, 30, 2, 32, jnp.float32, True)
+  routed, xla = routed_and_xla(mask)
   jvp = lambda f: jax.jit(lambda p, t: jax.jvp(f, p, t))
   out, tangent = jvp(routed)((q, k, v), tuple(tangents))
   ref_out, ref_tangent = jvp(xla)((q, k, v), tuple(tangents))
@@ -185,8 +185,8 @@ def test_routed_jvp_uses_kernel_and_matches_xla():
 
 
 def test_routed_grad_uses_differentiable_path_and_matches_xla():
-  (q, k, v, *_), mask = _inputs(12, 2, 21, 30, 2, 32, jnp.float32, True)
-  routed, xla = _routed_and_xla(mask)
+  (q, k, v, *_), mask = inputs(12, 2, 21, 30, 2, 32, jnp.float32, True)
+  routed, xla = routed_and_xla(mask)
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
   grads = jax.jit(jax.grad(loss(routed), argnums=(0, 1, 2)))(q, k, v)
   ref = jax.jit(jax.grad(loss(xla), argnums=(0, 1, 2)))(q, k, v)
@@ -201,8 +201,8 @@ def test_routed_grad_uses_differentiable_path_and_matches_xla():
 
 def test_stop_gradient_jvp_inside_grad_like_rcm():
   """rCM's loss: a jvp at stop_gradient(params) feeding a target, differentiated by grad."""
-  (q, k, v, dq, *_), mask = _inputs(13, 1, 16, 16, 2, 16, jnp.float32, False)
-  routed, xla = _routed_and_xla(mask)
+  (q, k, v, dq, *_), mask = inputs(13, 1, 16, 16, 2, 16, jnp.float32, False)
+  routed, xla = routed_and_xla(mask)
 
   def loss(f):
     def fn(w):
@@ -231,7 +231,7 @@ def test_impl_errors():
 
 
 def test_auto_is_flash_jvp_on_gpu_and_xla_elsewhere():
-  (q, k, v, *_), _ = _inputs(14, 1, 8, 8, 1, 16, jnp.float32, False)
+  (q, k, v, *_), _ = inputs(14, 1, 8, 8, 1, 16, jnp.float32, False)
   jaxpr = str(jax.make_jaxpr(lambda q: attention_lib.attention(q, k, v, impl="auto"))(q))
   assert ("custom_jvp" in jaxpr) == (jax.default_backend() == "gpu")
 
@@ -269,7 +269,7 @@ def test_dit_tangent_pass_and_grad_match_xla_dit():
   out, tangent = tangent_pass("flash_jvp")
   ref_out, ref_tangent = tangent_pass("xla")
   np.testing.assert_allclose(out, ref_out, atol=1e-5)
-  assert _rel_l2(tangent, np.asarray(ref_tangent, np.float64)) < 1e-5
+  assert rel_l2(tangent, np.asarray(ref_tangent, np.float64)) < 1e-5
 
   def param_grad(impl):
     denoise = models.make_denoiser(_tiny_dit(impl))

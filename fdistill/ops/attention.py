@@ -11,10 +11,11 @@ impl:
   "cudnn"     - jax.nn.dot_product_attention(implementation="cudnn"); GPU
                 only, bf16/fp16. A custom_vjp function: jax.jvp of it raises.
   "flash_jvp" - the routed attention below: fast forward, fused Pallas JVP
-                (ops/flash_jvp.py), fast gradient. GPU, or CPU in Pallas
-                interpret mode (slow; tests).
-  "auto"      - "flash_jvp" on GPU, "xla" elsewhere: what model configs
-                should set so one setting serves CPU tests and GPU runs.
+                (ops/flash_jvp.py on GPU, ops/flash_jvp_tpu.py on TPU), fast
+                gradient; CPU runs the Triton kernel in Pallas interpret mode
+                (slow; tests).
+  "auto"      - "flash_jvp" on GPU and TPU, "xla" elsewhere: what model configs
+                should set so one setting serves CPU tests and accelerator runs.
 
 Routing (docs/design.md section 5). rCM needs two things from one network:
 forward-mode tangents (``jax.jvp`` at stop_gradient(params), the tangent pass)
@@ -43,29 +44,54 @@ Costs and limits: under jax.jvp the primal is a second forward next to the
 kernel (which computes O too): about 4/3 of the ideal cost, the price of a
 primal that grad can differentiate. ``jax.vmap`` of a jvp or grad through it
 raises (``linear_call`` has no batching rule); models batch explicitly, and
-plain vmap of the forward works. The Triton kernel is an opaque custom call
-to XLA's SPMD partitioner, so under a multi-GPU mesh it should run inside
-``shard_map`` over the batch axis (not done yet). cuDNN turns the mask into
-per-example key lengths, so on GPU a mask must be a prefix (padding at the
-end); the XLA and Pallas paths accept any mask.
+plain vmap of the forward works. cuDNN turns the mask into per-example key
+lengths, so on GPU a mask must be a prefix (padding at the end); the XLA and
+Pallas paths accept any mask.
+
+Meshes: a Pallas kernel is an opaque custom call to XLA's SPMD partitioner,
+which would gather its operands onto every device. When the inputs live on a
+mesh (``jax.typeof(q).sharding.mesh``, as inside a jitted sharded step), the
+kernel runs inside ``jax.shard_map``: batch split over the data-parallel axes
+(``BATCH_AXES``), heads over ``HEAD_AXIS`` where a tensor axis shards them,
+each device running the kernel on its own examples and heads (attention never
+mixes examples or heads). An axis whose size does not divide the batch (or
+the heads) is left out, i.e. that dimension is replicated over it.
 """
 import functools
 
 import jax
 from jax.custom_derivatives import SymbolicZero, linear_call
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from fdistill.ops import flash_jvp
+from fdistill.ops import flash_jvp_tpu
+from fdistill.errors import ConfigError
 
-IMPLS = ("xla", "cudnn", "flash_jvp", "auto")
+# The mesh axes the kernel splits batch and heads over: the names parallel/mesh.py
+# gives them (ops may not import parallel; tests/test_ops_attention_sharded.py
+# checks that they agree).
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
 
 
 def _scale(q, scale):
   return q.shape[-1]**-0.5 if scale is None else scale
 
 
+def _platform() -> str:
+  return jax.default_backend()
+
+
 def _on_gpu() -> bool:
-  return jax.default_backend() in ("gpu", "cuda", "rocm")
+  return _platform() in ("gpu", "cuda", "rocm")
+
+
+def _jvp_kernel():
+  """This backend's fused kernel (Mosaic on TPU, Triton elsewhere), its backend checked now."""
+  module = flash_jvp_tpu if _platform() == "tpu" else flash_jvp
+  module.resolve_interpret(None)
+  return module.flash_attention_jvp
 
 
 def xla_attention(q, k, v, mask=None, scale=None):
@@ -82,7 +108,7 @@ def xla_attention(q, k, v, mask=None, scale=None):
 
 def _cudnn_attention(q, k, v, mask=None, scale=None):
   if not _on_gpu():
-    raise ValueError(
+    raise ConfigError(
         f"attention impl='cudnn' needs a GPU backend, found {jax.default_backend()!r}; "
         f"valid impls here: 'xla', 'auto' (and 'flash_jvp' on CPU, interpreted)")
   kv_len = None if mask is None else jnp.sum(mask, axis=-1).astype(jnp.int32)
@@ -98,18 +124,59 @@ def _fast_forward(dtype):
   return xla_attention
 
 
+def _mesh_of(x):
+  """The (abstract) mesh ``x`` lives on when it spans more than one device, else None."""
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return None
+  return mesh
+
+
+def _dividing_axes(mesh, size: int, names) -> tuple:
+  """The axes among ``names`` (size > 1 on ``mesh``) whose product divides ``size``, in order."""
+  axes, shards = [], 1
+  for name in names:
+    n = mesh.shape.get(name, 1)
+    if n > 1 and size % (shards * n) == 0:
+      axes.append(name)
+      shards *= n
+  return tuple(axes)
+
+
+def _per_device(kernel, q, has_mask):
+  """``kernel(q, k, v, mask, *tangents) -> dO`` run per device under ``shard_map`` when q is on
+  a mesh (module docstring, "Meshes"), else ``kernel`` itself."""
+  mesh = _mesh_of(q)
+  if mesh is None:
+    return kernel
+  batch = _dividing_axes(mesh, q.shape[0], BATCH_AXES) or None
+  heads = _dividing_axes(mesh, q.shape[2], (HEAD_AXIS,)) or None
+  spec = P(batch, None, heads, None)
+
+  def run(q, k, v, mask, *tangents):
+    in_specs = (spec, spec, spec, P(batch, None) if has_mask else None) + (spec,) * len(tangents)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=spec,
+                         check_vma=False)(q, k, v, mask, *tangents)
+
+  return run
+
+
 def _linear_tangent(present, scale):
   """The kernel's dO as a linear function of the present tangents, and its transpose.
 
   ``present`` is a static (dq?, dk?, dv?) triple; absent tangents are zero.
   Residuals are (q, k, v, mask, fast_vjp); the transpose is the fast path's VJP.
   """
+  fused = _jvp_kernel()
+
+  def kernel(q, k, v, mask, *lin):
+    lin = iter(lin)
+    dq, dk, dv = (next(lin) if p else None for p in present)
+    return fused(q, k, v, dq, dk, dv, mask=mask, scale=scale).tangent
 
   def tangent(res, lin):
     q, k, v, mask, _ = res
-    lin = iter(lin)
-    dq, dk, dv = (next(lin) if p else None for p in present)
-    return flash_jvp.flash_attention_jvp(q, k, v, dq, dk, dv, mask=mask, scale=scale).tangent
+    return _per_device(kernel, q, mask is not None)(q, k, v, mask, *lin)
 
   def transpose(res, ct):
     grads = res[-1](ct)
@@ -122,8 +189,7 @@ def _flash_jvp_attention(q, k, v, mask=None, scale=None):
   """custom_jvp attention: fast primal, fused Pallas tangent, fast-path gradient."""
   scale = _scale(q, scale)
   forward = functools.partial(_fast_forward(q.dtype), mask=mask, scale=scale)
-  # Validates the backend now rather than inside the JVP rule.
-  flash_jvp.resolve_interpret(None)
+  _jvp_kernel()  # checks the backend now rather than inside the JVP rule
 
   @jax.custom_jvp
   def routed(q, k, v):
@@ -143,7 +209,7 @@ def _flash_jvp_attention(q, k, v, mask=None, scale=None):
 
 
 def _auto_attention(q, k, v, mask=None, scale=None):
-  impl = _flash_jvp_attention if _on_gpu() else xla_attention
+  impl = _flash_jvp_attention if _on_gpu() or _platform() == "tpu" else xla_attention
   return impl(q, k, v, mask=mask, scale=scale)
 
 
@@ -158,5 +224,5 @@ _IMPLS = {
 def attention(q, k, v, impl="xla", mask=None, scale=None):
   """Dispatches to the named implementation; unknown names list the valid ones."""
   if impl not in _IMPLS:
-    raise ValueError(f"Unknown attention impl={impl!r}; valid values: {', '.join(_IMPLS)}")
+    raise ConfigError(f"Unknown attention impl={impl!r}; valid values: {', '.join(_IMPLS)}")
   return _IMPLS[impl](q, k, v, mask=mask, scale=scale)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 # A finite "minus infinity": exp2(MASK - m) underflows to exactly 0 for any real
 # row max m, and a row whose keys are all masked so far stays NaN-free.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 # Triton's tl.dot needs every tile dimension to be at least 16.
@@ -200,7 +200,7 @@ def _kernel(*refs, scale, block_q, block_k, sq, skv, head_dim, has_mask, tangent
     s = _dot_nt(q, k) * logit_scale
     valid = _key_validity(mask_ref, k_start, block_k, skv)
     if valid is not None:
-      s = jnp.where(valid[None, :], s, _MASK_VALUE)
+      s = jnp.where(valid[None, :], s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
@@ -228,7 +228,7 @@ def _kernel(*refs, scale, block_q, block_k, sq, skv, head_dim, has_mask, tangent
 
   zeros_row = jnp.zeros((block_q,), jnp.float32)
   zeros_tile = jnp.zeros((block_q, padded_d), jnp.float32)
-  carry = (zeros_row + _MASK_VALUE, zeros_row, zeros_tile)
+  carry = (zeros_row + MASK_VALUE, zeros_row, zeros_tile)
   if has_tangent:
     carry += (zeros_row, zeros_tile)
   m, l, acc_o, *tangent_carry = lax.fori_loop(0, pl.cdiv(skv, block_k), body, carry)
@@ -243,7 +243,8 @@ def _kernel(*refs, scale, block_q, block_k, sq, skv, head_dim, has_mask, tangent
     _store_tile(do_ref, q_start, tangent, q_rows, cols)
 
 
-def _check_shapes(q, k, v, tangents, mask):
+def check_shapes(q, k, v, tangents, mask):
+  """The layout both kernels (Triton here, Mosaic in flash_jvp_tpu) accept; ValueError otherwise."""
   if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
     raise ValueError(f"Expected q [B, Sq, H, D] and k, v [B, Skv, H, D]; got "
                      f"{q.shape}, {k.shape}, {v.shape}")
@@ -252,14 +253,14 @@ def _check_shapes(q, k, v, tangents, mask):
       raise ValueError(f"{name} must match its primal: {t.shape} {t.dtype} vs {p.shape} {p.dtype}")
   if mask is not None and mask.shape != k.shape[:2]:
     raise ValueError(f"mask must be [B, Skv] = {k.shape[:2]}, got {mask.shape}")
-  if q.shape[-1] % 16:
-    raise ValueError(f"head dim must be a multiple of 16, got {q.shape[-1]}")
 
 
 def _flash_call(q, k, v, dq, dk, dv, mask, scale, config, interpret, out_init):
   """Builds and runs the pallas_call; returns (out, tangent or None, lse)."""
   tangents = (dq, dk, dv)
-  _check_shapes(q, k, v, tangents, mask)
+  check_shapes(q, k, v, tangents, mask)
+  if q.shape[-1] % 16:
+    raise ValueError(f"head dim must be a multiple of 16 (Triton tiles), got {q.shape[-1]}")
   batch, sq, heads, head_dim = q.shape
   skv = k.shape[1]
   scale = head_dim**-0.5 if scale is None else float(scale)
