@@ -89,7 +89,8 @@ def evaluate(config, workdir, sampler_steps):
 
 
 def reached(workdir) -> int:
-  return max(checkpoint.saved_steps(workdir) if os.path.isdir(workdir) else [0], default=0)
+  """The last saved step of ``workdir`` (-1: none yet; 0 is the initialisation's checkpoint)."""
+  return max(checkpoint.saved_steps(workdir) if os.path.isdir(workdir) else [], default=-1)
 
 
 def train(config, workdir, mode):
@@ -102,6 +103,66 @@ def train(config, workdir, mode):
       sys.exit(f"stopped at step {reached(workdir)} of {workdir}; run the same command again "
                "to resume")
   return time.time() - start
+
+
+class InceptionFid:
+  """The papers' FID for rows of ``--data=mnist5k`` (``--inception``: the converted weights,
+  docs/fid.md): each row's samples at two sample seeds against the statistics of all 5000 real
+  digits, and the floor (the real set's two halves against each other). Values are cached in
+  ``fid.json`` under ``--out`` (keyed by row, sampler steps, seed and sample count), so a
+  resumed run recomputes nothing."""
+
+  SEEDS = (0, 1)
+
+  def __init__(self, config, args):
+    from fdistill.eval import fid as fid_lib, inception, statistics
+    self.fid_lib, self.statistics = fid_lib, statistics
+    self.args = args
+    self.detector = statistics.detector_of(inception.load_params(args.inception))
+    self.cache_path = os.path.join(args.out, "fid.json")
+    self.cache = {}
+    if os.path.exists(self.cache_path):
+      with open(self.cache_path) as f:
+        self.cache = json.load(f)
+    images = self.real_images(config)
+    self.reference = self.stats(images).mean_cov()
+    half = len(images) // 2
+    order = np.random.default_rng(0).permutation(len(images))
+    self.floor = self.cached("data halves", lambda: self.fid_lib.frechet_distance(
+        *self.stats(images[order[:half]]).mean_cov(),
+        *self.stats(images[order[half:]]).mean_cov()))
+
+  @staticmethod
+  def real_images(config):
+    from fdistill import data
+    dataset = data.build(config.data)
+    return dataset.images
+
+  def stats(self, images, batch=250):
+    batches = (images[i:i + batch] for i in range(0, len(images), batch))
+    return self.statistics.feature_stats(batches, self.detector)[0]
+
+  def cached(self, key, compute):
+    if key not in self.cache:
+      self.cache[key] = float(compute())
+      checkpoint.write_text(self.cache_path, json.dumps(self.cache, indent=1))
+    return self.cache[key]
+
+  def of_run(self, config, workdir, sampler_steps):
+    """[FID at each seed] of ``workdir``'s last checkpoint, ``--num_samples`` samples each."""
+    out = []
+    for seed in self.SEEDS:
+      key = f"{workdir}|{sampler_steps} steps|seed {seed}|{self.args.num_samples}"
+
+      def compute(seed=seed):
+        c = config.copy_and_resolve_references()
+        c.seed = seed
+        c.eval.sampler_steps = sampler_steps
+        path = modes.run(c, workdir, "sample", num_samples=self.args.num_samples)
+        samples = np.load(path.replace(".png", ".npy"))
+        return self.fid_lib.fid_from_stats(self.stats(samples), self.reference)
+      out.append(self.cached(key, compute))
+    return out
 
 
 def data_floor(config, args):
@@ -128,6 +189,9 @@ def main(argv=None):
   p.add_argument("--num_samples", type=int, default=2000)
   p.add_argument("--only", default="",
                  help="comma-separated student rows to run (default all; 'none': the teacher only)")
+  p.add_argument("--inception", default=os.environ.get("FDISTILL_INCEPTION", ""),
+                 help="converted Inception .npz (docs/fid.md): adds the FID column (default "
+                      "$FDISTILL_INCEPTION; none: digits_fd only)")
   p.add_argument("--quick", action="store_true", help="tiny networks and runs (the suite's)")
   args = p.parse_args(argv)
   args.out = args.out or os.path.join("runs", "image_results", args.data)
@@ -144,11 +208,13 @@ def main(argv=None):
   teacher_dir = os.path.join(args.out, "teacher")
   tc = teacher_config(args)
   seconds = train(tc, teacher_dir, "train_teacher")
+  fid = InceptionFid(tc, args) if args.inception else None
   for steps in (2, 1) if args.quick else TEACHER_SAMPLER_STEPS:  # quick: fewer compiles
     fd, samples = evaluate(teacher_config(args), teacher_dir, steps)
     name = f"teacher, {steps} Heun steps"
     rows.append(dict(row=name, family="teacher", sampler_steps=steps, digits_fd=fd,
-                     train_steps=args.teacher_steps, train_seconds=seconds))
+                     train_steps=args.teacher_steps, train_seconds=seconds,
+                     **fid_columns(fid, teacher_config(args), teacher_dir, steps)))
     grids[name] = samples
     print(f"{name}: digits_fd {fd:.3f}", flush=True)
   for name, module, variant, sampler_steps in STUDENTS:
@@ -156,29 +222,50 @@ def main(argv=None):
       continue
     workdir = os.path.join(args.out, f"{module.__name__.split('.')[-1]}_{variant}")
     config = student_config(module, variant, teacher_dir, args)
+    init_config = student_config(module, variant, teacher_dir, args)
+    init_config.train.num_steps = 0  # the initialisation: the baseline training must beat
+    train(init_config, workdir + "_step0", "distill")
     seconds = train(config, workdir, "distill")
     for steps in sampler_steps:
+      fd_init, _ = evaluate(init_config, workdir + "_step0", steps)
       fd, samples = evaluate(student_config(module, variant, teacher_dir, args), workdir, steps)
       label = f"{name}, {steps} step{'s' if steps > 1 else ''}"
       rows.append(dict(row=label, family=module.__name__.split(".")[-1], sampler_steps=steps,
-                       digits_fd=fd, train_steps=args.student_steps, train_seconds=seconds))
+                       digits_fd=fd, digits_fd_step0=fd_init, train_steps=args.student_steps,
+                       train_seconds=seconds,
+                       **fid_columns(fid, config, workdir, steps)))
       grids[label] = samples
       print(f"{label}: digits_fd {fd:.3f}", flush=True)
   floor = data_floor(tc, args)
-  write_outputs(args, rows, grids, floor)
+  write_outputs(args, rows, grids, floor, fid.floor if fid else None)
 
 
-def write_outputs(args, rows, grids, floor):
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(dict(rows=rows, data_floor=floor, args=vars(args)), f, indent=1)
-  lines = [f"digits_fd (lower is better; the data's two halves: {floor:.3f}); "
-           f"{args.resolution}x{args.resolution} digits, U-Net {args.channels} channels, "
-           f"{args.num_samples} samples per row", "",
-           "| row | digits_fd | training steps | training seconds |", "|---|---|---|---|"]
-  lines += [f"| {r['row']} | {r['digits_fd']:.3f} | {r['train_steps']} | "
-            f"{r['train_seconds']:.0f} |" for r in rows]
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+def fid_columns(fid, config, workdir, sampler_steps):
+  if fid is None:
+    return {}
+  values = fid.of_run(config, workdir, sampler_steps)
+  return dict(fid=float(np.mean(values)), fid_per_seed=values)
+
+
+def write_outputs(args, rows, grids, floor, fid_floor=None):
+  checkpoint.write_text(os.path.join(args.out, "results.json"), json.dumps(
+      dict(rows=rows, data_floor=floor, fid_floor=fid_floor, args=vars(args)), indent=1))
+  with_fid = fid_floor is not None
+  lines = [f"digits_fd (lower is better; the data's two halves: {floor:.3f})"
+           + (f", Inception FID (mean of {len(InceptionFid.SEEDS)} sample seeds, "
+              f"{args.num_samples} samples each, against all real images; the data's two "
+              f"halves: {fid_floor:.2f})" if with_fid else "")
+           + f"; {args.resolution}x{args.resolution} {args.data}, U-Net {args.channels} "
+           f"channels, {args.num_samples} samples per row", "",
+           "| row | digits_fd | at step 0 |" + (" FID (seeds) |" if with_fid else "")
+           + " training steps | training seconds |",
+           "|---|---|---|" + ("---|" if with_fid else "") + "---|---|"]
+  lines += [f"| {r['row']} | {r['digits_fd']:.3f} | "
+            + (f"{r['digits_fd_step0']:.3f} |" if "digits_fd_step0" in r else "– |")
+            + (f" {r['fid']:.2f} ({', '.join(f'{v:.2f}' for v in r['fid_per_seed'])}) |"
+               if with_fid else "")
+            + f" {r['train_steps']} | {r['train_seconds']:.0f} |" for r in rows]
+  checkpoint.write_text(os.path.join(args.out, "results.md"), "\n".join(lines) + "\n")
   for name, samples in grids.items():
     safe = "".join(ch if ch.isalnum() else "_" for ch in name)
     plotting.save_image_grid(os.path.join(args.out, f"grid_{safe}.png"), samples[:64], nrow=8,

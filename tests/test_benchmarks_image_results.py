@@ -1,5 +1,5 @@
 """benchmarks/image_results.py in its quick setting: the whole pipeline (teacher, its few-step
-samplers, a student, the data floor) writes every row, table and figure."""
+samplers, a student and its step-0 baseline, the data floor) writes every row, table and figure."""
 import json
 import os
 import subprocess
@@ -25,6 +25,8 @@ def test_quick_results_run_writes_every_row_and_figure(tmp_path):
   assert names == ["teacher, 2 Heun steps", "teacher, 1 Heun steps", "sCM, 1 step",
                    "sCM, 2 steps"]
   assert all(r["digits_fd"] > 0 for r in results["rows"]) and results["data_floor"] > 0
+  # each student row carries its initialisation's score (the step-0 checkpoint, evaluated)
+  assert all(r["digits_fd_step0"] > 0 for r in results["rows"] if r["family"] != "teacher")
   table = open(os.path.join(out, "results.md")).read()
   assert all(f"| {name} |" in table for name in names)
   assert os.path.getsize(os.path.join(out, "grids.png")) > 5_000
