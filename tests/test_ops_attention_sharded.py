@@ -1,11 +1,12 @@
 """The fused JVP kernel under a mesh (8 fake CPU devices, tests/conftest.py; kernel interpreted).
 
 Attention never mixes examples or heads, so ``ops.attention`` runs the kernel
-inside ``shard_map`` over the batch (and heads on a tensor axis). Checked: a
-jitted, sharded tangent pass equals the one-device one, and its compiled HLO
-moves no activation between devices (no all-gather at all: the inputs arrive
-batch-sharded and the params replicated); without ``shard_map`` XLA's
-partitioner gathers the kernel's operands (the negative control).
+inside ``shard_map`` over the batch (and heads on a tensor axis). Checked: the
+jitted, sharded jvp of the routed attention and a whole rCM student step (tiny
+DiT) equal their one-device runs, and their compiled HLO moves no activation
+between devices (no all-gather at all: the inputs arrive batch-sharded and the
+params replicated); without ``shard_map`` XLA's partitioner gathers the
+kernel's operands (the negative control).
 """
 import jax
 import jax.numpy as jnp
@@ -13,11 +14,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fdistill import models
+from configs import architectures
+from fdistill import models, objectives
 from fdistill.ops import attention as attention_lib
 from fdistill.ops import flash_jvp_tpu
 from fdistill.parallel import mesh as mesh_lib
 from support import sharding as checks
+import test_objectives_rcm as rcm_tests
 import test_ops_attention as base
 
 
@@ -82,31 +85,36 @@ def test_axes_that_do_not_divide_are_replicated():
   np.testing.assert_allclose(tangent, ref_tangent, atol=2e-5)
 
 
-def test_sharded_dit_tangent_pass_and_grad_equal_one_device():
-  """rCM's two network passes on a (data=2, fsdp=4) mesh, batch-sharded: the tangent pass
-  (jvp at stop_gradient(params), kernel under shard_map) and the gradient."""
-  rng = np.random.default_rng(23)
-  x, dx = (jnp.asarray(rng.standard_normal((8, 8, 8, 3)), jnp.float32) for _ in range(2))
-  sigma, dsigma = (jnp.asarray(rng.uniform(0.2, 2.0, 8), jnp.float32) for _ in range(2))
-  dit = base._tiny_dit("flash_jvp")
-  params = base._perturbed(jax.jit(lambda key: models.init_params(dit, key, x.shape))(
-      jax.random.PRNGKey(0)), 1)
-  denoise = models.make_denoiser(dit)
+def test_sharded_rcm_student_step_equals_one_device():
+  """A whole rCM student step (sCM tangent pass with the kernel, loss, grad, update) of a tiny
+  DiT, jitted on a (data=2, fsdp=4) mesh with the batch split, equals the one-device step and
+  gathers no activation (the state is replicated here: FSDP's param gathers are
+  tests/test_parallel_sharding.py's)."""
+  model = architectures.tiny_dit()
+  model.update(dict(label_dim=0, dropout=0.0, attn_impl="flash_jvp", depth=1))
+  config = rcm_tests.tiny_config("scm")
+  config.model = model
+  config.teacher.kind = "checkpoint"
+  x_shape = (8, 8, 3)
+  module = models.build(model)
+  teacher_apply = models.make_denoiser(module.clone(attn_impl="xla"), rcm_tests.SD)
+  init = jax.jit(lambda key: models.init_params(module, key, (1,) + x_shape))
+  teacher = base._perturbed(init(jax.random.key(0)), 2)
+  obj = objectives.build(config, objectives.Task(x_shape, 0, teacher_apply, teacher))
+  state = jax.jit(obj.init)(jax.random.key(1), teacher)
+  batch = {"x": jnp.asarray(np.random.default_rng(24).standard_normal((8,) + x_shape),
+                            jnp.float32)}
+  step = jax.jit(obj.steps["generator"])
+  ref_state, ref_metrics = step(state, teacher, batch, jax.random.key(3))
 
-  def passes(p, x, dx, sigma, dsigma):
-    frozen = jax.lax.stop_gradient(p)
-    out, tangent = jax.jvp(lambda x, s: denoise(frozen, x, s), (x, sigma), (dx, dsigma))
-    grad = jax.grad(lambda p: jnp.mean((denoise(p, x, sigma) - out - 0.1 * tangent)**2))(p)
-    return tangent, grad
-
-  step = jax.jit(passes)
-  ref_tangent, ref_grad = step(params, x, dx, sigma, dsigma)
   mesh = _mesh(2, 4, 1)
-  batch = NamedSharding(mesh, P(("data", "fsdp")))
-  placed = [jax.device_put(a, batch) for a in (x, dx, sigma, dsigma)]
-  compiled = step.lower(jax.device_put(params, NamedSharding(mesh, P())), *placed).compile()
-  tangent, grad = compiled(jax.device_put(params, NamedSharding(mesh, P())), *placed)
-  assert base.rel_l2(tangent, np.asarray(ref_tangent, np.float64)) < 1e-5
-  for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
-    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-4)
+  replicated = NamedSharding(mesh, P())
+  args = (jax.device_put(state, replicated), jax.device_put(teacher, replicated),
+          jax.device_put(batch, NamedSharding(mesh, P(("data", "fsdp")))), jax.random.key(3))
+  compiled = step.lower(*args).compile()
+  new_state, metrics = compiled(*args)
+  for key, value in ref_metrics.items():
+    np.testing.assert_allclose(metrics[key], value, rtol=2e-5, atol=1e-6, err_msg=key)
+  for leaf, ref in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(ref_state)):
+    np.testing.assert_allclose(leaf, ref, rtol=2e-5, atol=2e-6)
   assert _all_gathers(compiled) == [], "activations were gathered"
