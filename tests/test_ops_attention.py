@@ -15,6 +15,14 @@ from fdistill import models
 from fdistill.ops import attention as attention_lib
 from fdistill.ops import flash_jvp
 
+@pytest.fixture(autouse=True)
+def highest_precision():
+  """XLA references at full fp32 (GPUs default to TF32, TPUs to bf16 passes), so a test sees
+  the kernel's own error, not the reference's (the kernels run fp32 dots at HIGHEST)."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 # Relative L2 error bounds against the float64 reference (the issue's targets
 # for bf16 and fp32; fp16 has 3 more mantissa bits than bf16).
 _TOL = {jnp.float32: 1e-5, jnp.bfloat16: 5e-3, jnp.float16: 1e-3}
@@ -159,6 +167,20 @@ def test_kernel_lowers_to_triton_for_gpu(monkeypatch, tangents):
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
   )(q, k, k, q, k, k, mask)
   assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_default_tiles_fit_shared_memory(dtype):
+  """Every default fits an H100/H200's 227 KiB by the kernel's shared-memory model, which
+  reproduces the overflow measured on an H200 (fp32, D = 64, (128, 64, 4, 3): 256 KiB)."""
+  assert flash_jvp.shared_memory_bytes(flash_jvp.KernelConfig(128, 64, 4, 3), 64,
+                                       jnp.float32) == 256 * 1024
+  for head_dim in range(16, flash_jvp.MAX_HEAD_DIM + 1, 16):
+    config = flash_jvp.default_config(head_dim, dtype)
+    used = flash_jvp.shared_memory_bytes(config, head_dim, dtype)
+    assert used <= flash_jvp.SHARED_MEMORY_BYTES, (head_dim, config, used)
+  with pytest.raises(ValueError, match="head dims up to 256"):
+    flash_jvp.default_config(288, dtype)
 
 
 # ---------------------------------------------------------------------------

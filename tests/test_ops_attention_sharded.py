@@ -22,6 +22,7 @@ from fdistill.parallel import mesh as mesh_lib
 from support import sharding as checks
 import test_objectives_rcm as rcm_tests
 import test_ops_attention as base
+from test_ops_attention import highest_precision  # noqa: F401  (autouse fixture)
 
 
 def test_kernel_mesh_axes_are_the_parallel_layers():

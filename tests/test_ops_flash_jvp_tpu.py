@@ -17,6 +17,7 @@ import pytest
 from fdistill.ops import attention as attention_lib
 from fdistill.ops import flash_jvp_tpu
 import test_ops_attention as base
+from test_ops_attention import highest_precision  # noqa: F401  (autouse fixture)
 
 # Relative L2 error bounds against float64 (as for the Triton kernel).
 _TOL = {jnp.float32: 1e-5, jnp.bfloat16: 5e-3}

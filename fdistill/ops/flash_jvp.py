@@ -60,15 +60,60 @@ class KernelConfig:
         raise ValueError(f"{name} must be a power of two >= {_MIN_BLOCK} (Triton tiles); got {size}")
 
 
-def default_config(head_dim: int) -> KernelConfig:
-  """H100 starting points; `benchmarks/attention_jvp.py --tune` searches around them.
+# Hopper's (H100, H200) shared memory per block; Ampere's A100 has 163 KiB.
+SHARED_MEMORY_BYTES = 227 * 1024
+# What the defaults may use by the model below: the rest of the 227 KiB is headroom for
+# what the model leaves out (Triton's layout-conversion scratch, the P tile of P V).
+_DEFAULT_BUDGET = 192 * 1024
 
-  The JVP kernel holds three [block_q, D] fp32 accumulators plus the Q and dQ
-  tiles, so it needs smaller query tiles than a plain forward at D = 128.
+
+def shared_memory_bytes(config: KernelConfig, head_dim: int, dtype,
+                        tangents=(True, True, True)) -> int:
+  """The kernel's shared memory by tile count: ``num_stages`` buffers of each K/V-side tile
+  (k, v and the present dk, dv: [block_k, D]) plus the Q-side tiles (q, dq: [block_q, D]),
+  D padded to a power of two. It reproduces the one overflow measured: fp32 at D = 64
+  with (128, 64, 4 warps, 3 stages) asked Triton for 256 KiB on an H200 (issue #25)."""
+  has_dq, has_dk, has_dv = tangents
+  tile = _pow2_at_least(head_dim) * jnp.dtype(dtype).itemsize
+  kv_tiles = 2 + has_dk + has_dv
+  q_tiles = 1 + has_dq
+  return config.num_stages * kv_tiles * config.block_k * tile + q_tiles * config.block_q * tile
+
+
+MAX_HEAD_DIM = 256
+
+
+def _fit_shared_memory(config: KernelConfig, head_dim: int, dtype) -> KernelConfig:
+  """Shrinks ``config`` until the model fits ``_DEFAULT_BUDGET``: fewer pipeline stages first
+  (down to 2; costs latency hiding), then narrower K/V tiles, then Q tiles (a Q tile
+  amortises every K/V load, so it is kept longest)."""
+  while shared_memory_bytes(config, head_dim, dtype) > _DEFAULT_BUDGET:
+    if config.num_stages > 2:
+      config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+    elif config.block_k > _MIN_BLOCK:
+      config = dataclasses.replace(config, block_k=config.block_k // 2)
+    else:
+      config = dataclasses.replace(config, block_q=config.block_q // 2)
+  return config
+
+
+def default_config(head_dim: int, dtype=jnp.bfloat16) -> KernelConfig:
+  """Tiles for head dims up to 256 in bf16, fp16 or fp32 that fit shared memory.
+
+  Starts from the bf16 H100 starting points the speed figures of issue #25 were
+  measured with ((128, 64) tiles, 3 stages up to D = 64; (64, 64), 2 stages
+  above) and shrinks them to the budget (:func:`_fit_shared_memory`); the
+  resulting table is in docs/kernels.md. Chosen to fit, not measured for
+  speed: a GPU run of `benchmarks/attention_jvp.py --tune` may replace them.
   """
+  if head_dim > MAX_HEAD_DIM:
+    raise ValueError(f"default_config covers head dims up to {MAX_HEAD_DIM}, got {head_dim}; "
+                     f"pass config=KernelConfig(...) for larger heads")
   if head_dim <= 64:
-    return KernelConfig(block_q=128, block_k=64, num_warps=4, num_stages=3)
-  return KernelConfig(block_q=64, block_k=64, num_warps=4, num_stages=2)
+    start = KernelConfig(block_q=128, block_k=64, num_warps=4, num_stages=3)
+  else:
+    start = KernelConfig(block_q=64, block_k=64, num_warps=4, num_stages=2)
+  return _fit_shared_memory(start, head_dim, dtype)
 
 
 class JvpOut(NamedTuple):
@@ -264,7 +309,7 @@ def _flash_call(q, k, v, dq, dk, dv, mask, scale, config, interpret, out_init):
   batch, sq, heads, head_dim = q.shape
   skv = k.shape[1]
   scale = head_dim**-0.5 if scale is None else float(scale)
-  config = config or default_config(head_dim)
+  config = config or default_config(head_dim, q.dtype)
   block_q = _fit_block(config.block_q, sq)
   block_k = _fit_block(config.block_k, skv)
   padded_d = _pow2_at_least(head_dim)
