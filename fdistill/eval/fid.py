@@ -214,7 +214,7 @@ def feature_fn(params, mesh: Optional[Mesh] = None,
 
   One jit of preprocess + network. With a ``mesh``, the images are this
   process's slice of the batch (in one process: the whole batch). Every process
-  passes the same number of them (:func:`fdistill.eval.job.process_rows` pads
+  passes the same number of them (:func:`fdistill.eval.statistics.process_rows` pads
   the slices equal); they are assembled into one global array split over every
   device of the mesh (one batch axis made of every mesh axis), the params are
   replicated, and each process gets back the features of its own images. A

@@ -51,13 +51,13 @@ def load_images(path: str) -> np.ndarray:
 
 def fid_of_images(images, ref_path: str, detector, batch_size: int = 250):
   """(FID, number of images, (IS mean, std) or None) of [-1, 1] images against ``ref_path``."""
-  from fdistill.eval import fid, job
+  from fdistill.eval import fid, statistics
   reference = fid.load_reference(ref_path)
   if reference[0].size != detector.dim:
     raise ValueError(f"--ref={ref_path} holds {reference[0].size}-d statistics; the detector's "
                      f"features are {detector.dim}-d")
   batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-  stats, score = job.feature_stats(batches, detector, score_total=len(images))
+  stats, score = statistics.feature_stats(batches, detector, score_total=len(images))
   return fid.fid_from_stats(stats, reference), stats.count, score
 
 
@@ -74,8 +74,8 @@ def main(argv=None, detector=None):
     if args.batch_size < 1:
       raise ValueError(f"--batch_size={args.batch_size} must be >= 1")
     if detector is None:
-      from fdistill.eval import inception, job
-      detector = job.detector_of(inception.load_params(args.inception or None))
+      from fdistill.eval import inception, statistics
+      detector = statistics.detector_of(inception.load_params(args.inception or None))
     images = load_images(args.samples)
     value, count, score = fid_of_images(images, args.ref, detector, args.batch_size)
   except USER_ERRORS as e:

@@ -25,11 +25,12 @@ Weights: nothing is downloaded at run time. The layers ship as a TorchScript
 into the ``.npz`` that :func:`load_params` reads. That file has no 1008-way
 classifier head (fid-helper removed it), so the Inception Score needs weights
 that add ``output/kernel`` [2048, 1008] and ``output/bias`` [1008]
-(StyleGAN3's ``output`` layer); :func:`logits` / :func:`inception_score` work
-when they are present and raise otherwise. :mod:`fdistill.eval.convert_inception`
-writes them from sources that have the head (a TorchScript with TF names and an
-``output`` Linear, e.g. StyleGAN2-ADA's ``inception-2015-12-05.pt``; pytorch-fid's
-``pt_inception-2015-12-05-*.pth`` state dict with ``fc``).
+(StyleGAN3's ``output`` layer); :func:`logits` works when they are present and
+raises otherwise (the score itself: :mod:`fdistill.eval.statistics`).
+:mod:`fdistill.eval.convert_inception` writes them from sources that have the head (a
+TorchScript with TF names and an ``output`` Linear, e.g. StyleGAN2-ADA's
+``inception-2015-12-05.pt``; pytorch-fid's ``pt_inception-2015-12-05-*.pth`` state dict
+with ``fc``).
 
 Layout: NHWC, kernels HWIO; parameter paths are the TorchScript's below
 ``net.layers`` (``mixed_9/tower_mixed_conv/kernel``), batch-norm statistics
@@ -294,10 +295,6 @@ def has_head(params: Params) -> bool:
   return "output" in params
 
 
-def model_for(params: Params) -> InceptionV3:
-  return InceptionV3(head=has_head(params))
-
-
 def abstract_params(head: bool = False) -> Params:
   """Shapes/dtypes of the module's params (no compute), to check converted weights against."""
   model = InceptionV3(head=head)
@@ -380,9 +377,7 @@ def resolve_path(path: Optional[str] = None, config=None) -> str:
     ValueError: one line naming the accepted sources and how to make the file.
   """
   if not path and config is not None:
-    eval_config = config.get("eval", None) if hasattr(config, "get") else None
-    if eval_config is not None and hasattr(eval_config, "get"):
-      path = eval_config.get("inception_path", None)
+    path = config.eval.inception_path
   if not path:
     path = os.environ.get(ENV_VAR) or None
   if not path or not os.path.isfile(os.path.expanduser(path)):
@@ -434,53 +429,3 @@ def logits(params: Params, images: jax.Array, no_output_bias: bool = True,
   feats = features(params, images, precision)
   out = jnp.dot(feats, params["output"]["kernel"], precision=precision)
   return out if no_output_bias else out + params["output"]["bias"]
-
-
-def _probs(logits_or_probs, from_logits: bool = True) -> np.ndarray:
-  x = np.asarray(logits_or_probs, np.float64)
-  if not from_logits:
-    return x
-  x = x - x.max(axis=1, keepdims=True)
-  probs = np.exp(x)
-  return probs / probs.sum(axis=1, keepdims=True)
-
-
-def score_parts(logits_or_probs: np.ndarray, index: np.ndarray, total: int, num_splits: int = 10,
-                from_logits: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Additive float64 sums of the Inception Score of samples at positions ``index`` of ``total``.
-
-  Why sums: the score of a split is ``exp(mean_x sum_y p log p - sum_y pbar log pbar)``
-  with ``pbar`` the split's mean probabilities, so per split the count, the sum of
-  ``p`` and the sum of ``sum_y p log p`` are all it needs. They add over batches and
-  over processes (:func:`fdistill.eval.fid.sum_over_processes`), so no host keeps
-  every sample's 1008 logits. Sample ``j`` is in split ``i`` iff
-  ``i * total // num_splits <= j < (i + 1) * total // num_splits``, StyleGAN3's split.
-  Returns ``(count [S], prob_sum [S, C], plogp_sum [S])``; add parts with ``+``.
-  """
-  probs = _probs(logits_or_probs, from_logits)
-  bounds = np.arange(num_splits + 1) * int(total) // num_splits
-  split = np.searchsorted(bounds, np.asarray(index), side="right") - 1
-  count = np.zeros(num_splits)
-  prob_sum = np.zeros((num_splits, probs.shape[1]))
-  plogp = np.zeros(num_splits)
-  np.add.at(count, split, 1.0)
-  np.add.at(prob_sum, split, probs)
-  np.add.at(plogp, split, np.sum(probs * np.log(probs + 1e-300), axis=1))
-  return count, prob_sum, plogp
-
-
-def score_from_parts(count, prob_sum, plogp) -> Tuple[float, float]:
-  """(mean, std) over the splits of exp(E_x KL(p(y|x) || p(y))) from :func:`score_parts`."""
-  if np.any(np.asarray(count) < 1):
-    raise ValueError(f"inception_score: every split needs a sample, counts {np.asarray(count)}")
-  pbar = prob_sum / count[:, None]
-  kl = plogp / count - np.sum(pbar * np.log(pbar + 1e-300), axis=1)
-  scores = np.exp(kl)
-  return float(np.mean(scores)), float(np.std(scores))
-
-
-def inception_score(logits_or_probs: np.ndarray, num_splits: int = 10,
-                    from_logits: bool = True) -> Tuple[float, float]:
-  """(mean, std) over ``num_splits`` of exp(E_x KL(p(y|x) || p(y))), as StyleGAN3 computes it."""
-  n = np.shape(logits_or_probs)[0]
-  return score_from_parts(*score_parts(logits_or_probs, np.arange(n), n, num_splits, from_logits))

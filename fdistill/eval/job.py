@@ -11,16 +11,8 @@ without a new checkpoint (0 = evaluate what exists and stop).
 ``eval.step=N`` evaluates checkpoint N only (once: a recorded step is returned
 as recorded) and returns.
 
-Metrics (``eval.metric``; "" picks by ``data.name``):
-
-* ``toy`` (toy2d): exact mode statistics against the data GMM.
-* ``fid`` (cifar10, imagenet64): ``eval.num_samples`` samples, quantised to
-  uint8 as PNGs would be, through the papers' Inception
-  (``eval.inception_path``), Frechet distance to ``eval.fid_ref`` (EDM's
-  fid-refs npz or ``python -m fdistill.eval.ref_stats``); the Inception Score
-  too when the weights carry the 1008-way head.
-* ``digits_fd`` (digits, mnist5k): the same Frechet distance in a small
-  digits classifier's features, a CPU proxy (:mod:`fdistill.eval.digits_fd`).
+What is measured: :mod:`fdistill.eval.metrics` (the registry, ``eval.metric``),
+through :mod:`fdistill.eval.statistics` (the detector and feature statistics).
 
 ``eval/best.json`` points at the best step so far (lowest FID / digits_fd,
 highest toy weight recall): ``{"metric", "step", "value", "lower_is_better"}``.
@@ -32,13 +24,11 @@ the Inception features of its slice of every sample batch on its devices, the
 float64 statistics (and Inception Score sums) are merged over processes, and
 process 0 picks the checkpoints and alone writes files.
 """
-import dataclasses
 import json
 import math
 import os
 import time
-import zipfile
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import jax
 import numpy as np
@@ -46,296 +36,24 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from fdistill import errors, experiment
-from fdistill.diffusion import gmm as gmm_lib
-from fdistill.eval import fid as fid_lib
+from fdistill.eval import metrics as metrics_lib
 from fdistill.io import checkpoint
 from fdistill.io import console
 from fdistill.io import writers
 from fdistill.parallel import mesh as mesh_lib
-from fdistill.registry import lookup
-
-# Images per call of the Inception detector and device (times this process's device count when
-# the batch is sharded): a fixed compiled shape whatever eval.batch_size is, and ~0.7 GB of activations
-# per 256 images at 299x299.
-FEATURE_BATCH = 256
-
-
-# ---------------------------------------------------------------------------
-# Sampling.
-
-def sample_batches(sampling, params, rng, num, batch_size) -> Iterator[np.ndarray]:
-  """``num`` samples as host arrays, ``batch_size`` at a time (one compiled sampler).
-
-  Class-conditional runs get labels cycling over the classes (sample ``i`` has
-  class ``i mod cond_dim``), so every class is equally represented, as the
-  papers' FID protocol draws them. The last batch is sampled full and cut.
-  """
-  cond_dim = sampling.task.cond_dim
-  for i, start in enumerate(range(0, num, batch_size)):
-    size = min(batch_size, num)
-    cond = None
-    if cond_dim:
-      cond = np.eye(cond_dim, dtype=np.float32)[(start + np.arange(size)) % cond_dim]
-    x = np.asarray(sampling.sample(params, jax.random.fold_in(rng, i), size, cond))
-    yield x[:num - start]
-
-
-def sample_in_batches(sampling, params, rng, num, batch_size):
-  """``num`` samples drawn ``batch_size`` at a time (one compiled sampler)."""
-  return np.concatenate(list(sample_batches(sampling, params, rng, num, batch_size)))[:num]
-
-
-def detector_images(x) -> np.ndarray:
-  """[-1, 1] float NHWC -> uint8 RGB: PNG quantisation (``plotting.to_uint8``), grey tiled to 3."""
-  from fdistill.io import plotting  # pylint: disable=g-import-not-at-top
-  images = plotting.to_uint8(x)
-  if images.shape[-1] == 1:
-    images = np.repeat(images, 3, axis=-1)
-  return images
-
-
-# ---------------------------------------------------------------------------
-# The Inception detector.
-
-@dataclasses.dataclass(frozen=True)
-class Detector:
-  """A feature extractor: uint8 NHWC RGB images -> float features [N, dim].
-
-  ``head``: the Inception classifier kernel [dim, 1008] when the weights have it
-  (logits = features @ head, no bias, as StyleGAN3's Inception Score), else None.
-  """
-  extract: Callable[[np.ndarray], np.ndarray]
-  dim: int
-  head: Optional[np.ndarray] = None
-
-
-def check_inception(config) -> str:
-  """The file ``eval.inception_path`` (else ``$FDISTILL_INCEPTION``) names; else a one-line error."""
-  from fdistill.eval import inception  # pylint: disable=g-import-not-at-top
-  try:
-    return inception.resolve_path(config.eval.inception_path or None)
-  except ValueError as e:
-    raise ValueError(f"FID needs the Inception weights (eval.inception_path): "
-                     f"{e}") from None
-
-
-def inception_detector(config, mesh=None) -> Detector:
-  """The papers' Inception from ``eval.inception_path`` (:func:`detector_of`).
-
-  Tests replace this function (a module attribute, looked up at call time) with a
-  cheap stand-in; :mod:`fdistill.eval.ref_stats` uses it too.
-  """
-  from fdistill.eval import inception  # pylint: disable=g-import-not-at-top
-  return detector_of(inception.load_params(check_inception(config)), mesh)
-
-
-def detector_of(params, mesh=None, dim=None, batch=FEATURE_BATCH) -> Detector:
-  """A Detector of Inception ``params``: calls of ``batch`` images per local device of ``mesh``.
-
-  With a mesh the images passed are this process's slice (:func:`process_rows`).
-  ``dim`` (default 2048) exists for tests that swap in a smaller stand-in network.
-  """
-  from fdistill.eval import inception  # pylint: disable=g-import-not-at-top
-  head = params["output"]["kernel"] if inception.has_head(params) else None
-  extract = fid_lib.feature_fn(params, mesh)
-  chunk = batch * (len(mesh.local_devices) if mesh is not None else 1)
-
-  def chunked(images):
-    images = np.asarray(images)
-    out = []
-    for start in range(0, len(images), chunk):
-      part = images[start:start + chunk]
-      # A short tail pads to the compiled shape (the padding is dropped); a call with
-      # fewer images than a chunk runs as it is.
-      pad = chunk - len(part) if len(images) > chunk else 0
-      if pad:
-        part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
-      out.append(extract(part)[:chunk - pad])
-    return np.concatenate(out)
-
-  return Detector(chunked, dim or inception.FEATURE_DIM, head)
-
-
-def check_fid_ref(config) -> str:
-  path = os.path.expanduser(config.eval.fid_ref)
-  fix = (f"make it with `python -m fdistill.eval.ref_stats --config=<this config> "
-         f"--out=PATH` (or use EDM's fid-refs npz) and pass --config.eval.fid_ref=PATH")
-  if not path:
-    raise ValueError(f"eval.fid_ref is not set (eval.metric='fid' compares against reference "
-                     f"statistics); {fix}")
-  if not os.path.isfile(path):
-    raise ValueError(f"eval.fid_ref={config.eval.fid_ref!r} does not exist; {fix}")
-  return path
-
-
-def process_rows(x, index: int, count: int):
-  """Process ``index`` of ``count``'s share of a global batch ``x``: (rows, offset, valid).
-
-  Contiguous blocks of ``ceil(len(x) / count)`` rows starting at ``offset``; the
-  last blocks are padded with zero rows so that every process hands the sharded
-  detector the same shape; the first ``valid`` rows are real.
-  """
-  per = -(-len(x) // count)
-  offset = min(index * per, len(x))
-  rows = np.asarray(x[offset:offset + per])
-  valid = len(rows)
-  if valid < per:
-    rows = np.concatenate([rows, np.zeros((per - valid,) + rows.shape[1:], rows.dtype)])
-  return rows, offset, valid
-
-
-def feature_stats(batches, detector: Detector, score_total: int = 0, num_splits: int = 10):
-  """(FeatureStats, (IS mean, std) or None) of float [-1, 1] image batches, streamed.
-
-  ``batches``: the same global batches on every process (the sampler's output is
-  replicated); each process extracts features of its :func:`process_rows` only and
-  the sums are merged over processes at the end (a collective), so every process
-  returns the same statistics. With ``score_total`` (the number of images) and a
-  detector head, the Inception Score over ``min(num_splits, score_total)`` splits
-  (StyleGAN3's: 10) of the head's logits (no bias), from additive per-split sums.
-  """
-  from fdistill.eval import inception  # pylint: disable=g-import-not-at-top
-  stats = fid_lib.FeatureStats(detector.dim)
-  scoring = bool(score_total) and detector.head is not None
-  splits = min(num_splits, score_total)
-  parts, start = None, 0
-  for x in batches:
-    rows, offset, valid = process_rows(x, jax.process_index(), jax.process_count())
-    feats = np.asarray(detector.extract(detector_images(rows)), np.float64)[:valid]
-    stats.update(feats)
-    if scoring:
-      index = start + offset + np.arange(valid)
-      new = inception.score_parts(feats @ np.asarray(detector.head, np.float64), index,
-                                  score_total, splits)
-      parts = new if parts is None else tuple(a + b for a, b in zip(parts, new))
-    start += len(x)
-  score = None
-  if scoring:
-    score = inception.score_from_parts(*fid_lib.sum_over_processes(*parts))
-  return fid_lib.merge_processes(stats), score
-
-
-# ---------------------------------------------------------------------------
-# Metrics: prepare(config, sampling) -> compute(params, rng) -> {"eval/<name>": value}.
-
-@dataclasses.dataclass(frozen=True)
-class Metric:
-  """One eval metric.
-
-  prepare(config, sampling) -> compute(params, rng) -> dict
-      run once per job (loads detectors and reference statistics), then per checkpoint.
-  key: the number ``best.json`` tracks; its presence in a step's record marks the step done.
-  check(config): raises a one-line ValueError before the job waits for anything.
-  """
-  prepare: Callable
-  key: str
-  lower_is_better: bool
-  check: Optional[Callable] = None
-
-
-def _prepare_toy(config, sampling):
-  from fdistill.eval import toy_metrics as tm  # pylint: disable=g-import-not-at-top
-  gmm = gmm_lib.named(config.data.distribution)
-
-  def compute(params, rng):
-    samples = sample_in_batches(sampling, params, rng, config.eval.num_samples,
-                                config.eval.batch_size)
-    return {"eval/" + k: v for k, v in tm.mode_statistics(gmm, samples).items()}
-  return compute
-
-
-def _check_fid(config):
-  """Both files exist and read (the reference's arrays and their finiteness; the Inception file
-  is a .npz archive) before the job writes or samples anything; the reference's width is
-  checked against the detector's when it loads (``_prepare_fid``)."""
-  weights = check_inception(config)
-  fid_lib.load_reference(check_fid_ref(config))
-  if not zipfile.is_zipfile(weights):
-    raise ValueError(f"eval.inception_path={weights!r} is not a converted .npz (make it with "
-                     "python -m fdistill.eval.convert_inception)")
-
-
-def _prepare_fid(config, sampling):
-  reference = fid_lib.load_reference(check_fid_ref(config))
-  detector = inception_detector(config, sampling.mesh)
-  if reference[0].size != detector.dim:  # before any sampling
-    raise ValueError(f"eval.fid_ref={config.eval.fid_ref!r} holds {reference[0].size}-d "
-                     f"statistics; the detector's features are {detector.dim}-d")
-
-  def compute(params, rng):
-    batches = sample_batches(sampling, params, rng, config.eval.num_samples,
-                             config.eval.batch_size)
-    stats, score = feature_stats(batches, detector, score_total=config.eval.num_samples)
-    out = {"eval/fid": fid_lib.fid_from_stats(stats, reference)}
-    if score is not None:
-      out.update({"eval/inception_score": score[0], "eval/inception_score_std": score[1]})
-    return out
-  return compute
-
-
-def _prepare_digits_fd(config, sampling):
-  from fdistill.eval import digits_fd  # pylint: disable=g-import-not-at-top
-  images, labels = digits_fd.data_images(config)
-  classifier = digits_fd.load_or_train(config, images, labels)
-  reference = digits_fd.stats_of(classifier, images)
-  detector = Detector(lambda u8: digits_fd.features(classifier, u8), digits_fd.FEATURE_DIM)
-
-  from fdistill.io import plotting  # pylint: disable=g-import-not-at-top
-
-  def compute(params, rng):
-    stats = fid_lib.FeatureStats(detector.dim)
-    for x in sample_batches(sampling, params, rng, config.eval.num_samples,
-                            config.eval.batch_size):
-      stats.update(detector.extract(plotting.to_uint8(x)))  # the data's own channels
-    return {"eval/digits_fd": digits_fd.distance(stats, reference)}
-  return compute
-
-
-METRICS = {
-    "toy": Metric(_prepare_toy, "eval/weight_recall", lower_is_better=False),
-    "fid": Metric(_prepare_fid, "eval/fid", lower_is_better=True, check=_check_fid),
-    "digits_fd": Metric(_prepare_digits_fd, "eval/digits_fd", lower_is_better=True),
-}
-DEFAULT_METRIC = {"toy2d": "toy", "digits": "digits_fd", "mnist5k": "digits_fd"}
-
-
-def metric_name(config):
-  return config.eval.metric or DEFAULT_METRIC.get(config.data.name, "fid")
-
-
-def metric_of(config) -> Metric:
-  return lookup(METRICS, metric_name(config), "eval.metric")
-
-
-@dataclasses.dataclass(frozen=True)
-class Evaluator:
-  """A run's sampler with the metric prepared for it (detector, reference statistics)."""
-  sampling: experiment.Sampling
-  metric: Metric
-  compute: Callable
-
-
-def make_evaluator(config, workdir, sampling=None) -> Evaluator:
-  if sampling is None:
-    sampling = experiment.build_sampler(config, experiment.task_of_run(workdir))
-  metric = metric_of(config)
-  return Evaluator(sampling, metric, metric.prepare(config, sampling))
 
 
 def evaluate_checkpoint(config, workdir, step, evaluator=None):
   """Metrics dict for the checkpoint at ``step`` of ``workdir``.
 
-  ``evaluator``: an :class:`Evaluator` (the job passes its own, prepared once), a
-  bare sampler, or None to build one.
+  ``evaluator``: a :class:`fdistill.eval.metrics.Evaluator` (the job passes its own, prepared
+  once), a bare sampler, or None to build one.
   """
-  if not isinstance(evaluator, Evaluator):
-    evaluator = make_evaluator(config, workdir, evaluator)
+  if not isinstance(evaluator, metrics_lib.Evaluator):
+    evaluator = metrics_lib.make_evaluator(config, workdir, evaluator)
   params, _ = experiment.restore_export(evaluator.sampling, workdir, step)
   return evaluator.compute(params, jax.random.key(config.seed + 1))
 
-
-# ---------------------------------------------------------------------------
-# The job.
 
 def _write_json(path, value):
   tmp = path + ".tmp"
@@ -344,7 +62,7 @@ def _write_json(path, value):
   os.replace(tmp, path)
 
 
-def eval_setting(config, metric: Metric) -> str:
+def eval_setting(config, metric: metrics_lib.Metric) -> str:
   """Everything besides the checkpoint that changes an evaluation's numbers, as one string:
   a record made with another setting is never served for this one."""
   times = config.objective.sampler_times if "sampler_times" in config.objective else None
@@ -353,7 +71,7 @@ def eval_setting(config, metric: Metric) -> str:
           f"|seed={config.seed}")
 
 
-def best_of(done, metric: Metric, setting: Optional[str] = None) -> Optional[dict]:
+def best_of(done, metric: metrics_lib.Metric, setting: Optional[str] = None) -> Optional[dict]:
   """The best recorded step for ``metric`` (finite values only; the earliest on ties), among
   the records of ``setting`` (None: all)."""
   scored = [(float(rec[metric.key]), int(step)) for step, rec in done.items()
@@ -422,7 +140,7 @@ def run(config, workdir):
   slice); process 0 decides what to evaluate and alone writes the metrics,
   ``done.json`` and ``best.json``.
   """
-  metric = metric_of(config)  # fail fast on a bad name, a missing file or field
+  metric = metrics_lib.metric_of(config)  # fail fast on a bad name, a missing file or field
   if metric.check is not None:
     metric.check(config)
   only = int(config.eval.step)
@@ -486,7 +204,7 @@ def run(config, workdir):
       continue
     try:
       if evaluator is None:
-        evaluator = make_evaluator(config, workdir)
+        evaluator = metrics_lib.make_evaluator(config, workdir)
       start = time.time()
       metrics = evaluate_checkpoint(config, workdir, step, evaluator)
     except errors.CorruptCheckpointError as e:

@@ -38,7 +38,7 @@ from fdistill import data
 from fdistill.configfile import apply_config_flags, load_config_file
 from fdistill.errors import USER_ERRORS
 from fdistill.eval import fid
-from fdistill.eval import job
+from fdistill.eval import statistics
 from fdistill.parallel import mesh as mesh_lib
 
 
@@ -68,12 +68,12 @@ def reference_stats(config, num: int = 50_000, batch_size: int = 500, detector=N
                     mesh=None) -> fid.FeatureStats:
   """FeatureStats of the first ``num`` images (0 = all; capped at one epoch) of the dataset.
 
-  ``detector``: a :class:`fdistill.eval.job.Detector` (default: the Inception of
-  ``eval.inception_path``, loaded through ``job.inception_detector``). Under
+  ``detector``: a :class:`fdistill.eval.statistics.Detector` (default: the Inception of
+  ``eval.inception_path``, loaded through ``statistics.inception_detector``). Under
   ``jax.distributed`` a collective: every process returns the merged statistics.
   """
   if detector is None:  # checks eval.inception_path first: fails before the dataset loads
-    detector = job.inception_detector(config, mesh)
+    detector = statistics.inception_detector(config, mesh)
   dataset = dataset_of(config)
   total = num_examples(dataset)
   num = total if num <= 0 else min(num, total)
@@ -82,7 +82,7 @@ def reference_stats(config, num: int = 50_000, batch_size: int = 500, detector=N
   batches = (batch["x"] for batch in dataset.iterator(batch_size))
   steps = -(-num // batch_size)
   cut = (b[:num - i * batch_size] for i, b in enumerate(itertools.islice(batches, steps)))
-  stats, _ = job.feature_stats(cut, detector)
+  stats, _ = statistics.feature_stats(cut, detector)
   if stats.count != num:
     raise RuntimeError(f"ref_stats: read {stats.count} images, expected {num}")
   return stats

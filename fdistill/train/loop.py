@@ -13,12 +13,11 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from fdistill import errors, experiment
-from fdistill.diffusion import gmm as gmm_lib
+from fdistill import sampling
 from fdistill.io import checkpoint
 from fdistill.io import console as console_lib
 from fdistill.io import writers
@@ -155,9 +154,9 @@ def train(config, workdir: str, mesh=None, teacher_pin=None):
         save(ckpt, exp, done, state)
         console.line(f"saved checkpoint {done} in {ckpt.manager.directory}")
       if tc.sample_every and done % tc.sample_every == 0:
-        png_path = samples_path(workdir, done, config.eval.sampler_steps)
-        write_samples(exp.sampler, exp.export(state), jax.random.fold_in(sample_rng, done),
-                      config, png_path)
+        png_path = sampling.samples_path(workdir, done, config.eval.sampler_steps)
+        sampling.write_samples(exp.sampler, exp.export(state), jax.random.fold_in(sample_rng, done),
+                               config, png_path)
         if os.path.exists(png_path):  # process 0 wrote it
           png = open(png_path, "rb").read()
           writer.write_png(done, "samples", png, *writers.png_size(png))
@@ -170,31 +169,8 @@ def train(config, workdir: str, mesh=None, teacher_pin=None):
   return state, exp, record
 
 
-def samples_path(workdir, step: int, sampler_steps: int) -> str:
-  """One name for sample grids, from training and from ``--mode=sample``: the checkpoint step
-  and the sampler's step count (a 2-step grid never overwrites the 1-step one)."""
-  return os.path.join(workdir, f"samples_{step:07d}_{sampler_steps}steps.png")
-
-
 def learning_rate(optim_config, step: int) -> float:
   """The generator's learning rate at ``step`` (``state.make_optimizer``'s linear warm-up)."""
   warmup = int(optim_config.warmup_steps)
   return float(optim_config.lr) * (min(1.0, step / warmup) if warmup > 0 else 1.0)
 
-
-def plot_reference(config):
-  """The exact mixture behind toy data (drawn under scatter plots), else None."""
-  return gmm_lib.named(config.data.distribution) if config.data.name == "toy2d" else None
-
-
-def write_samples(sampling: experiment.Sampling, params, rng, config, path, num=None):
-  """Samples of ``params`` as a PNG: scatter for 2-D data, a grid for images; returns them."""
-  from fdistill.io import plotting
-  num = num or config.eval.num_plot_samples
-  cond = None
-  if sampling.task.cond_dim:
-    cond = jax.nn.one_hot(jnp.arange(num) % sampling.task.cond_dim, sampling.task.cond_dim)
-  samples = np.asarray(jax.device_get(sampling.sample(params, rng, num, cond)))
-  if mesh_lib.is_main_process():
-    plotting.save_samples(path, samples, reference=plot_reference(config))
-  return samples

@@ -1,5 +1,5 @@
 """One process of tests/test_eval_fid_multiprocess.py: FID statistics of fixed images under
-jax.distributed, through the eval job's own path (job.feature_stats, fid.feature_fn).
+jax.distributed, through the eval job's own path (statistics.feature_stats, fid.feature_fn).
 
   python tests/support/fid_worker.py OUT.npz PORT PROCESS_ID NUM_PROCESSES
 
@@ -36,19 +36,19 @@ def params_and_batches():
 
 
 def statistics(mesh, batches=None):
-  """(FeatureStats, (IS mean, std)) through job.feature_stats with the stand-in detector."""
+  """(FeatureStats, (IS mean, std)) through statistics.feature_stats with the stand-in detector."""
   from fdistill.eval import inception
-  from fdistill.eval import job
+  from fdistill.eval import statistics as eval_statistics
   real = inception.features
   # fid.feature_fn looks it up when it builds its jit; restored after, since the test process
   # calls this too and later tests in the same worker need the real network.
   inception.features = stand_in_features
   try:
     params, default = params_and_batches()
-    detector = job.detector_of(params, mesh, dim=DIM, batch=PER_DEVICE)
+    detector = eval_statistics.detector_of(params, mesh, dim=DIM, batch=PER_DEVICE)
     batches = default if batches is None else batches
-    return job.feature_stats(batches, detector, score_total=sum(map(len, batches)),
-                             num_splits=4)
+    return eval_statistics.feature_stats(batches, detector,
+                                         score_total=sum(map(len, batches)), num_splits=4)
   finally:
     inception.features = real
 
@@ -57,12 +57,12 @@ def main(out, port, process_id, num_processes):
   import jax
   jax.distributed.initialize(f"localhost:{port}", int(num_processes), int(process_id))
   from fdistill.eval import fid
-  from fdistill.eval import job
+  from fdistill.eval import statistics as eval_statistics
   mesh = jax.make_mesh((2, jax.device_count() // 2), ("data", "fsdp"))  # every global device
   stats, score = statistics(mesh)
   # A wrong split, which the test must tell apart: every process takes process 0's rows.
-  rows = job.process_rows
-  job.process_rows = lambda x, index, count: rows(x, 0, count)
+  rows = eval_statistics.process_rows
+  eval_statistics.process_rows = lambda x, index, count: rows(x, 0, count)
   wrong, _ = statistics(mesh)
   # Not representable in float32: a gather through float32 would change the sum.
   probe, = fid.sum_over_processes(np.array([1 / 3 + jax.process_index(), 1e-12]))
