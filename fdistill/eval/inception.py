@@ -36,6 +36,10 @@ Layout: NHWC, kernels HWIO; parameter paths are the TorchScript's below
 ``net.layers`` (``mixed_9/tower_mixed_conv/kernel``), batch-norm statistics
 live in the ``params`` collection as ``mean``/``var``/``beta`` (a frozen
 detector, one pytree).
+
+One job, the network and its weights; over 400 lines because the blocks are written
+out so that every parameter path is the TorchScript's, which the converter and
+:func:`check_params` rely on.
 """
 import os
 import zipfile
