@@ -20,7 +20,10 @@ multiples of the block sizes and D need not be a power of two: ragged tiles
 are handled with masked loads and stores, not by padding copies.
 
 Backends: GPU runs the Pallas Triton lowering; CPU runs the same kernel with
-``interpret=True`` (tests). TPU has no Mosaic version yet and raises.
+``interpret=True`` (tests). TPU runs the Mosaic version of this kernel,
+``ops/flash_jvp_tpu.py`` (same interface and math); here TPU raises.
+Tiles: :func:`default_config` fits shared memory by :func:`shared_memory_bytes`
+(docs/kernels.md).
 The kernel has no transpose rule (``pallas_call`` is not linear to JAX), so it
 must never sit under ``jax.grad``; ``ops.attention`` wraps it so the gradient
 goes through a differentiable attention instead.
@@ -36,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-# A finite "minus infinity": exp2(MASK - m) underflows to exactly 0 for any real
+# A finite "minus infinity" (both kernels): exp2 or exp of (MASK - m) is exactly 0 for any real
 # row max m, and a row whose keys are all masked so far stays NaN-free.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
@@ -139,7 +142,8 @@ def resolve_interpret(interpret: Optional[bool]) -> bool:
   if not interpret and backend not in ("gpu", "cuda", "rocm"):
     raise ValueError(
         f"The flash JVP kernel is written for the Pallas Triton backend (GPU); found backend "
-        f"{backend!r}. Use attention impl='xla' here (or interpret=True for testing).")
+        f"{backend!r}. On TPU use ops.flash_jvp_tpu; elsewhere attention impl='xla' (or "
+        f"interpret=True for testing).")
   return interpret
 
 
