@@ -38,8 +38,8 @@ def get_config(arg=None):
       # 0.02 t: the student copies the teacher's weights but not its time input.
       time_embedding="linear", time_scale=0.02,
       dmd_weight=0.0 if a.variant == "scm" else 0.01, dmd_only=a.variant == "dmd_only",
-      # sCM's learned weight w(t) off: with it precision fell (measured, 3 seeds: README's rCM
-      # table; the README says why we think so).
+      # sCM's learned weight w(t) off: with it precision fell (measured, 3 seeds: the rCM table
+      # of docs/toy_results.md; docs/methods.md says why we think so).
       adaptive_weight=False,
       scm_warmup_steps=warmup if a.variant == "rcm" else 0,
       warmup_critic_steps=100 if fresh else 0, gen_every=2, rollout_max_steps=4,

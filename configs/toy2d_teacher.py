@@ -16,7 +16,7 @@ def get_config(arg=None):
   c.model.hidden = (256, 256, 256)
   c.model.emb_dim = 64
   # Random Fourier features of the input (ScoreMLP): the one-step students copy this network,
-  # and a plain MLP cannot map one Gaussian onto 25 sharp modes (README, demo study).
+  # and a plain MLP cannot map one Gaussian onto 25 sharp modes (docs/toy_results.md, demo study).
   c.model.input_fourier = 64
   c.model.input_fourier_scale = 3.0
   c.model.residual = False

@@ -10,7 +10,7 @@ traceback instead. Bugs (any other exception) keep their traceback.
 
 Multi-process (TPU pods, SLURM, N local CPU processes): every process runs this
 same command; ``--distributed`` and the coordinator flags start
-``jax.distributed`` (see launch/ and README "Sharded and multi-host training").
+``jax.distributed`` (see launch/ and docs/usage.md, "Sharded and multi-host training").
 """
 import os
 import sys

@@ -18,7 +18,7 @@ class ScoreMLP(nn.Module):
   ``B`` [D, input_fourier] drawn once from N(0, input_fourier_scale^2) at init and
   never trained (random Fourier features): a plain MLP is a smooth function of
   its input and cannot map one Gaussian onto 25 sharp modes in a few thousand
-  steps; these features make it able to (measured in the README's demo study).
+  steps; these features make it able to (measured in the demo study, docs/toy_results.md).
   ``residual`` adds each hidden layer's input to its output where widths match.
   """
   hidden: Sequence[int] = (256, 256, 256)
