@@ -135,7 +135,7 @@ def _kernel(*refs, scale, block_q, block_k, skv, has_mask, tangents):
     x = ref[...]
     if not ragged:
       return x
-    rows = k_start + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0) < skv
+    rows = k_start + lax.broadcasted_iota(jnp.int32, x.shape, 0) < skv
     return jnp.where(rows, x, jnp.zeros_like(x))
 
   q = q_ref[...]
