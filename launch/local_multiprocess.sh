@@ -11,11 +11,13 @@
 #   LOG_DIR              where process_<i>.log go (default: stdout/stderr of this script)
 #   PYTHON               interpreter (default: .venv/bin/python if present, else python3)
 # SIGTERM / SIGINT to this script are forwarded to every process (a preemption notice: they
-# agree on a step, save a checkpoint and exit 0). The exit status is the first non-zero one.
+# agree on a step, save a checkpoint and exit 0). The exit status is the first non-zero one;
+# a process that fails makes this script kill the others (srun --kill-on-bad-exit; not with
+# KILL_ON_BAD_EXIT=0). Each non-zero exit is reported as "pid P exited RC".
 set -euo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ ]]; then
-  sed -n '2,14p' "$0" >&2
+  sed -n '2,16p' "$0" >&2
   exit 2
 fi
 NUM_PROCESSES=$1
@@ -48,17 +50,25 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
   echo "local_multiprocess: process ${i} pid $! (coordinator localhost:${PORT})" >&2
 done
 
+# Like srun --kill-on-bad-exit: the first process to fail stops the others (a hung peer would
+# otherwise keep this script waiting forever). Needs bash >= 5.1 (wait -n -p).
 status=0
-for pid in "${pids[@]}"; do
-  # `wait` returns early (status > 128) when a trapped signal arrives; wait again until it exits.
-  while true; do
-    set +e
-    wait "$pid"
-    rc=$?
-    set -e
-    if [[ $rc -gt 128 ]] && kill -0 "$pid" 2>/dev/null; then continue; fi
-    break
-  done
-  if [[ $rc -ne 0 && $status -eq 0 ]]; then status=$rc; fi
+running=("${pids[@]}")
+while [[ ${#running[@]} -gt 0 ]]; do
+  set +e
+  finished=
+  wait -n -p finished "${running[@]}"
+  rc=$?
+  set -e
+  # A trapped signal interrupts `wait` (status > 128, no pid): wait again.
+  if [[ -z "$finished" ]]; then continue; fi
+  still=()
+  for pid in "${running[@]}"; do [[ $pid != "$finished" ]] && still+=("$pid"); done
+  running=("${still[@]}")
+  if [[ $rc -ne 0 ]]; then echo "local_multiprocess: pid ${finished} exited ${rc}" >&2; fi
+  if [[ $rc -ne 0 && $status -eq 0 ]]; then
+    status=$rc
+    if [[ ${KILL_ON_BAD_EXIT:-1} == 1 ]]; then forward KILL; fi
+  fi
 done
 exit $status

@@ -5,9 +5,15 @@ launch/local_multiprocess.sh starts 2 processes with 2 fake CPU devices each
 fsdp=2 within each). They train 4 DSM steps, checkpoint (every process writes
 its shards into one shared directory), exit; a second launch resumes to step 8.
 Every loss must equal the single-process run's on a (data=2, fsdp=2) mesh.
+A killed or stopped peer ends the other process in bounded time with one FATAL line.
 """
+import os
+import signal
+import time
+
 import jax
 import numpy as np
+import pytest
 
 from support import multiprocess as mp
 from fdistill.parallel import mesh as mesh_lib
@@ -15,6 +21,7 @@ from fdistill.train import loop
 
 STEPS = 8
 MULTI_SLICE = ("mesh.data=1", "mesh.fsdp=2", "mesh.dcn_data=2")
+PEER_TIMEOUT = 15  # seconds without a peer's heartbeat (fdistill.parallel.peers)
 
 
 def single_process_losses(config_path, workdir):
@@ -49,3 +56,45 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
   log0, log1 = [(logs / "second" / f"process_{i}.log").read_text() for i in (0, 1)]
   assert "4 cpu devices" in log0 and "done: step 8" in log0
   assert "done: step" not in log1 and "saved checkpoint" not in log1
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_hung_peer_ends_the_other_process_with_one_fatal_line(tmp_path, how):
+  """Process 1 of 2 is killed (its connections close: the next collective fails) or stopped
+  (nothing fails: only the watchdog's missing heartbeats show it). Process 0 exits 2 within
+  the peer timeout plus slack, with one FATAL line and no traceback or abort dump (before:
+  stuck up to JAX's 100 s heartbeat timeout, then a C++ stack dump and exit 134)."""
+  config_path = mp.write_config(tmp_path)
+  workdir, logs = tmp_path / "run", tmp_path / "logs"
+  launcher = mp.start_launcher(2, mp.main_args(config_path, workdir, "train.num_steps=1000000",
+                                               *MULTI_SLICE), logs,
+                               extra_env={"FDISTILL_PEER_TIMEOUT": str(PEER_TIMEOUT),
+                                          "KILL_ON_BAD_EXIT": "0"})
+  pids = mp.launcher_pids(launcher, 2)
+  mp.wait_for_step(workdir, 2, [launcher])
+  os.kill(pids[1], getattr(signal, how))
+  started = time.monotonic()
+  while time.monotonic() - started < PEER_TIMEOUT + 60 and _alive(pids[0]):
+    time.sleep(0.2)
+  elapsed = time.monotonic() - started
+  os.kill(pids[1], signal.SIGKILL) if how == "SIGSTOP" else None
+  out, _ = launcher.communicate(timeout=60)
+  log0 = (logs / "process_0.log").read_text()
+  fatal = [line for line in log0.splitlines() if line.startswith("FATAL:")]
+  assert f"pid {pids[0]} exited 2" in out and len(fatal) == 1, out + log0[-3000:]
+  assert "Traceback" not in log0 and "Check failure" not in log0, log0[-3000:]
+  assert fatal[0].startswith("FATAL: process 0 of 2:") and "resumes from its last checkpoint" in \
+      fatal[0]
+  if how == "SIGSTOP":  # only the missing heartbeats show it: about the timeout
+    assert "process 1 stopped responding" in fatal[0]
+    assert PEER_TIMEOUT - 2 < elapsed < PEER_TIMEOUT + 30, elapsed
+  else:
+    assert elapsed < PEER_TIMEOUT + 30, elapsed
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True

@@ -6,7 +6,6 @@ JAX's preemption sync manager makes both agree on the step, both save their
 shards of that one checkpoint and exit 0.
 """
 import os
-import re
 import signal
 
 import jax
@@ -56,24 +55,12 @@ def test_signal_saves_a_checkpoint_and_the_restart_resumes_exactly(tmp_path, sig
                              [reference[s] for s in sorted(reference)], rtol=1e-6)
 
 
-def _launcher_pids(proc, count):
-  """Child pids from the launcher's 'process i pid P' lines."""
-  pids = {}
-  while len(pids) < count:
-    line = proc.stdout.readline()
-    assert line, "launcher exited before starting its processes"
-    match = re.search(r"process (\d+) pid (\d+)", line)
-    if match:
-      pids[int(match.group(1))] = int(match.group(2))
-  return pids
-
-
 def test_sigterm_to_one_of_two_processes_saves_one_agreed_checkpoint(tmp_path):
   config_path = mp.write_config(tmp_path)
   workdir, logs = tmp_path / "run", tmp_path / "logs"
   launcher = mp.start_launcher(2, mp.main_args(config_path, workdir, FOREVER, NO_PERIODIC_SAVES,
                                                "mesh.data=2", "mesh.fsdp=2"), logs)
-  pids = _launcher_pids(launcher, 2)
+  pids = mp.launcher_pids(launcher, 2)
   mp.wait_for_step(workdir, 3, [launcher])
   os.kill(pids[1], signal.SIGTERM)  # only process 1 is told
   mp.finish(launcher, logs, timeout=90)

@@ -177,3 +177,90 @@ def test_a_corrupt_export_is_refused_by_sample_and_skipped_by_eval(reference, tm
   with pytest.raises(errors.CorruptCheckpointError, match="checkpoints/20"):
     c.eval.step = 20
     modes.run(c, workdir, "eval")
+
+
+def _ckpt_files(workdir):
+  """{relative path: bytes} of every file under ``checkpoints/`` (what must stay untouched)."""
+  root = os.path.join(workdir, "checkpoints")
+  return {os.path.relpath(p, root): open(p, "rb").read()
+          for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if os.path.isfile(p)}
+
+
+def _wait_until_unchanged(workdir, quiet_seconds=1.0, limit=30.0):
+  deadline, last = time.monotonic() + limit, None
+  while time.monotonic() < deadline:
+    now = {k: len(v) for k, v in _ckpt_files(workdir).items()}
+    if now == last:
+      return
+    last = now
+    time.sleep(quiet_seconds)
+
+
+def test_a_full_disk_during_a_save_loses_nothing_and_the_rerun_resumes(reference, tmp_path,
+                                                                      monkeypatch):
+  """The write of step 30 fails with ENOSPC inside orbax (its temporary directory exists):
+  one error naming the disk and the step to resume from, checkpoints 10 and 20
+  byte-identical; the rerun removes the partial directory and ends as the uninterrupted run."""
+  import errno
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as json_handler
+  base, want = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  before = _ckpt_files(workdir)
+
+  async def disk_full(self, x, directory):
+    raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+  monkeypatch.setattr(json_handler.JsonCheckpointHandler, "_save_fn", disk_full)
+  with pytest.raises(checkpoint.SaveFailedError,
+                     match=r"could not save step 30 .* the disk is full .* resumes from step 20"):
+    modes.run(config(30), workdir, "train_teacher")
+  assert {k: v for k, v in _ckpt_files(workdir).items() if "tmp" not in k} == before
+  monkeypatch.undo()
+  _wait_until_unchanged(workdir)  # the failed save's other writers finish in this process
+  modes.run(config(30), workdir, "train_teacher")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "30"]
+  assert_same(final_state(workdir, 30), want)
+
+
+def test_keep_n_deletes_nothing_when_the_new_checkpoint_does_not_read_back(reference, tmp_path,
+                                                                          monkeypatch):
+  """Keep 3 with checkpoints 10, 20, 30: step 40's bytes change between the write and the
+  read-back (bad storage), so 40 is moved aside and 10 (due for deletion) is kept."""
+  base, _ = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  real = checkpoint.Checkpointer._keep_last_n
+
+  def storage_flips_bytes(self, step, *args):
+    if step == 40:
+      flip_bytes(os.path.join(workdir, "checkpoints", "40"))
+    return real(self, step, *args)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "_keep_last_n", storage_flips_bytes)
+  with pytest.raises(checkpoint.SaveFailedError,
+                     match="checkpoint 40 did not read back intact .* resumes from step 30"):
+    modes.run(config(40), workdir, "train_teacher")
+  assert checkpoint.saved_steps(workdir) == [10, 20, 30]
+  assert [d.split(".")[0] for d in os.listdir(os.path.join(workdir, "checkpoints_corrupt"))] == [
+      "40"]
+
+
+def test_a_checkpoint_of_another_model_is_one_error_and_nothing_moves(reference, tmp_path):
+  """Another model's checkpoints copied into a workdir without its config.json (so the
+  config check cannot see it): one error naming an array and both shapes; nothing is moved
+  aside, no config.json is written."""
+  base, _ = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  os.remove(os.path.join(workdir, "config.json"))
+  before = _ckpt_files(workdir)
+  wider = config(30)
+  wider.model.hidden = (48, 48)
+  with pytest.raises(ValueError, match=r"checkpoints/20 holds another model's state "
+                                              r"\(net\.\S+: saved \((\d+, )?32,?\), config "
+                                              r"\((\d+, )?48,?\).* or give a new --workdir"):
+    modes.run(wider, workdir, "train_teacher")
+  assert _ckpt_files(workdir) == before
+  assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt"))
+  assert not os.path.exists(os.path.join(workdir, "config.json"))

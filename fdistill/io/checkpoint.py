@@ -17,8 +17,16 @@ gathered to a host). :meth:`Checkpointer.restore_intact` verifies the digest
 and that every float is finite; a checkpoint that fails (unreadable, missing
 files, flipped bytes, non-finite values) is moved aside to
 ``<workdir>/checkpoints_corrupt/`` (renamed, never deleted) and the next older
-one is tried. If none is intact the run stops instead of starting afresh.
+one is tried. If none is intact the run stops instead of starting afresh. A
+checkpoint whose tree does not match the config (another model's checkpoint) is
+not corrupt: it stops the run with one error naming the first differing arrays,
+and nothing is moved.
+
+A save that fails (disk full, a write error) raises :class:`SaveFailedError`, one
+line naming the step, the cause and the checkpoints that remain; nothing older is
+touched, and the trainer's next start removes the partial directory.
 """
+import errno
 import json
 import os
 import time
@@ -29,7 +37,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
-from fdistill.errors import CorruptCheckpointError, NonFiniteRunError
+from fdistill.errors import CorruptCheckpointError, NonFiniteRunError, UserError
+
+
+class SaveFailedError(UserError):
+  """A checkpoint could not be written or did not read back intact (older ones kept)."""
 
 
 def _leaf_digest(x):
@@ -82,10 +94,15 @@ def _all_finite(leaves):
 class Checkpointer:
   """Saves/restores ``{"state", "export", "meta"}`` under ``<workdir>/checkpoints``."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = False):
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+  def __init__(self, workdir: str, max_to_keep: int = 3, writer: bool = False):
+    """``writer``: the trainer (it holds the workdir's lock), which removes the temporary
+    directories of saves that failed or were killed; readers never do (one may be in flight)."""
+    # Orbax keeps every step; :meth:`save` applies keep-N itself, after verifying the new one.
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=writer)
     self.workdir = os.path.abspath(workdir)
+    self.max_to_keep = max_to_keep
     self.manager = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"),
                                          options=options)
 
@@ -97,20 +114,64 @@ class Checkpointer:
 
   def save(self, step: int, state, export, meta: Optional[dict] = None,
            force: bool = False) -> bool:
-    """Saves ``state`` and the ``export`` params at ``step`` (``force``: even off-schedule).
+    """Saves ``state`` and the ``export`` params at ``step`` (``force``: even off-schedule),
+    then applies keep-N. Nothing is lost whatever goes wrong:
 
-    Refuses (NonFiniteRunError, nothing written) a state with a non-finite float: the step's
-    guard never commits one, so this is the last line against saving garbage over good
-    checkpoints (keep-N would then delete those)."""
+    - a non-finite float in the state: NonFiniteRunError, nothing written (the step's guard
+      never commits one; this is the last line against saving garbage over good checkpoints);
+    - a failed write (disk full, ...): SaveFailedError (the next trainer start removes the
+      partial directory);
+    - keep-N deletes older checkpoints only after the new one has been read back with its
+      digest and finiteness checked; one that does not read back is moved aside
+      (SaveFailedError) and the older ones stay.
+    """
     if not floats_finite((state, export)):
       raise NonFiniteRunError(
           f"refusing to save step {step}: the state holds non-finite values; the checkpoints "
           f"under {self.manager.directory} (latest {self.latest_step()}) were left as they were")
-    meta = dict(meta or {}, step=int(step),
-                digest={"state": digest(state), "export": digest(export)})
-    return self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), export=ocp.args.StandardSave(export),
-        meta=ocp.args.JsonSave(meta)), force=force)
+    digests = {"state": digest(state), "export": digest(export)}
+    meta = dict(meta or {}, step=int(step), digest=digests)
+    try:
+      saved = self.manager.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), export=ocp.args.StandardSave(export),
+          meta=ocp.args.JsonSave(meta)), force=force)
+    except jax.errors.JaxRuntimeError:  # a collective of the save failed: a peer, not the disk
+      raise
+    except Exception as e:  # orbax, tensorstore and OS errors of the write alike
+      raise SaveFailedError(f"could not save step {step} to {self.manager.directory}: "
+                            f"{_write_cause(e)}; {self._what_is_kept()}") from e
+    if saved:
+      self._keep_last_n(step, state, export, digests)
+    return saved
+
+  def _keep_last_n(self, step, state, export, digests):
+    """Deletes all but the newest ``max_to_keep`` checkpoints once ``step`` reads back intact."""
+    steps = sorted(self.all_steps())
+    stale = steps[:-self.max_to_keep] if self.max_to_keep else []
+    if not stale:
+      return
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_targets(state)),
+          export=ocp.args.StandardRestore(_targets(export))))
+      problem = (problems(out["state"], digests["state"]) or
+                 problems(out["export"], digests["export"]))
+    except Exception as e:  # unreadable right after the write: the storage is at fault
+      problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if problem is not None:
+      where = self.move_aside(step, problem)
+      raise SaveFailedError(f"checkpoint {step} did not read back intact ({problem}); moved to "
+                            f"{where}, nothing deleted; {self._what_is_kept()}")
+    for old in stale:
+      self.manager.delete(old)
+
+  def _what_is_kept(self) -> str:
+    self.manager.reload()
+    steps = self.all_steps()
+    if not steps:
+      return "no checkpoint was saved before; a restart begins from scratch"
+    return (f"the checkpoints {sorted(steps)} are intact and a restart resumes from step "
+            f"{max(steps)}")
 
   def restore(self, abstract_state, step: Optional[int] = None):
     """Restores (state, meta) into the shardings/dtypes of ``abstract_state``."""
@@ -129,6 +190,12 @@ class Checkpointer:
     """
     steps = sorted(self.all_steps(), reverse=True)
     for step in steps:
+      mismatch = self.tree_mismatch(step, abstract_state)
+      if mismatch is not None:  # not corrupt: written by another config; nothing is moved
+        raise ValueError(
+            f"checkpoint {os.path.join(str(self.manager.directory), str(step))} holds another "
+            f"model's state ({mismatch}); resume it with the config it was trained with (its "
+            "run's config.json), or give a new --workdir for this config")
       try:
         state, meta = self.restore(abstract_state, step)
         problem = problems(state, meta.get("digest", {}).get("state"))
@@ -142,6 +209,17 @@ class Checkpointer:
           f"no intact checkpoint under {self.manager.directory}: steps {steps} failed and were "
           f"moved to {os.path.join(self.workdir, 'checkpoints_corrupt')}; nothing was deleted")
     return None
+
+  def tree_mismatch(self, step: int, abstract_state) -> Optional[str]:
+    """How ``step``'s saved state tree differs from ``abstract_state`` (names and shapes, up to
+    3 differences), or None if they agree or the saved tree cannot be read (then the restore
+    decides whether the checkpoint is corrupt)."""
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(
+          self.manager.directory / str(step) / "state").tree
+    except Exception:  # unreadable metadata: a corrupt checkpoint, handled by the restore
+      return None
+    return _shape_differences(_shapes(saved), _shapes(abstract_state))
 
   def move_aside(self, step: int, why: str) -> str:
     """Renames checkpoint ``step`` into ``checkpoints_corrupt/`` (process 0), with a warning."""
@@ -180,11 +258,37 @@ class Checkpointer:
                                    "use another step (or restore this one from a backup)")
     return out["export"], step
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
   def close(self):
     self.manager.close()
+
+
+def _shapes(tree) -> dict:
+  """``{dotted leaf name: shape}`` of an array tree (orbax's names: keys, indices, fields)."""
+  def key_name(k):
+    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _shape_differences(saved: dict, wanted: dict) -> Optional[str]:
+  differences = (
+      [f"{name}: saved {saved[name]}, config {wanted[name]}"
+       for name in wanted if name in saved and saved[name] != wanted[name]] +
+      [f"{name}: not in the checkpoint" for name in wanted if name not in saved] +
+      [f"{name}: not in the config's model" for name in saved if name not in wanted])
+  if not differences:
+    return None
+  more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+  return "; ".join(differences[:3]) + more
+
+
+def _write_cause(error) -> str:
+  """What made a write fail, in a few words and what to do (the disk-full case named)."""
+  text = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+  if getattr(error, "errno", None) == errno.ENOSPC or any(
+      mark in str(error) for mark in ("No space left", "RESOURCE_EXHAUSTED", "ENOSPC")):
+    return f"the disk is full ({text}); free space there and restart"
+  return f"the write failed ({text}); check the storage and restart"
 
 
 def _targets(abstract):

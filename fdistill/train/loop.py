@@ -22,6 +22,7 @@ from fdistill.io import checkpoint
 from fdistill.io import console as console_lib
 from fdistill.io import writers
 from fdistill.parallel import mesh as mesh_lib
+from fdistill.parallel import peers
 from fdistill.parallel import preemption
 
 
@@ -94,18 +95,24 @@ def train(config, workdir: str, mesh=None, teacher_pin=None):
   the experiment is built (config checked, teacher and data found); SIGTERM and
   Ctrl-C save after the step in flight (a second Ctrl-C aborts at once).
   ``teacher_pin``: the teacher checkpoint record of :func:`experiment.pin_teacher`,
-  written beside ``config.json``.
+  written beside ``config.json``. In a multi-process run a dead or hung peer ends this
+  process with one FATAL line (:mod:`fdistill.parallel.peers`).
   """
+  with peers.watch():
+    return _train(config, workdir, mesh, teacher_pin)
+
+
+def _train(config, workdir, mesh, teacher_pin):
   exp = experiment.build(config, mesh)
   tc = config.train
-  if mesh_lib.is_main_process():
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints, writer=True)
+  init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
+  state = init_or_restore(exp, ckpt, init_rng)
+  if mesh_lib.is_main_process():  # after the restore: a checkpoint of another model stops first
     checkpoint.save_config(workdir, config)
     if teacher_pin is not None:
       checkpoint.write_text(os.path.join(workdir, experiment.TEACHER_PIN),
                             json.dumps(teacher_pin, indent=1))
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
-  init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
-  state = init_or_restore(exp, ckpt, init_rng)
   start = int(jax.device_get(state["step"]))
   skipped = int(jax.device_get(state["skipped"]))
 
@@ -160,7 +167,6 @@ def train(config, workdir: str, mesh=None, teacher_pin=None):
         if os.path.exists(png_path):  # process 0 wrote it
           png = open(png_path, "rb").read()
           writer.write_png(done, "samples", png, *writers.png_size(png))
-  ckpt.wait()
   ckpt.close()
   writer.flush()
   elapsed = time.monotonic() - console.started

@@ -2,6 +2,7 @@
 ``fdistill.main`` (directly or through launch/local_multiprocess.sh), reading metrics."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -57,11 +58,23 @@ def main_args(config_path, workdir, *overrides):
           *[f"--config.{o}" for o in overrides]]
 
 
-def start_launcher(num_processes, args, log_dir, devices=2, cache_dir=None):
+def start_launcher(num_processes, args, log_dir, devices=2, cache_dir=None, extra_env=None):
   env = dict(child_env(devices, cache_dir), DEVICES_PER_PROCESS=str(devices),
-             LOG_DIR=str(log_dir), PYTHON=sys.executable)
+             LOG_DIR=str(log_dir), PYTHON=sys.executable, **(extra_env or {}))
   return subprocess.Popen([LAUNCHER, str(num_processes), *args], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def launcher_pids(proc, count):
+  """{process index: pid} from the launcher's 'process i pid P' lines."""
+  pids = {}
+  while len(pids) < count:
+    line = proc.stdout.readline()
+    assert line, "launcher exited before starting its processes"
+    match = re.search(r"process (\d+) pid (\d+)", line)
+    if match:
+      pids[int(match.group(1))] = int(match.group(2))
+  return pids
 
 
 def start_main(args, log_path, devices=1, cache_dir=None):
