@@ -46,7 +46,9 @@ setup(
     name="fdistill",
     version="0.1.0",
     description="Divergence-based diffusion distillation (f-distill, Uni-Instruct, rCM) in JAX",
-    packages=find_packages(include=["fdistill", "fdistill.*"]),
+    # configs/ stays a top-level folder of the repository (the --config=configs/... files);
+    # installed as the package ``configs`` so config files and tests import it from anywhere.
+    packages=find_packages(include=["fdistill", "fdistill.*", "configs"]),
     python_requires=">=3.10",
     license="Apache-2.0",
     install_requires=INSTALL_REQUIRES,

@@ -92,7 +92,6 @@ def main(argv=None):
   args = p.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",") if s]
   console.quiet_libraries()
-  console.ENABLED = False
   cells = {}
   students = demo.STUDENTS
   if args.students:
@@ -104,9 +103,10 @@ def main(argv=None):
       workdir = os.path.join(args.out, f"{config_name}_{variant}_seed{seed}")
       if os.path.exists(workdir):
         shutil.rmtree(workdir)
-      seconds, results = run_family(students, config_name, variant, args.teacher_dir, workdir,
-                                    args.steps, args.every, seed,
-                                    study.parse_overrides(args.set))
+      with console.silenced():  # one line per run here, not the runs' own lines
+        seconds, results = run_family(students, config_name, variant, args.teacher_dir,
+                                      workdir, args.steps, args.every, seed,
+                                      study.parse_overrides(args.set))
       for name, by_step in results.items():
         for step, m in sorted(by_step.items()):
           cells.setdefault((name, step), []).append((step * seconds / args.steps, m))

@@ -10,9 +10,9 @@ of ``configs/cifar10_teacher.py`` in ``teacher_dir``), ``cond`` (class-condition
 published f-distill CIFAR-10 result).
 
 Hyper-parameters from the public implementation of the paper, NVlabs/FastGen
-(``configs/experiments/EDM/config_f_distill_cifar10.py`` on top of ``config_f_distill.py``
-and ``config_dmd2.py``): global batch 2048, 100k iterations, AdamW lr 1e-4 (weight decay
-0.01, betas 0.9/0.999, no warm-up) for generator, fake score and discriminator; generator
+(its ``FastGen/configs/experiments/EDM/config_f_distill_cifar10.py`` on top of
+``config_f_distill.py`` and ``config_dmd2.py``): global batch 2048, 100k iterations, AdamW
+lr 1e-4 (weight decay 0.01, betas 0.9/0.999, no warm-up) for generator, fake score and discriminator; generator
 update every 5th step; GAN weight 1e-3; noise levels uniform on EDM's 1000-step Karras grid
 over [0.002, 80] (steps 2..998); one-step generator at sigma 80; ratio clip [0.1, 20], 10
 ratio bins with EMA rate 0; gradient clipping at 10 for the generator only; generator EMA

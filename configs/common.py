@@ -7,15 +7,40 @@ a single variant name or ``key=value,key=value`` pairs.
 import ml_collections
 
 # data.distribution of toy2d (fdistill/diffusion/gmm.py; configs import no fdistill module,
-# tests/test_configs.py checks the two lists agree).
+# tests/test_layout.py checks the two lists agree).
 TOY_DISTRIBUTIONS = ("gmm8", "gmm25", "checkerboard")
+
+
+# Every field a data set reads (fdistill/data/; each reads the fields of its kind).
+# distribution: toy2d's mixture (TOY_DISTRIBUTIONS). resolution: image side in pixels, 0 = the
+# data set's own (digits 16, mnist5k 32, cifar10 32, imagenet64 64). conditional: one-hot class
+# labels. random_flip: horizontal flips (tfds sets only; digits refuse it). data_dir, download,
+# split, shuffle_buffer: tfds sets (data_dir "" = tfds' default; nothing is downloaded unless
+# download=True; shuffle_buffer is capped at the split's size).
+DATA = dict(name="toy2d", seed=0, distribution="gmm25", resolution=0, conditional=False,
+            random_flip=False, data_dir="", download=False, split="train", shuffle_buffer=50_000)
+
+# data/fsdp/tensor: mesh axis sizes within a slice (-1 = the remaining devices); dcn_*: the
+# same axes across slices of a multi-slice pod (their product = number of slices).
+# rules: [(regex, spec tuple)] matched first; other leaves of at least fsdp_min_size
+# elements are split over fsdp along their largest divisible dimension. fsdp_gather: whole
+# weights for the compute (FSDP) or, False, weight placement left to XLA (partition.py).
+MESH = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1, fsdp_min_size=2**14,
+            fsdp_gather=True, rules=[])
+
+# objective.discriminator of f-distill and Uni-Instruct (fdistill/models/discriminator.py):
+# name mlp (hidden, emb_dim: an MLP on x_t and the noise level) or unet_heads (feature_indices
+# of the teacher's or fake score's encoder features, one head each, of channels width; 0 =
+# the feature's own width).
+DISCRIMINATOR = dict(name="mlp", hidden=(128, 128, 128), emb_dim=64, feature_indices=(-1,),
+                     channels=0)
 
 
 def base_config():
   """All sections a run may read: data, model, teacher, generator, objective, optim, train, eval, mesh."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = ml_collections.ConfigDict({"name": "toy2d", "seed": 0})
+  c.data = ml_collections.ConfigDict(DATA)
   c.model = ml_collections.ConfigDict({"name": "mlp", "sigma_data": 0.5})
   # kind: none | analytic | checkpoint | edm_pickle. step: -1 = latest checkpoint of teacher.workdir;
   # path: a local EDM .pkl for kind=edm_pickle (never downloaded).
@@ -47,14 +72,7 @@ def base_config():
       # digits_classifier_path: digits_fd's cached classifier ("" = the default under ~/.cache).
       "metric": "", "step": -1, "inception_path": "", "fid_ref": "",
       "digits_classifier_path": ""})
-  # data/fsdp/tensor: mesh axis sizes within a slice (-1 = the remaining devices); dcn_*: the
-  # same axes across slices of a multi-slice pod (their product = number of slices).
-  # rules: [(regex, spec tuple)] matched first; other leaves of at least fsdp_min_size
-  # elements are split over fsdp along their largest divisible dimension. fsdp_gather: whole
-  # weights for the compute (FSDP) or, False, weight placement left to XLA (partition.py).
-  c.mesh = ml_collections.ConfigDict({
-      "data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1,
-      "fsdp_min_size": 2**14, "fsdp_gather": True, "rules": []})
+  c.mesh = ml_collections.ConfigDict(dict(MESH, rules=[]))  # a list of its own per config
   return c
 
 
@@ -120,12 +138,24 @@ def rcm_objective(**overrides) -> ml_collections.ConfigDict:
   return _section(RCM_OBJECTIVE, overrides, "rCM")
 
 
+def discriminator(**overrides) -> dict:
+  """A complete ``objective.discriminator``: :data:`DISCRIMINATOR`, then ``overrides``."""
+  return _complete(DISCRIMINATOR, overrides, "objective.discriminator", "discriminator")
+
+
 def _section(defaults, overrides, what):
+  section = _complete(defaults, overrides, "objective", what)
+  if "discriminator" in section:
+    section["discriminator"] = discriminator(**section["discriminator"])
+  return ml_collections.ConfigDict(section)
+
+
+def _complete(defaults, overrides, prefix, what):
   unknown = sorted(set(overrides) - set(defaults))
   if unknown:
-    raise ValueError(f"objective.{unknown[0]} is not a {what} setting; valid: "
+    raise ValueError(f"{prefix}.{unknown[0]} is not a {what} setting; valid: "
                      f"{', '.join(sorted(defaults))}")
-  return ml_collections.ConfigDict(dict(defaults, **overrides))
+  return dict(defaults, **overrides)
 
 
 def parse_arg(arg, **defaults):

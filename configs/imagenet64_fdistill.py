@@ -7,7 +7,7 @@ Variant = the divergence (``toy2d_fdistill.py`` lists them); keys: ``alpha``, ``
 (edm_pickle at ``teacher.path``, or checkpoint: a ``configs/imagenet64_teacher.py`` run in
 ``teacher_dir``).
 
-Hyper-parameters from NVlabs/FastGen ``configs/experiments/EDM/config_f_distill_in64.py``
+Hyper-parameters from ``NVlabs/FastGen/configs/experiments/EDM/config_f_distill_in64.py``
 (over ``config_f_distill.py`` / ``config_dmd2.py``): global batch 512, lr 2e-6 (AdamW,
 weight decay 0.01) for generator, fake score and discriminator; generator update every 5th
 step; GAN weight 3e-3; ratio EMA rate 0.5 (10 bins, clip [0.1, 20]); Karras-grid noise levels

@@ -14,6 +14,7 @@ def get_config(arg=None):
   c = common.base_config()
   c.data.name = "imagenet64"
   c.data.data_dir = ""
+  c.data.conditional = True
   c.data.random_flip = False
   c.model = architectures.adm_imagenet64()
   c.model.dtype = "bfloat16"
@@ -36,7 +37,6 @@ def student_base():
   teacher = get_config()
   c = common.base_config()
   c.data = teacher.data
-  c.data.conditional = True
   c.model = architectures.adm_imagenet64()
   c.model.dtype = "bfloat16"
   c.mesh = teacher.mesh

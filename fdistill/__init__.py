@@ -10,5 +10,5 @@ __version__ = "0.1.0"
 def load(workdir, step=None):
   """The exported network of ``workdir``'s newest intact checkpoint (or ``step``), ready to
   sample: ``fdistill.load(workdir).sample(num)``; see :func:`fdistill.api.load`."""
-  from fdistill import api  # here, not at import: `import fdistill.x` stays free of JAX
+  from fdistill import api  # here, not at import: `import fdistill.<module>` stays free of JAX
   return api.load(workdir, step)

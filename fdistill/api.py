@@ -24,6 +24,7 @@ from fdistill import errors
 from fdistill import experiment
 from fdistill import objectives
 from fdistill.io import checkpoint
+from fdistill.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +68,12 @@ def load(workdir: str, step: Optional[int] = None) -> Run:
   config = checkpoint.load_config(workdir) if _is_run(workdir) else None
   steps = sorted(checkpoint.saved_steps(workdir), reverse=True) if config else []
   if not steps:
-    raise ValueError(f"load({workdir!r}): not a run with a checkpoint (config.json and "
-                     "checkpoints/<step>); train one with fdistill.main --mode=train_teacher "
-                     "or --mode=distill")
+    raise ConfigError(f"load({workdir!r}): not a run with a checkpoint (config.json and "
+                      "checkpoints/<step>); train one with fdistill.main --mode=train_teacher "
+                      "or --mode=distill")
   if step is not None and step not in steps:
-    raise ValueError(f"load({workdir!r}, step={step}): no such checkpoint; saved: "
-                     f"{sorted(steps)}")
+    raise ConfigError(f"load({workdir!r}, step={step}): no such checkpoint; saved: "
+                      f"{sorted(steps)}")
   problems = []
   for candidate in [step] if step is not None else steps:
     try:

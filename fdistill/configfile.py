@@ -2,6 +2,8 @@
 import ast
 import os
 
+from fdistill.errors import ConfigError
+
 
 def load_config_file(spec):
   """``path[:arg]`` -> ``get_config(arg)`` of that file (what --config does)."""
@@ -13,7 +15,10 @@ def load_config_file(spec):
   module_spec = importlib.util.spec_from_file_location("_fdistill_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  try:
+    return module.get_config(arg or None)
+  except ValueError as e:  # configs/ imports no fdistill module: its ValueErrors are user errors
+    raise ConfigError(str(e)) from e
 
 
 def literal(text: str):
@@ -26,23 +31,23 @@ def literal(text: str):
 
 def apply_config_flags(config, flags):
   """Applies ``--config.a.b=value`` strings to ``config`` as ``fdistill.main`` does (values as
-  Python literals, else strings); a ValueError names an unknown field, a non-override
+  Python literals, else strings); a ConfigError names an unknown field, a non-override
   argument or a value of the wrong type."""
   for flag in flags:
     key, sep, text = flag.partition("=")
     if not (sep and key.startswith("--config.")):
-      raise ValueError(f"unexpected argument {flag!r}; overrides are --config.SECTION.FIELD=VALUE")
+      raise ConfigError(f"unexpected argument {flag!r}; overrides are --config.SECTION.FIELD=VALUE")
     path = key[len("--config."):].split(".")
     node = config
     for part in path[:-1]:
       if part not in node:
-        raise ValueError(f"unknown config field config.{'.'.join(path)}")
+        raise ConfigError(f"unknown config field config.{'.'.join(path)}")
       node = node[part]
     if path[-1] not in node:
-      raise ValueError(f"unknown config field config.{'.'.join(path)}")
+      raise ConfigError(f"unknown config field config.{'.'.join(path)}")
     value = literal(text)
     try:
       node[path[-1]] = value
     except TypeError as e:
-      raise ValueError(f"{key}={text}: {e}") from None
+      raise ConfigError(f"{key}={text}: {e}") from None
   return config

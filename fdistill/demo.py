@@ -11,12 +11,9 @@ the teacher and the students, with their training steps and seconds) and
 ``<workdir>/summary.png`` (their samples side by side).
 """
 import os
-import sys
 import time
 
 from absl import app, flags
-
-sys.path.insert(0, os.getcwd())  # configs/ lives at the repo root
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny settings (tests).")
@@ -78,7 +75,7 @@ def exact_data_row(num=5000):
 # Distillation stages: for each student, the same three CLI modes a user would run
 # (distill, sample, eval) on a configs/ file, teacher_dir=<the demo's teacher>.
 # (row name, config module, variant, sampler steps, training steps): the best measured setting
-# of each family within the demo's time (README, "What the demo's students reach"); rows of
+# of each family within the demo's time (docs/toy_results.md, "The demo's students"); rows of
 # one (module, variant) share one run. The Uni-Instruct family's best here is DMD2 (reverse
 # KL + GAN term: 0.688 against the expanded reverse KL's 0.656 and forward KL's 0.433 at 4000
 # steps, 3 seeds); the rCM family's is its sCM setting (no DMD part: 0.764 one-step against
@@ -92,7 +89,8 @@ STUDENTS = (
 )
 # The sCM student's intermediate sampler times (objective.sampler_times; the config's are
 # sCM's (1.3, 1.0, 0.6)): low times, i.e. the later steps are small denoising steps. Chosen on
-# seed 0 of the demo's run (2 steps: 0.942 precision at t = 0.2 against 0.867 at 1.3; README)
+# seed 0 of the demo's run (2 steps: 0.942 precision at t = 0.2 against 0.867 at 1.3;
+# docs/toy_results.md)
 # and checked on 3 seeds.
 SAMPLER_TIMES = {("toy2d_rcm", "scm"): (0.2, 0.1, 0.05)}
 # The whole job takes about 2.5 minutes on 2 quiet cores (README).
@@ -142,21 +140,24 @@ def summary_table(rows):
 
 def main(argv):
   del argv
-  from fdistill.diffusion import gmm as gmm_lib
   from fdistill.io import console, plotting
   plotting.use_headless_backend()
   console.quiet_libraries()
-  console.ENABLED = False  # one line per stage here, not the runs' own progress lines
+  with console.silenced():  # one line per stage here, not the runs' own progress lines
+    run_demo(_WORKDIR.value, _QUICK.value)
+
+
+def run_demo(workdir, quick):
+  """Every stage, then the summary table and picture under ``workdir``."""
+  from fdistill.diffusion import gmm as gmm_lib
+  from fdistill.io import plotting
   start = time.time()
-  workdir = _WORKDIR.value
   rows, samples = {}, {}
   rows["data (exact samples)"], samples["data"] = exact_data_row()
   teacher_row = "teacher (Heun, 32 steps)"
-  rows[teacher_row], samples["teacher"] = teacher_stage(os.path.join(workdir, "teacher"),
-                                                        _QUICK.value)
+  rows[teacher_row], samples["teacher"] = teacher_stage(os.path.join(workdir, "teacher"), quick)
   print(f"teacher: {rows[teacher_row]['seconds']:.0f} s training", flush=True)
-  student_rows, student_samples = distill_stages(os.path.join(workdir, "teacher"), workdir,
-                                                 _QUICK.value)
+  student_rows, student_samples = distill_stages(os.path.join(workdir, "teacher"), workdir, quick)
   rows.update(student_rows)
   samples.update(student_samples)
   table = summary_table(rows)

@@ -1,13 +1,19 @@
 """Errors the user can act on (reported by main.py as one FATAL line, exit status 2).
 
-``ValueError`` (bad config values, names, shapes, workdirs) and ``OSError``
-(missing files) count as user errors too; any other exception is a bug and
+A user error is a :class:`UserError`: a bad config value or name, flag, workdir,
+teacher or data set is a :class:`ConfigError` (also a ``ValueError``, so callers
+that catch ``ValueError`` keep working). ``OSError`` (missing files) counts as a
+user error too. Any other exception, a plain ``ValueError`` included, is a bug and
 keeps its traceback.
 """
 
 
 class UserError(Exception):
   """A run stopped for a reason its message explains (not a bug)."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config field, flag or workdir is not valid; the message names it and the accepted values."""
 
 
 class CorruptCheckpointError(UserError):
@@ -18,4 +24,4 @@ class NonFiniteRunError(UserError):
   """Too many non-finite updates in a row: the run stopped without saving them."""
 
 
-USER_ERRORS = (ValueError, OSError, UserError)
+USER_ERRORS = (OSError, UserError)

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from fdistill import data, models, objectives, teachers
+from fdistill.errors import ConfigError
 from fdistill.registry import lookup
 from fdistill.io import checkpoint
 from fdistill.parallel import mesh as mesh_lib
@@ -96,11 +97,11 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 def _number(value, field, low=None, high=None, low_open=False, integer=False):
   kinds = (int,) if integer else (int, float)
   if isinstance(value, bool) or not isinstance(value, kinds):
-    raise ValueError(f"{field}={value!r} must be {'an integer' if integer else 'a number'}")
+    raise ConfigError(f"{field}={value!r} must be {'an integer' if integer else 'a number'}")
   if low is not None and (value <= low if low_open else value < low):
-    raise ValueError(f"{field}={value!r} must be {'>' if low_open else '>='} {low}")
+    raise ConfigError(f"{field}={value!r} must be {'>' if low_open else '>='} {low}")
   if high is not None and value >= high:
-    raise ValueError(f"{field}={value!r} must be < {high}")
+    raise ConfigError(f"{field}={value!r} must be < {high}")
 
 
 def check_numbers_finite(section, prefix=""):
@@ -113,33 +114,42 @@ def check_numbers_finite(section, prefix=""):
     if hasattr(value, "items") or isinstance(value, (list, tuple)):
       check_numbers_finite(value, field)
     elif isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-      raise ValueError(f"{field}={value!r} must be a finite number within float32's range "
-                       f"(|x| <= {FLOAT32_MAX:.3g})")
+      raise ConfigError(f"{field}={value!r} must be a finite number within float32's range "
+                        f"(|x| <= {FLOAT32_MAX:.3g})")
 
 
 def check_noise_levels(config):
   """The relations between noise-level fields, wherever a section has them."""
   if not config.model.sigma_data > 0:
-    raise ValueError(f"model.sigma_data={config.model.sigma_data!r} must be > 0")
+    raise ConfigError(f"model.sigma_data={config.model.sigma_data!r} must be > 0")
   sections = {"objective": config.objective}
   if "critic_noise" in config.objective:
     sections["objective.critic_noise"] = dict(config.objective,
                                               **dict(config.objective.critic_noise))
   for prefix, sec in sections.items():
     if "p_std" in sec and not sec["p_std"] > 0:
-      raise ValueError(f"{prefix}.p_std={sec['p_std']!r} must be > 0")
+      raise ConfigError(f"{prefix}.p_std={sec['p_std']!r} must be > 0")
     if "sigma_min" in sec and not 0 < sec["sigma_min"] < sec["sigma_max"]:
-      raise ValueError(f"{prefix}.sigma_min={sec['sigma_min']!r} and sigma_max="
-                       f"{sec['sigma_max']!r} must satisfy 0 < sigma_min < sigma_max")
+      raise ConfigError(f"{prefix}.sigma_min={sec['sigma_min']!r} and sigma_max="
+                        f"{sec['sigma_max']!r} must satisfy 0 < sigma_min < sigma_max")
     if "ramp_min" in sec and not 0 <= sec["ramp_min"] < sec["ramp_max"] <= 1:
-      raise ValueError(f"{prefix}.ramp_min={sec['ramp_min']!r} and ramp_max="
-                       f"{sec['ramp_max']!r} must satisfy 0 <= ramp_min < ramp_max <= 1")
+      raise ConfigError(f"{prefix}.ramp_min={sec['ramp_min']!r} and ramp_max="
+                        f"{sec['ramp_max']!r} must satisfy 0 <= ramp_min < ramp_max <= 1")
     if "rho" in sec and not sec["rho"] > 0:
-      raise ValueError(f"{prefix}.rho={sec['rho']!r} must be > 0")
+      raise ConfigError(f"{prefix}.rho={sec['rho']!r} must be > 0")
 
 
-def validate(config):
-  """Ranges and names of every section (ValueError naming the field); no side effects."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What :func:`validate` made from a config and :func:`build` takes over, so it is made once:
+  the device mesh of ``config.mesh`` (``build(config, plan.mesh)``)."""
+  mesh: jax.sharding.Mesh
+
+
+def validate(config, mesh=None) -> Plan:
+  """Ranges and names of every section (ConfigError naming the field); no side effects.
+
+  Returns the :class:`Plan` of the run (``mesh``: as for :func:`build`)."""
   check_numbers_finite(config)
   check_noise_levels(config)
   tc, ec = config.train, config.eval
@@ -162,18 +172,20 @@ def validate(config):
     _number(ec[field], f"eval.{field}", 1, integer=True)
   for field in ("poll_seconds", "timeout_seconds"):
     _number(ec[field], f"eval.{field}", 0)
-  mesh_lib.check_batch_size(tc.batch_size, make_mesh(config))
+  mesh = make_mesh(config, mesh)
+  mesh_lib.check_batch_size(tc.batch_size, mesh)
   settings = getattr(objectives.module(config), "Settings", None)
   if settings is not None:
     settings.from_config(config.objective)
   models.lookup_model(config.model)
   lookup(data.DATASETS, config.data.name, "data.name")
   lookup(teachers.TEACHERS, config.teacher.kind, "teacher.kind")
+  return Plan(mesh)
 
 
 def check_generator_init(config, workdir_of_run):
   """``generator.init_workdir`` ('' = off) must be a run with a checkpoint (at ``init_step``,
-  -1 = latest) of this config's model; a one-line ValueError naming the field otherwise.
+  -1 = latest) of this config's model; a one-line ConfigError naming the field otherwise.
   Checked only while the run (``workdir_of_run``) has no checkpoint: a resumed run restores
   its own generator and no longer needs the other run."""
   workdir, step = config.generator.init_workdir, config.generator.init_step
@@ -181,15 +193,15 @@ def check_generator_init(config, workdir_of_run):
     return
   field = f"generator.init_workdir={workdir!r}"
   if not os.path.exists(os.path.join(workdir, "config.json")):
-    raise ValueError(f"{field} is not a run's workdir (no config.json); give the workdir of a "
-                     "distillation run, e.g. a SiD run, or '' to start from the teacher")
+    raise ConfigError(f"{field} is not a run's workdir (no config.json); give the workdir of a "
+                      "distillation run, e.g. a SiD run, or '' to start from the teacher")
   steps = checkpoint.saved_steps(workdir)
   if not steps or (step >= 0 and step not in steps):
-    raise ValueError(f"{field} has no checkpoint at generator.init_step={step} (saved: "
-                     f"{sorted(steps) or 'none'}; -1 = the latest)")
+    raise ConfigError(f"{field} has no checkpoint at generator.init_step={step} (saved: "
+                      f"{sorted(steps) or 'none'}; -1 = the latest)")
   if _field(checkpoint.load_config(workdir), "model") != _field(config, "model"):
-    raise ValueError(f"{field} holds a generator of another config.model; the generator must "
-                     "have this run's architecture")
+    raise ConfigError(f"{field} holds a generator of another config.model; the generator must "
+                      "have this run's architecture")
 
 
 # Fields that shape a run's state: a workdir's saved run must agree on them.
@@ -207,21 +219,32 @@ def _field(config, dotted):
   return json.loads(json.dumps(node, default=str))  # as config.json holds it (tuples -> lists)
 
 
+def _differs(saved, given):
+  """Whether ``given`` disagrees with a saved run's ``saved`` value; a field the saved run did
+  not record (a run from before configs/common.py held it) is not compared, so such runs
+  resume."""
+  if saved is None:
+    return False
+  if isinstance(saved, dict) and isinstance(given, dict):
+    return any(_differs(value, given.get(key)) for key, value in saved.items())
+  return saved != given
+
+
 def check_workdir(workdir, config=None):
-  """A ValueError unless ``workdir`` can hold this run: not a file, and if it already holds a
+  """A ConfigError unless ``workdir`` can hold this run: not a file, and if it already holds a
   run (``config.json``), that run agrees with ``config`` on :data:`SHAPING_FIELDS`."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir!r} is a file, not a directory")
+    raise ConfigError(f"--workdir={workdir!r} is a file, not a directory")
   saved_path = os.path.join(workdir, "config.json")
   if config is None or not os.path.exists(saved_path):
     return
   saved = checkpoint.load_config(workdir)
-  differ = [f for f in SHAPING_FIELDS if _field(saved, f) != _field(config, f)]
+  differ = [f for f in SHAPING_FIELDS if _differs(_field(saved, f), _field(config, f))]
   if differ:
     details = "; ".join(f"{f}: saved {_field(saved, f)!r}, given {_field(config, f)!r}"
                         for f in differ[:3])
-    raise ValueError(f"--workdir={workdir!r} holds another run ({details}); use a new workdir "
-                     "or the run's own config")
+    raise ConfigError(f"--workdir={workdir!r} holds another run ({details}); use a new workdir "
+                      "or the run's own config")
 
 
 def check_num_steps(config, workdir):
@@ -230,9 +253,9 @@ def check_num_steps(config, workdir):
     return
   reached = max(checkpoint.saved_steps(workdir), default=0)
   if config.train.num_steps < reached:
-    raise ValueError(f"train.num_steps={config.train.num_steps} is below step {reached}, which "
-                     f"--workdir={workdir!r} has reached; give train.num_steps >= {reached} or "
-                     "use a new workdir")
+    raise ConfigError(f"train.num_steps={config.train.num_steps} is below step {reached}, which "
+                      f"--workdir={workdir!r} has reached; give train.num_steps >= {reached} or "
+                      "use a new workdir")
 
 
 TEACHER_PIN = "teacher.json"
@@ -246,7 +269,7 @@ def pin_teacher(config, workdir):
   digest in ``<workdir>/teacher.json``), so a teacher run that gained checkpoints since
   does not silently change the teacher. The returned config has ``teacher.step`` set to
   that step; ``pin`` is the record to write (None for other teacher kinds). A changed or
-  missing teacher checkpoint is a ValueError naming the field. Writes nothing."""
+  missing teacher checkpoint is a ConfigError naming the field. Writes nothing."""
   tc = config.teacher
   if tc.kind != "checkpoint":
     return config, None
@@ -256,32 +279,32 @@ def pin_teacher(config, workdir):
   if pinned is None:
     steps = checkpoint.saved_steps(tc.workdir) if os.path.isdir(tc.workdir) else []
     if not steps:
-      raise ValueError(f"teacher.workdir={tc.workdir!r} has no checkpoint; train the teacher "
-                       "first (--mode=train_teacher)")
+      raise ConfigError(f"teacher.workdir={tc.workdir!r} has no checkpoint; train the teacher "
+                        "first (--mode=train_teacher)")
     step = int(tc.step) if tc.step >= 0 else max(steps)
     if step not in steps:
-      raise ValueError(f"teacher.step={tc.step}: teacher.workdir={tc.workdir!r} has no "
-                       f"checkpoint {step} (saved: {sorted(steps)})")
+      raise ConfigError(f"teacher.step={tc.step}: teacher.workdir={tc.workdir!r} has no "
+                        f"checkpoint {step} (saved: {sorted(steps)})")
   else:
     step = int(pinned["step"])
     if pinned["workdir"] != teacher_dir:
-      raise ValueError(f"teacher.workdir={tc.workdir!r}: this run started from the teacher in "
-                       f"{pinned['workdir']!r} ({pin_path}); resume with that teacher.workdir or "
-                       "use a new workdir")
+      raise ConfigError(f"teacher.workdir={tc.workdir!r}: this run started from the teacher in "
+                        f"{pinned['workdir']!r} ({pin_path}); resume with that teacher.workdir or "
+                        "use a new workdir")
     if tc.step >= 0 and tc.step != step:
-      raise ValueError(f"teacher.step={tc.step}: this run started from teacher step {step} "
-                       f"({pin_path}); resume with teacher.step=-1 or {step}, or use a new "
-                       "workdir")
+      raise ConfigError(f"teacher.step={tc.step}: this run started from teacher step {step} "
+                        f"({pin_path}); resume with teacher.step=-1 or {step}, or use a new "
+                        "workdir")
   try:
     digest = checkpoint.latest_meta(tc.workdir, step).get("digest", {}).get("export")
   except FileNotFoundError:
-    raise ValueError(f"teacher.workdir={tc.workdir!r} no longer has checkpoint {step}, the "
-                     f"teacher step this run started from ({pin_path}); restore it or use a new "
-                     "workdir") from None
+    raise ConfigError(f"teacher.workdir={tc.workdir!r} no longer has checkpoint {step}, the "
+                      f"teacher step this run started from ({pin_path}); restore it or use a new "
+                      "workdir") from None
   if pinned is not None and digest != pinned["digest"]:
-    raise ValueError(f"teacher.workdir={tc.workdir!r}: checkpoint {step} changed since this run "
-                     f"started (its export digest differs from {pin_path}); restore the original "
-                     "or use a new workdir")
+    raise ConfigError(f"teacher.workdir={tc.workdir!r}: checkpoint {step} changed since this run "
+                      f"started (its export digest differs from {pin_path}); restore the original "
+                      "or use a new workdir")
   config = copy.deepcopy(config)
   config.teacher.step = step
   return config, {"workdir": teacher_dir, "step": step, "digest": digest}
@@ -295,8 +318,8 @@ def start_generator_from_run(exp: "Experiment", state):
   if not gc.init_workdir:
     return state
   if "gen" not in state:
-    raise ValueError(f"generator.init_workdir needs a distillation objective; "
-                     f"objective.name={exp.config.objective.name!r} has no generator")
+    raise ConfigError(f"generator.init_workdir needs a distillation objective; "
+                      f"objective.name={exp.config.objective.name!r} has no generator")
   shardings = exp.state_shardings["gen"]["params"]
   params, _ = checkpoint.restore_export_from(gc.init_workdir, exp.abstract_state["gen"]["params"],
                                              shardings, None if gc.init_step < 0 else gc.init_step)
@@ -316,8 +339,7 @@ def shardings_of(tree, mesh):
   return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
-def _sampler(config, mesh, task) -> Sampling:
-  spec = objectives.sampler(config, task)
+def _sampler(config, mesh, task, spec: objectives.Sampler) -> Sampling:
   abstract = jax.eval_shape(spec.init_params, jax.random.key(0))
   shardings = partition.config_shardings(abstract, mesh, config.mesh)
   sample = jax.jit(spec.sample, static_argnums=2, out_shardings=mesh_lib.replicated(mesh))
@@ -326,7 +348,8 @@ def _sampler(config, mesh, task) -> Sampling:
 
 def build(config, mesh=None, *, teacher_params: bool = True, dataset=None,
           teacher=None) -> Experiment:
-  """The training experiment of ``config`` on ``mesh`` (default: ``config.mesh`` over all devices).
+  """The training experiment of ``config`` on ``mesh`` (default: ``config.mesh`` over all devices;
+  a run passes the mesh of :func:`validate`'s :class:`Plan`).
 
   ``teacher_params=False`` builds everything but reads no teacher weights
   (``Experiment.teacher`` is then None): for compiling, memory analysis and tests.
@@ -356,8 +379,9 @@ def build(config, mesh=None, *, teacher_params: bool = True, dataset=None,
                                            mesh_lib.batch_sharding(mesh), repl),
                          out_shardings=(state_sh, repl), donate_argnums=0)
            for name, fn in objective.steps.items()}
+  sampling = _sampler(config, mesh, task, objective.sampler)  # the objective's own: parsed once
   return Experiment(config, mesh, dataset, task, objective, placed, teacher_shardings, abstract,
-                    state_sh, init, steps, objective.schedule, _sampler(config, mesh, task))
+                    state_sh, init, steps, objective.schedule, sampling)
 
 
 def task_of_run(workdir: str) -> objectives.Task:
@@ -369,7 +393,7 @@ def task_of_run(workdir: str) -> objectives.Task:
 
 def build_sampler(config, task: objectives.Task, mesh=None) -> Sampling:
   """The sampler of a run of ``config`` (its exported network); needs no teacher."""
-  return _sampler(config, make_mesh(config, mesh), task)
+  return _sampler(config, make_mesh(config, mesh), task, objectives.sampler(config, task))
 
 
 def restore_export(sampler: Sampling, workdir: str, step: Optional[int] = None):

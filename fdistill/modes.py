@@ -1,6 +1,8 @@
 """The run modes as importable functions (main.py, the demo, tests and notebooks call them)."""
 import os
 
+from fdistill.errors import ConfigError
+
 
 MODES = ("train_teacher", "distill", "eval", "sample")
 
@@ -11,11 +13,11 @@ def check_mode(mode, config):
   """Teacher training trains by DSM; distillation needs a distillation objective."""
   is_dsm = config.objective.name == "dsm"
   if mode == "train_teacher" and not is_dsm:
-    raise ValueError(f"--mode=train_teacher needs objective.name='dsm', got "
-                     f"{config.objective.name!r}; use --mode=distill")
+    raise ConfigError(f"--mode=train_teacher needs objective.name='dsm', got "
+                      f"{config.objective.name!r}; use --mode=distill")
   if mode == "distill" and is_dsm:
-    raise ValueError("--mode=distill needs a distillation objective (objective.name), got 'dsm'; "
-                     "use --mode=train_teacher")
+    raise ConfigError("--mode=distill needs a distillation objective (objective.name), got 'dsm'; "
+                      "use --mode=train_teacher")
 
 
 def sample(config, workdir, num=0):
@@ -44,10 +46,10 @@ def check_run_exists(workdir):
   """Sample and eval read a finished or running training run: its config and a checkpoint."""
   from fdistill.io import checkpoint
   if not os.path.exists(os.path.join(workdir, "config.json")):
-    raise ValueError(f"--workdir={workdir!r} holds no run (no config.json); train one first "
-                     "with --mode=train_teacher or --mode=distill")
+    raise ConfigError(f"--workdir={workdir!r} holds no run (no config.json); train one first "
+                      "with --mode=train_teacher or --mode=distill")
   if not checkpoint.saved_steps(workdir):
-    raise ValueError(f"--workdir={workdir!r} has no checkpoint yet")
+    raise ConfigError(f"--workdir={workdir!r} has no checkpoint yet")
 
 
 def run(config, workdir, mode, num_samples=0):
@@ -58,10 +60,10 @@ def run(config, workdir, mode, num_samples=0):
   """
   from fdistill import experiment
   if mode not in MODES:
-    raise ValueError(f"--mode={mode!r}; valid values: {', '.join(MODES)}")
+    raise ConfigError(f"--mode={mode!r}; valid values: {', '.join(MODES)}")
   if num_samples < 0:
-    raise ValueError(f"--num_samples={num_samples} must be >= 0 (0 = eval.num_plot_samples)")
-  experiment.validate(config)
+    raise ConfigError(f"--num_samples={num_samples} must be >= 0 (0 = eval.num_plot_samples)")
+  plan = experiment.validate(config)
   if mode in ("train_teacher", "distill"):
     check_mode(mode, config)
     experiment.check_workdir(workdir, config)
@@ -72,7 +74,7 @@ def run(config, workdir, mode, num_samples=0):
     from fdistill.parallel import mesh as mesh_lib
     from fdistill.train import loop  # after the checks: it imports the metric writers
     with lock.hold(workdir, enabled=mesh_lib.is_main_process()):
-      return loop.train(config, workdir, teacher_pin=teacher_pin)
+      return loop.train(config, workdir, mesh=plan.mesh, teacher_pin=teacher_pin)
   experiment.check_workdir(workdir)
   if mode == "sample" or config.eval.timeout_seconds == 0:
     check_run_exists(workdir)

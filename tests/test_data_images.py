@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
+from configs import common
 from fdistill import data
 from fdistill.data import images
 from fdistill.io import plotting
 
 
 def _cfg(**kw):
-  return ml_collections.ConfigDict(kw)
+  """A complete data section (configs/common.py) with ``kw`` set."""
+  return ml_collections.ConfigDict(dict(common.DATA, **kw))
 
 
 def _take(it, n):
@@ -196,8 +198,8 @@ def test_cifar10_resume_and_process_slices(mock_tfds):
 
 
 def test_cifar10_flip_is_deterministic(mock_tfds):
-  flipped = _concat(_take(_cifar(seed=7).iterator(10), 4))["x"]
-  again = _concat(_take(_cifar(seed=7).iterator(10, start_step=2), 2))["x"]
+  flipped = _concat(_take(_cifar(seed=7, random_flip=True).iterator(10), 4))["x"]
+  again = _concat(_take(_cifar(seed=7, random_flip=True).iterator(10, start_step=2), 2))["x"]
   np.testing.assert_array_equal(again, flipped[20:])
   plain = _concat(_take(_cifar(seed=7, random_flip=False).iterator(10), 4))["x"]
   was_flipped = [not np.array_equal(f, p) for f, p in zip(flipped, plain)]

@@ -1,16 +1,17 @@
 """Toy batches drawn on the device are the host iterator's batches, placed over the mesh."""
-import ml_collections
 import numpy as np
 
+from configs import common
 from fdistill import data
 from fdistill.parallel import mesh as mesh_lib
 
 
 def test_device_batches_equal_host_batches_and_are_sharded():
-  dataset = data.build(ml_collections.ConfigDict({"name": "toy2d", "distribution": "gmm25",
-                                                  "seed": 3}))
-  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(  # 8 fake devices: 4 data x 2 fsdp
-      {"data": -1, "fsdp": 2, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1}))
+  config = common.base_config()
+  config.data.update(dict(name="toy2d", distribution="gmm25", seed=3))
+  config.mesh.update(dict(data=-1, fsdp=2))  # 8 fake devices: 4 data x 2 fsdp
+  dataset = data.build(config.data)
+  mesh = mesh_lib.make_mesh(config.mesh)
   device = dataset.device_batches(16, 5, mesh_lib.batch_sharding(mesh))
   host = dataset.iterator(16, 5)
   for _ in range(3):

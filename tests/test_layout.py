@@ -3,26 +3,29 @@
 Layers (docs/design.md section 2), lowest first. A module may import modules of
 its own package and of lower layers only:
 
-  0 registry, errors, configfile
+  -1 errors                            the user-error classes (import nothing)
+  0 registry, configfile
   1 diffusion, ops, parallel           pure math, kernels, mesh and partition rules
   2 models, optim, io, data            networks; update helpers; checkpoints, readers,
                                         writers, plots; datasets
   3 objectives, teachers               losses and schedules; teacher params
   4 experiment, sampling               the assembly; drawing samples from its sampler
   5 train, eval                        the loop, the eval job
-  6 modes, api                         the run modes; a run as a Python object
+  6 modes, api, study                  the run modes; a run as a Python object; the 2-D study
   7 main, demo                         entry points
 """
 import ast
 import glob
 import os
+import re
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = {"registry": 0, "errors": 0, "configfile": 0, "diffusion": 1, "ops": 1, "parallel": 1, "models": 2, "optim": 2,
-          "io": 2, "data": 2, "objectives": 3, "teachers": 3, "experiment": 4, "sampling": 4, "train": 5,
-          "eval": 5, "modes": 6, "api": 6, "main": 7, "demo": 7}
+LAYERS = {"errors": -1, "registry": 0, "configfile": 0, "diffusion": 1, "ops": 1, "parallel": 1,
+          "models": 2, "optim": 2, "io": 2, "data": 2, "objectives": 3, "teachers": 3,
+          "experiment": 4, "sampling": 4, "train": 5,
+          "eval": 5, "modes": 6, "api": 6, "study": 6, "main": 7, "demo": 7}
 
 
 def module_name(path):
@@ -114,13 +117,63 @@ def test_parsing_every_config_imports_no_kernel_module():
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
+# Names that hold a config or one of its sections in fdistill/ (``config``, ``mesh_config``,
+# ``cfg``, and the short aliases the code uses for sections).
+CONFIG_NAMES = re.compile(r"^(config|cfg|[a-z_]+_config|tc|ec|gc|oc|st)$")
+
+
+def _root_name(node):
+  """The variable an attribute chain starts from: ``config`` for ``config.data.x``."""
+  while isinstance(node, ast.Attribute):
+    node = node.value
+  return node.id if isinstance(node, ast.Name) else None
+
+
+def config_defaults_in(source, path="<source>"):
+  """``path:line`` of every ``.get(key, ...)`` or ``getattr(obj, key, default)`` on a config or a
+  config section in ``source`` (found by walking its AST, so formatting cannot hide one)."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if not isinstance(node, ast.Call):
+      continue
+    func = node.func
+    if isinstance(func, ast.Attribute) and func.attr == "get":
+      target = func.value
+    elif isinstance(func, ast.Name) and func.id == "getattr" and len(node.args) == 3:
+      target = node.args[0]
+    else:
+      continue
+    name = _root_name(target)
+    if name is not None and CONFIG_NAMES.match(name):
+      found.append(f"{path}:{node.lineno}")
+  return found
+
+
+def test_the_defaults_check_catches_planted_violations():
+  """The check below can fail: each form of a shadowing default is found, and look-alikes
+  that are no config (a mesh's shape, a batch dict) are not."""
+  planted = ("def f(config, mesh_config, tc, batch, mesh):\n"
+             "  a = config.data.get('resolution', 32)\n"
+             "  b = mesh_config.get(\n      'rules', ())\n"
+             "  c = getattr(config.eval, 'inception_path', '')\n"
+             "  d = tc.get('log_every', 10)\n"
+             "  e = batch.get('cond')\n"
+             "  f = mesh.shape.get('fsdp', 1)\n")
+  assert config_defaults_in(planted) == ["<source>:2", "<source>:3", "<source>:5", "<source>:6"]
+
+
 def test_no_defaults_shadow_the_base_config():
-  """Sections with a complete base config (configs/common.py) are read by attribute, never by
-  ``.get(key, default)`` that could disagree with it."""
-  sections = ("train", "eval", "optim", "teacher", "generator", "objective")
+  """Every section has a complete base config (configs/common.py), so code reads fields by
+  attribute, never with ``.get(key, default)`` (or ``getattr`` with a default) that could
+  disagree with it."""
   bad = []
-  for path in glob.glob(os.path.join(ROOT, "fdistill", "**", "*.py"), recursive=True):
-    text = open(path).read()
-    bad += [f"{path}: config.{s}.get" for s in sections if f"config.{s}.get(" in text]
-    bad += [f"{path}: tc.get" for _ in [0] if "tc.get(" in text]
+  for path in sorted(glob.glob(os.path.join(ROOT, "fdistill", "**", "*.py"), recursive=True)):
+    bad += config_defaults_in(open(path).read(), os.path.relpath(path, ROOT))
   assert bad == []
+
+
+def test_toy_distributions_of_the_configs_are_the_package_s():
+  """configs/ imports no fdistill module, so it lists toy2d's distributions itself."""
+  from configs import common
+  from fdistill.diffusion import gmm
+  assert sorted(common.TOY_DISTRIBUTIONS) == sorted(gmm.TOY_DISTRIBUTIONS)

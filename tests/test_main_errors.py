@@ -53,6 +53,7 @@ CASES = [
     (["--config.train.batch_size=0"], "train.batch_size=0 must be > 0"),
     (["--config.train.batch_size=-4"], "train.batch_size=-4"),
     (["--config.train.batch_size=12"], "train.batch_size=12 must be divisible"),
+    (["--config.mesh.fsdp=3"], "mesh.fsdp=3, mesh.tensor=1: 8 devices are not divisible"),
     (["--config.train.num_steps=-5"], "train.num_steps=-5"),
     (["--config.optim.lr=0"], "optim.lr=0"),
     # Issue 26: settings that once trained on and saved NaN checkpoints, or were accepted.
@@ -197,3 +198,28 @@ def test_a_student_keeps_the_teacher_step_it_started_from(teacher_dir, tmp_path)
   shutil.rmtree(os.path.join(teacher, "checkpoints", "10"))
   with pytest.raises(ValueError, match="no longer has checkpoint 10"):
     modes.run(student_config(teacher, 6), student, "distill")
+
+
+def test_a_run_saved_before_a_field_existed_resumes_and_a_recorded_difference_is_refused(
+    tmp_path):
+  """config.json of a run from before configs/common.py completed the data and discriminator
+  sections lacks their new fields: the run resumes with today's config; a field it did record
+  still has to agree."""
+  from fdistill import experiment
+  config = student_config(str(tmp_path / "teacher"), 2)
+  saved = json.loads(config.to_json())
+  del saved["data"]["resolution"], saved["data"]["shuffle_buffer"]
+  saved["objective"]["discriminator"] = {"name": config.objective.discriminator.name}
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  experiment.check_workdir(str(tmp_path), config)
+  config.objective.discriminator.name = "unet_heads"
+  with pytest.raises(errors.ConfigError, match="holds another run .objective.discriminator"):
+    experiment.check_workdir(str(tmp_path), config)
+
+
+def test_a_plain_value_error_is_a_bug_and_keeps_its_traceback():
+  """main.py prints USER_ERRORS as one FATAL line; a ValueError raised by a library bug is not
+  one of them (it used to be, which hid such tracebacks). ConfigError stays a ValueError."""
+  assert not isinstance(ValueError("a bug"), errors.USER_ERRORS)
+  assert isinstance(errors.ConfigError("train.batch_size=0 must be > 0"), errors.USER_ERRORS)
+  assert issubclass(errors.ConfigError, ValueError)

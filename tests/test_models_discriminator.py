@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import architectures
+from configs import architectures, common
 from fdistill import models
 from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import critics
@@ -16,6 +16,11 @@ from fdistill.diffusion import gmm as gmm_lib
 P_MEAN, P_STD = np.array([0.0, 0.0]), 1.0
 Q_MEAN, Q_STD = np.array([0.8, -0.4]), 0.7
 SIGMA = 0.5  # the noise level the discriminator is conditioned on (both sides)
+
+
+def disc_config(**fields):
+  """A complete ``objective.discriminator`` section (configs/common.py) with ``fields`` set."""
+  return ml_collections.ConfigDict(common.discriminator(**fields))
 
 
 def _log_normal(x, mean, std):
@@ -28,7 +33,7 @@ def true_log_ratio(x):
 
 
 def train_mlp_discriminator(steps=1500, batch=512, lr=3e-3):
-  disc = disc_lib.build(ml_collections.ConfigDict({"name": "mlp", "hidden": (64, 64)}), (2,))
+  disc = disc_lib.build(disc_config(name="mlp", hidden=(64, 64)), (2,))
   tx = optax.adam(lr)
   params = disc.init(jax.random.key(0))
   sigma = jnp.full((batch,), SIGMA)
@@ -80,7 +85,7 @@ def test_feature_heads_give_one_logit_per_head(arch, indices):
                                                      10))
   shapes = disc_lib.teacher_feature_shapes(teacher_apply, params, x_shape, 10)
   assert [s.shape[1:] for s in shapes] == [(8, 8, 16), (4, 4, 32), (4, 4, 32)]
-  cfg = ml_collections.ConfigDict({"name": "unet_heads", "feature_indices": indices})
+  cfg = disc_config(name="unet_heads", feature_indices=indices)
   disc = disc_lib.build(cfg, x_shape, shapes)
   assert disc.uses_features
   d_params = disc.init(jax.random.key(1))
@@ -95,18 +100,18 @@ def test_feature_heads_need_a_network_teacher():
                                            gmm_lib.make_gmm([1.0], [[0.0, 0.0]], 1.0), (2,))
   assert shapes is None
   with pytest.raises(ValueError, match="encoder features"):
-    disc_lib.build(ml_collections.ConfigDict({"name": "unet_heads"}), (2,), shapes)
+    disc_lib.build(disc_config(name="unet_heads"), (2,), shapes)
 
 
 def test_unknown_discriminator_lists_valid_names():
   with pytest.raises(ValueError, match="mlp.*unet_heads"):
-    disc_lib.build(ml_collections.ConfigDict({"name": "patchgan"}), (2,))
+    disc_lib.build(disc_config(name="patchgan"), (2,))
 
 
 def test_mlp_discriminator_accepts_images():
   """The default discriminator on an image config gives one logit per image (it used to fail
   with a broadcasting error)."""
-  disc = disc_lib.build(ml_collections.ConfigDict({"name": "mlp", "hidden": (16,)}), (8, 8, 3))
+  disc = disc_lib.build(disc_config(name="mlp", hidden=(16,)), (8, 8, 3))
   params = disc.init(jax.random.key(0))
   logits = disc.apply(params, jnp.ones((5, 8, 8, 3)), jnp.full((5,), 0.7))
   assert logits.shape == (5, 1) and bool(jnp.all(jnp.isfinite(logits)))

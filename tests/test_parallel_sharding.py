@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from fdistill import models, objectives
+from fdistill import errors, models, objectives
 from support import sharding as checks
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.parallel import partition
@@ -38,19 +38,34 @@ def test_resolve_axis_sizes_fills_the_remaining_devices():
     mesh_lib.resolve_axis_sizes([-1, 3, 1], 8)
 
 
+@pytest.mark.parametrize("sizes, needles", [
+    ([-1, 3, 1], ["mesh.fsdp=3", "8 devices are not divisible", "--config.mesh.fsdp=1"]),
+    ([-1, -1, 1], ["mesh.data=-1, mesh.fsdp=-1", "at most one axis", "--config.mesh.fsdp=1"]),
+    ([3, 2, 1], ["mesh.data=3, mesh.fsdp=2", "need 6 devices", "--config.mesh.data=-1"]),
+    ([0, 1, 1], ["mesh.data=0 is not valid", "positive integer, or -1"]),
+    ([-1, "2", 1], ["mesh.fsdp='2' is not valid"]),
+])
+def test_a_bad_mesh_names_its_field_and_the_accepted_values(sizes, needles):
+  """Issue 23: the error names the ``mesh.*`` field, what is accepted and a fix."""
+  with pytest.raises(errors.ConfigError) as raised:
+    mesh_lib.resolve_axis_sizes(sizes, 8)
+  for needle in needles:
+    assert needle in str(raised.value)
+
+
 def test_mesh_shapes_split_ici_and_dcn():
   """dcn sizes count slices; -1 resolves against the devices of one slice."""
-  ici, dcn = mesh_lib.mesh_shapes({"data": 1, "fsdp": -1, "dcn_data": 4}, 32)
+  ici, dcn = mesh_lib.mesh_shapes(checks.mesh_section(data=1, fsdp=-1, dcn_data=4), 32)
   assert (ici, dcn) == ([1, 8, 1], [4, 1, 1])
   with pytest.raises(ValueError, match="slices"):
-    mesh_lib.mesh_shapes({"dcn_data": 3}, 8)
+    mesh_lib.mesh_shapes(checks.mesh_section(dcn_data=3), 8)
 
 
 def test_make_mesh_has_auto_axes_and_the_configured_shape():
-  mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 4})
+  mesh = mesh_lib.make_mesh(checks.mesh_section(data=-1, fsdp=4))
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-  assert mesh_lib.make_mesh(None).shape["data"] == 8
+  assert mesh_lib.make_mesh(checks.mesh_section()).shape["data"] == 8
   with pytest.raises(ValueError, match="batch_size=12"):
     mesh_lib.check_batch_size(12, mesh)
 
@@ -87,14 +102,15 @@ def test_fsdp_spec_shards_the_largest_divisible_dimension():
 def test_rules_come_first_and_bad_rules_raise():
   mesh = mesh_lib.make_mesh(SHARDED_MESH)
   tree = {"a": {"kernel": jnp.zeros((8, 64))}, "b": jnp.zeros((64, 8)), "c": jnp.zeros((3,))}
-  config = {"rules": [("a/kernel", ("data", None))], "fsdp_min_size": 16}
+  config = checks.mesh_section(rules=[("a/kernel", ("data", None))], fsdp_min_size=16)
   specs = jax.tree_util.tree_map(lambda s: s.spec,
                                  partition.config_shardings(tree, mesh, config))
   assert specs == {"a": {"kernel": P("data", None)}, "b": P("fsdp"), "c": P()}
   with pytest.raises(ValueError, match="does not divide c"):
-    partition.config_shardings(tree, mesh, {"rules": [("c", (("data", "fsdp"),))]})
+    partition.config_shardings(tree, mesh,
+                               checks.mesh_section(rules=[("c", (("data", "fsdp"),))]))
   with pytest.raises(ValueError, match="more entries"):
-    partition.config_shardings(tree, mesh, {"rules": [("c", ("fsdp", None))]})
+    partition.config_shardings(tree, mesh, checks.mesh_section(rules=[("c", ("fsdp", None))]))
 
 
 def test_gather_fsdp_constrains_only_fsdp_sharded_traces_and_can_be_switched_off():

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from fdistill.data import batching
+from fdistill.errors import ConfigError
 
 # ----------------------------------------------------------------------------
 # Shared pieces: pixel scaling, resizing, epoch arithmetic.
@@ -64,7 +65,7 @@ def first_epoch_and_offset(step, batch_size, num_examples):
 
 def _check_divisible(batch_size, process_count):
   if batch_size % process_count:
-    raise ValueError(
+    raise ConfigError(
         f"train.batch_size={batch_size} is not divisible by the process count {process_count}")
 
 
@@ -117,18 +118,17 @@ class ArrayImageDataset:
 
 def _reject_flip(config, name):
   """Digits are not mirror-symmetric (a flipped 2, 3, 4, 7 is no digit), so flipping is refused."""
-  if config.get("random_flip", False):
-    raise ValueError(f"data.random_flip=True is not valid for data.name={name!r}: "
-                     "mirrored digits are not digits.")
+  if config.random_flip:
+    raise ConfigError(f"data.random_flip=True is not valid for data.name={name!r}: "
+                      "mirrored digits are not digits.")
 
 
 def _array_dataset(config, name, pixels, labels, max_value, default_resolution):
   """Common tail of the in-memory builders: scale, resize, wrap."""
   _reject_flip(config, name)
   x = _to_unit_range(pixels, max_value)[..., None]
-  x = resize(x, int(config.get("resolution", default_resolution)))
-  return ArrayImageDataset(x, labels, 10, seed=config.get("seed", 0),
-                           conditional=config.get("conditional", False))
+  x = resize(x, int(config.resolution or default_resolution))
+  return ArrayImageDataset(x, labels, 10, seed=config.seed, conditional=config.conditional)
 
 
 def build_digits(config):
@@ -177,15 +177,16 @@ def prepared_builder(tfds_name, config):
   than as a retrying download on a pod without internet.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = config.get("data_dir", None)
+  data_dir = config.data_dir or None
   builder = tfds.builder(tfds_name, data_dir=data_dir)
-  if config.get("download", False):
+  if config.download:
     builder.download_and_prepare()
   elif not builder.is_prepared():
     raise FileNotFoundError(
-        f"data.name={config.get('name')!r}: the tfds dataset {tfds_name!r} is not prepared under "
-        f"data.data_dir={data_dir!r} (looked in {builder.data_dir}). Nothing is downloaded at "
-        f"run time. On a machine with internet run `tfds build {tfds_name} --data_dir=DIR` "
+        f"data.name={config.name!r}: the tfds dataset {tfds_name!r} is not prepared under "
+        f"data.data_dir={config.data_dir!r} (looked in {builder.data_dir}). Nothing is "
+        f"downloaded at run time. On a machine with internet run "
+        f"`tfds build {tfds_name} --data_dir=DIR` "
         f"(or this job once with --config.data.download=True), copy DIR here and set "
         f"--config.data.data_dir=DIR.")
   return builder
@@ -204,7 +205,7 @@ class TfdsImageDataset:
   resume reads at most one epoch of encoded records (plus one shuffle-buffer
   fill): seconds for CIFAR-10, about a minute of I/O for ImageNet-64, however
   late the step. Shuffling uses a buffer of ``data.shuffle_buffer`` records
-  (default 50000 = all of CIFAR-10, an exact permutation; for ImageNet a window
+  (configs/common.py: 50000 = all of CIFAR-10, an exact permutation; for ImageNet a window
   over tfds' already hash-shuffled on-disk order).
 
   Sharding: every process reads the same record stream (cheap, encoded bytes)
@@ -212,11 +213,11 @@ class TfdsImageDataset:
   on the process count.
   """
 
-  def __init__(self, config, tfds_name, default_conditional):
+  def __init__(self, config, tfds_name):
     builder = prepared_builder(tfds_name, config)  # fails fast, before TensorFlow loads
     _import_tf()  # hides GPUs before the first TensorFlow op runs
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    split = config.get("split", "train")
+    split = config.split
     self._records = builder.as_dataset(
         split=split, shuffle_files=False,
         decoders={"image": tfds.decode.SkipDecoding()},
@@ -224,14 +225,13 @@ class TfdsImageDataset:
     self.num_examples = self._count(builder, split)
     self._image_feature = builder.info.features["image"]
     native = self._image_feature.shape
-    self.resolution = int(config.get("resolution", native[0]))
+    self.resolution = int(config.resolution or native[0])
     self.x_shape = (self.resolution, self.resolution, native[2])
-    conditional = config.get("conditional", default_conditional)
-    self.cond_dim = builder.info.features["label"].num_classes if conditional else 0
-    self.random_flip = bool(config.get("random_flip", True))
-    seed = int(config.get("seed", 0))
+    self.cond_dim = builder.info.features["label"].num_classes if config.conditional else 0
+    self.random_flip = bool(config.random_flip)
+    seed = int(config.seed)
     self._shuffle_seed, self._flip_seed = 2 * seed, 2 * seed + 1  # independent streams
-    self.shuffle_buffer = int(config.get("shuffle_buffer", min(self.num_examples, 50_000)))
+    self.shuffle_buffer = min(int(config.shuffle_buffer), self.num_examples)
 
   def _count(self, builder, split):
     """Examples in the split: the dataset's cardinality, else the tfds metadata."""
@@ -239,7 +239,7 @@ class TfdsImageDataset:
     if n < 0:
       n = builder.info.splits[split].num_examples
     if n <= 0:
-      raise ValueError(f"tfds split {builder.name}:{split} has no examples")
+      raise ConfigError(f"data.split={split!r}: tfds split {builder.name}:{split} has no examples")
     return n
 
   def _epoch(self, epoch):
@@ -286,14 +286,12 @@ class TfdsImageDataset:
 
 
 def build_cifar10(config):
-  """CIFAR-10 train split, 32x32x3; class-conditional (10) only if ``data.conditional``."""
-  return TfdsImageDataset(config, "cifar10", default_conditional=False)
+  """CIFAR-10 train split, 32x32x3; class-conditional (10) if ``data.conditional``."""
+  return TfdsImageDataset(config, "cifar10")
 
 
 def build_imagenet64(config):
-  """ImageNet 64x64 (tfds ``imagenet_resized/64x64``), class-conditional over 1000 classes."""
-  return TfdsImageDataset(config, "imagenet_resized/64x64", default_conditional=True)
+  """ImageNet 64x64 (tfds ``imagenet_resized/64x64``); class-conditional (1000) if
+  ``data.conditional`` (the ImageNet-64 configs set it)."""
+  return TfdsImageDataset(config, "imagenet_resized/64x64")
 
-
-# ----------------------------------------------------------------------------
-# Image grids for --mode=sample.

@@ -1,7 +1,7 @@
 """2-D distributions with exact densities (Gaussian mixtures) and their samplers.
 
 All are GMMs, so the analytic teacher gives their exact noised scores and
-``teachers.gmm_lib.log_prob`` their exact densities.
+``fdistill.diffusion.gmm.log_prob`` their exact densities.
 """
 import jax
 import numpy as np
@@ -20,7 +20,7 @@ class ToyDataset:
 
   def __init__(self, config):
     self.gmm = gmm_lib.named(config.distribution)
-    self.seed = int(config.get("seed", 0))
+    self.seed = int(config.seed)
     self.x_shape = (2,)
     self.cond_dim = 0
     self._draw = jax.jit(self._batch, static_argnums=1)

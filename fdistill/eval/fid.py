@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fdistill.eval import inception
+from fdistill.errors import ConfigError
 
 
 class FeatureStats:
@@ -171,26 +172,26 @@ def load_reference(path: str) -> Tuple[np.ndarray, np.ndarray]:
     ValueError: missing file or keys, or shapes that are not (D,) and (D, D).
   """
   if not os.path.isfile(path):
-    raise ValueError(f"FID reference {path!r} does not exist (EDM's fid-refs .npz with 'mu' and "
-                     "'sigma', or one written by fdistill.eval.fid.save_reference)")
+    raise ConfigError(f"FID reference {path!r} does not exist (EDM's fid-refs .npz with 'mu' and "
+                      "'sigma', or one written by fdistill.eval.fid.save_reference)")
   try:
     with np.load(path, allow_pickle=False) as data:
       if "mu" not in data.files or "sigma" not in data.files:
-        raise ValueError(f"FID reference {path}: needs arrays 'mu' and 'sigma', has {data.files}")
+        raise ConfigError(f"FID reference {path}: needs arrays 'mu' and 'sigma', has {data.files}")
       mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
   except (OSError, EOFError, zipfile.BadZipFile) as e:  # truncated, random bytes, a pickle
-    raise ValueError(f"FID reference {path}: not a readable .npz ({type(e).__name__}); remake "
-                     "it with fdistill.eval.ref_stats or use EDM's fid-refs npz") from None
+    raise ConfigError(f"FID reference {path}: not a readable .npz ({type(e).__name__}); remake "
+                      "it with fdistill.eval.ref_stats or use EDM's fid-refs npz") from None
   except ValueError as e:
     if str(e).startswith("FID reference"):
       raise
-    raise ValueError(f"FID reference {path}: not a readable .npz of arrays ({e}); remake it "
-                     "with fdistill.eval.ref_stats or use EDM's fid-refs npz") from None
+    raise ConfigError(f"FID reference {path}: not a readable .npz of arrays ({e}); remake it "
+                      "with fdistill.eval.ref_stats or use EDM's fid-refs npz") from None
   if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-    raise ValueError(f"FID reference {path}: mu {mu.shape} / sigma {sigma.shape} are not "
-                     "(D,) / (D, D)")
+    raise ConfigError(f"FID reference {path}: mu {mu.shape} / sigma {sigma.shape} are not "
+                      "(D,) / (D, D)")
   if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-    raise ValueError(f"FID reference {path}: mu or sigma holds non-finite values; remake it")
+    raise ConfigError(f"FID reference {path}: mu or sigma holds non-finite values; remake it")
   return mu, sigma
 
 

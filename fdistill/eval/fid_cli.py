@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from fdistill.errors import ConfigError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -26,7 +28,7 @@ def load_images(path: str) -> np.ndarray:
     files = sorted(f for f in glob.glob(os.path.join(path, "*"))
                    if f.lower().endswith(IMAGE_SUFFIXES))
     if not files:
-      raise ValueError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} files in this folder")
+      raise ConfigError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} files in this folder")
     from PIL import Image
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
   elif path.endswith(".npz"):
@@ -34,16 +36,16 @@ def load_images(path: str) -> np.ndarray:
       key = "samples" if "samples" in data.files else (data.files[0] if len(data.files) == 1
                                                         else None)
       if key is None:
-        raise ValueError(f"{path}: holds {data.files}; name the images 'samples'")
+        raise ConfigError(f"{path}: holds {data.files}; name the images 'samples'")
       images = data[key]
   elif path.endswith(".npy"):
     images = np.load(path, allow_pickle=False)
   else:
-    raise ValueError(f"{path}: give a .npz, a .npy or a folder of images")
+    raise ConfigError(f"{path}: give a .npz, a .npy or a folder of images")
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4:
-    raise ValueError(f"{path}: images of shape {images.shape}; expected [N, H, W, C]")
+    raise ConfigError(f"{path}: images of shape {images.shape}; expected [N, H, W, C]")
   if images.dtype == np.uint8:
     return images.astype(np.float64) / 127.5 - 1  # inverted exactly by the uint8 quantisation
   return images
@@ -54,8 +56,8 @@ def fid_of_images(images, ref_path: str, detector, batch_size: int = 250):
   from fdistill.eval import fid, statistics
   reference = fid.load_reference(ref_path)
   if reference[0].size != detector.dim:
-    raise ValueError(f"--ref={ref_path} holds {reference[0].size}-d statistics; the detector's "
-                     f"features are {detector.dim}-d")
+    raise ConfigError(f"--ref={ref_path} holds {reference[0].size}-d statistics; the detector's "
+                      f"features are {detector.dim}-d")
   batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
   stats, score = statistics.feature_stats(batches, detector, score_total=len(images))
   return fid.fid_from_stats(stats, reference), stats.count, score
@@ -72,7 +74,7 @@ def main(argv=None, detector=None):
   from fdistill.errors import USER_ERRORS
   try:
     if args.batch_size < 1:
-      raise ValueError(f"--batch_size={args.batch_size} must be >= 1")
+      raise ConfigError(f"--batch_size={args.batch_size} must be >= 1")
     if detector is None:
       from fdistill.eval import inception, statistics
       detector = statistics.detector_of(inception.load_params(args.inception or None))

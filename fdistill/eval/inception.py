@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fdistill.errors import ConfigError
+
 RESOLUTION = 299
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
@@ -385,7 +387,7 @@ def resolve_path(path: Optional[str] = None, config=None) -> str:
   if not path:
     path = os.environ.get(ENV_VAR) or None
   if not path or not os.path.isfile(os.path.expanduser(path)):
-    raise ValueError(missing_weights_message(path))
+    raise ConfigError(missing_weights_message(path))
   return os.path.expanduser(path)
 
 
@@ -397,13 +399,13 @@ def load_params(path: Optional[str] = None, config=None) -> Params:
       flat = {k: np.asarray(data[k], np.float32) for k in data.files
               if not k.startswith("meta/")}
   except (ValueError, OSError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path}: not a converted .npz ({type(e).__name__}); "
-                     f"{missing_weights_message(None).split('. ', 1)[1]}") from e
+    raise ConfigError(f"{path}: not a converted .npz ({type(e).__name__}); "
+                      f"{missing_weights_message(None).split('. ', 1)[1]}") from e
   params = unflatten(flat)
   try:
     check_params(params)
   except ValueError as e:
-    raise ValueError(f"{path}: {e}") from e
+    raise ConfigError(f"{path}: {e}") from e
   return params
 
 

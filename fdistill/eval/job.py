@@ -41,6 +41,7 @@ from fdistill.io import checkpoint
 from fdistill.io import console
 from fdistill.io import writers
 from fdistill.parallel import mesh as mesh_lib
+from fdistill.errors import ConfigError
 
 
 def evaluate_checkpoint(config, workdir, step, evaluator=None):
@@ -126,8 +127,8 @@ def wait_for_run(workdir, timeout_seconds, poll_seconds):
   deadline = time.time() + timeout_seconds
   while not os.path.exists(path):
     if time.time() >= deadline:
-      raise ValueError(f"--workdir={workdir!r} holds no run (no config.json"
-                       + (f" after {timeout_seconds:g} s, eval.timeout_seconds" if timeout_seconds
+      raise ConfigError(f"--workdir={workdir!r} holds no run (no config.json"
+                        + (f" after {timeout_seconds:g} s, eval.timeout_seconds" if timeout_seconds
                           else "") + "); give the workdir of a training run")
     time.sleep(min(poll_seconds, max(deadline - time.time(), 0)))
 
@@ -148,8 +149,8 @@ def run(config, workdir):
   if only >= 0:  # checked before eval/ exists: a wrong step writes nothing
     saved = sorted(checkpoint.saved_steps(workdir))
     if only not in saved:
-      raise ValueError(f"eval.step={only}: {workdir} has no checkpoint {only} "
-                       f"(saved: {saved or 'none'})")
+      raise ConfigError(f"eval.step={only}: {workdir} has no checkpoint {only} "
+                        f"(saved: {saved or 'none'})")
   main = mesh_lib.is_main_process()
   eval_dir = os.path.join(workdir, "eval")
   os.makedirs(eval_dir, exist_ok=True)

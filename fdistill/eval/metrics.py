@@ -26,6 +26,7 @@ from fdistill.diffusion import gmm as gmm_lib
 from fdistill.eval import fid as fid_lib
 from fdistill.eval import statistics
 from fdistill.registry import lookup
+from fdistill.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +60,10 @@ def check_fid_ref(config) -> str:
   fix = (f"make it with `python -m fdistill.eval.ref_stats --config=<this config> "
          f"--out=PATH` (or use EDM's fid-refs npz) and pass --config.eval.fid_ref=PATH")
   if not path:
-    raise ValueError(f"eval.fid_ref is not set (eval.metric='fid' compares against reference "
-                     f"statistics); {fix}")
+    raise ConfigError(f"eval.fid_ref is not set (eval.metric='fid' compares against reference "
+                      f"statistics); {fix}")
   if not os.path.isfile(path):
-    raise ValueError(f"eval.fid_ref={config.eval.fid_ref!r} does not exist; {fix}")
+    raise ConfigError(f"eval.fid_ref={config.eval.fid_ref!r} does not exist; {fix}")
   return path
 
 
@@ -73,16 +74,16 @@ def _check_fid(config):
   weights = statistics.check_inception(config)
   fid_lib.load_reference(check_fid_ref(config))
   if not zipfile.is_zipfile(weights):
-    raise ValueError(f"eval.inception_path={weights!r} is not a converted .npz (make it with "
-                     "python -m fdistill.eval.convert_inception)")
+    raise ConfigError(f"eval.inception_path={weights!r} is not a converted .npz (make it with "
+                      "python -m fdistill.eval.convert_inception)")
 
 
 def _prepare_fid(config, sampling):
   reference = fid_lib.load_reference(check_fid_ref(config))
   detector = statistics.inception_detector(config, sampling.mesh)
   if reference[0].size != detector.dim:  # before any sampling
-    raise ValueError(f"eval.fid_ref={config.eval.fid_ref!r} holds {reference[0].size}-d "
-                     f"statistics; the detector's features are {detector.dim}-d")
+    raise ConfigError(f"eval.fid_ref={config.eval.fid_ref!r} holds {reference[0].size}-d "
+                      f"statistics; the detector's features are {detector.dim}-d")
 
   def compute(params, rng):
     batches = sampling_lib.sample_batches(sampling, params, rng, config.eval.num_samples,

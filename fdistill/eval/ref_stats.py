@@ -36,7 +36,7 @@ from absl import logging
 
 from fdistill import data
 from fdistill.configfile import apply_config_flags, load_config_file
-from fdistill.errors import USER_ERRORS
+from fdistill.errors import ConfigError, USER_ERRORS
 from fdistill.eval import fid
 from fdistill.eval import statistics
 from fdistill.parallel import mesh as mesh_lib
@@ -78,7 +78,7 @@ def reference_stats(config, num: int = 50_000, batch_size: int = 500, detector=N
   total = num_examples(dataset)
   num = total if num <= 0 else min(num, total)
   if num < 2:
-    raise ValueError(f"ref_stats: need at least 2 images, the dataset has {total}")
+    raise ConfigError(f"ref_stats: need at least 2 images, the dataset has {total}")
   batches = (batch["x"] for batch in dataset.iterator(batch_size))
   steps = -(-num // batch_size)
   cut = (b[:num - i * batch_size] for i, b in enumerate(itertools.islice(batches, steps)))

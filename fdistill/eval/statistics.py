@@ -19,6 +19,7 @@ import numpy as np
 
 from fdistill.eval import fid as fid_lib
 from fdistill.eval import inception
+from fdistill.errors import ConfigError
 
 # Images per call of the Inception detector and device (times this process's device count when
 # the batch is sharded): a fixed compiled shape whatever eval.batch_size is, and ~0.7 GB of activations
@@ -55,8 +56,8 @@ def check_inception(config) -> str:
   try:
     return inception.resolve_path(config.eval.inception_path or None)
   except ValueError as e:
-    raise ValueError(f"FID needs the Inception weights (eval.inception_path): "
-                     f"{e}") from None
+    raise ConfigError(f"FID needs the Inception weights (eval.inception_path): "
+                      f"{e}") from None
 
 
 def inception_detector(config, mesh=None) -> Detector:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
-from fdistill.errors import CorruptCheckpointError, NonFiniteRunError, UserError
+from fdistill.errors import ConfigError, CorruptCheckpointError, NonFiniteRunError, UserError
 
 
 class SaveFailedError(UserError):
@@ -192,7 +192,7 @@ class Checkpointer:
     for step in steps:
       mismatch = self.tree_mismatch(step, abstract_state)
       if mismatch is not None:  # not corrupt: written by another config; nothing is moved
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {os.path.join(str(self.manager.directory), str(step))} holds another "
             f"model's state ({mismatch}); resume it with the config it was trained with (its "
             "run's config.json), or give a new --workdir for this config")
@@ -371,8 +371,8 @@ def load_config(workdir: str):
     with open(path) as f:
       return ml_collections.ConfigDict(json.load(f))
   except ValueError as e:  # truncated or edited by hand
-    raise ValueError(f"{path} is not valid JSON ({e}); restore it from a copy, or rewrite it "
-                     "from the run's config file") from None
+    raise ConfigError(f"{path} is not valid JSON ({e}); restore it from a copy, or rewrite it "
+                      "from the run's config file") from None
 
 
 def with_shardings(abstract_state, shardings):

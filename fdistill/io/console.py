@@ -5,6 +5,8 @@ Process 0 only. On a terminal the progress line is rewritten in place every
 plain lines at the same interval. Library logs (orbax, absl, TensorFlow, XLA)
 are kept at WARNING by ``quiet_libraries`` unless ``--verbosity`` asks for more.
 """
+import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -12,7 +14,24 @@ import time
 
 from fdistill.parallel import mesh as mesh_lib
 
-ENABLED = True  # the demo turns the runs' own lines off (it prints one line per stage)
+# Whether runs print their own lines; off inside :func:`silenced` only (a context variable, so
+# leaving the block, an exception included, restores it).
+_SHOWN = contextvars.ContextVar("fdistill_console_shown", default=True)
+
+
+@contextlib.contextmanager
+def silenced():
+  """Runs started inside print none of their own lines (the demo prints one line per stage)."""
+  token = _SHOWN.set(False)
+  try:
+    yield
+  finally:
+    _SHOWN.reset(token)
+
+
+def shown() -> bool:
+  """Whether this process prints run lines here: process 0, outside :func:`silenced`."""
+  return _SHOWN.get() and mesh_lib.is_main_process()
 
 LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jaxlib", "tensorflow", "tensorstore", "etils",
                    "tensorflow_datasets", "matplotlib")
@@ -51,8 +70,8 @@ def format_rate(step, now, first, total):
 
 
 def say(text):
-  """One line for the person at the terminal (process 0; off when the demo silences runs)."""
-  if ENABLED and mesh_lib.is_main_process():
+  """One line for the person at the terminal (process 0; none inside :func:`silenced`)."""
+  if shown():
     print(text, flush=True)
 
 
@@ -61,7 +80,7 @@ class Console:
 
   def __init__(self, total_steps, start_step, every_seconds=10.0, stream=None):
     self.stream = stream or sys.stdout
-    self.enabled = ENABLED and mesh_lib.is_main_process()
+    self.enabled = shown()
     self.in_place = self.enabled and self.stream.isatty() and jax_process_count() == 1
     self.total, self.start = total_steps, start_step
     self.every = every_seconds

@@ -13,6 +13,8 @@ import os
 import socket
 import time
 
+from fdistill.errors import ConfigError
+
 LOCK_NAME = "trainer.lock"
 
 
@@ -55,13 +57,13 @@ def take(workdir: str) -> str:
         os.remove(path)
         continue
       since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-      raise ValueError(f"--workdir={workdir!r} is in use by another trainer (host "
-                       f"{holder.get('host')}, pid {holder.get('pid')}, since {since}); stop it "
-                       f"first, or delete {path} if that process no longer runs") from None
+      raise ConfigError(f"--workdir={workdir!r} is in use by another trainer (host "
+                        f"{holder.get('host')}, pid {holder.get('pid')}, since {since}); stop it "
+                        f"first, or delete {path} if that process no longer runs") from None
     with os.fdopen(fd, "w") as f:
       json.dump(record, f)
     return path
-  raise ValueError(f"could not take the lock {path}: another trainer took it at the same time")
+  raise ConfigError(f"could not take the lock {path}: another trainer took it at the same time")
 
 
 def release(path: str) -> None:

@@ -31,8 +31,10 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from fdistill.errors import UserError
 
-class TorchPickleError(ValueError):
+
+class TorchPickleError(UserError, ValueError):
   """A file that is not a readable torch pickle, or one holding objects we refuse to build."""
 
 # ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from fdistill.registry import lookup
 from fdistill.models import dit
 from fdistill.models import mlp
 from fdistill.models import unet
+from fdistill.errors import ConfigError
 
 MODELS = {
     "mlp": mlp.ScoreMLP,
@@ -36,8 +37,8 @@ def build(model_config):
   valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   unknown = sorted(set(kwargs) - valid)
   if unknown:
-    raise ValueError(f"model.{unknown[0]} is not a field of model.name={model_config.name!r}; "
-                     f"valid fields: {', '.join(sorted(valid))}")
+    raise ConfigError(f"model.{unknown[0]} is not a field of model.name={model_config.name!r}; "
+                      f"valid fields: {', '.join(sorted(valid))}")
   return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()})
 
 

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fdistill.errors import ConfigError
 from fdistill.models import layers
 from fdistill.registry import lookup
 
@@ -106,8 +107,8 @@ class Discriminator:
 
 def _mlp(config, x_shape, feature_shapes, sigma_data):
   del feature_shapes
-  module = MLPDiscriminator(hidden=tuple(config.get("hidden", (128, 128, 128))),
-                            emb_dim=config.get("emb_dim", 64), sigma_data=sigma_data)
+  module = MLPDiscriminator(hidden=tuple(config.hidden), emb_dim=config.emb_dim,
+                            sigma_data=sigma_data)
   x = jnp.zeros((1,) + tuple(x_shape), jnp.float32)
 
   def init(rng):
@@ -123,10 +124,9 @@ def _mlp(config, x_shape, feature_shapes, sigma_data):
 def _unet_heads(config, x_shape, feature_shapes, sigma_data):
   del x_shape, sigma_data
   if feature_shapes is None:
-    raise ValueError("objective.discriminator.name='unet_heads' needs a teacher network that "
-                     "returns encoder features (teacher.kind='checkpoint' with a U-Net)")
-  module = FeatureDiscriminator(tuple(config.get("feature_indices", (-1,))),
-                                config.get("channels", 0))
+    raise ConfigError("objective.discriminator.name='unet_heads' needs a teacher network that "
+                      "returns encoder features (teacher.kind='checkpoint' with a U-Net)")
+  module = FeatureDiscriminator(tuple(config.feature_indices), config.channels)
   example = [jnp.zeros((1,) + tuple(s.shape[1:]), jnp.float32) for s in feature_shapes]
 
   def init(rng):

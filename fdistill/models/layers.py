@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fdistill.errors import ConfigError
+
 
 class FourierEmbedding(nn.Module):
   """EDM ``FourierEmbedding``: x -> [cos(2 pi f x), sin(2 pi f x)], f ~ N(0, scale^2) fixed.
@@ -173,8 +175,8 @@ def maybe_remat(block_cls, remat: bool, policy: str = "nothing_saveable"):
   """``block_cls`` rematerialised per block with ``policy`` when ``remat``, else itself. The
   blocks' ``__call__(self, x, emb, train)``: static_argnums counts the module, so train is 3."""
   if policy not in REMAT_POLICIES:
-    raise ValueError(f"model.remat_policy={policy!r} is not valid; valid values: "
-                     f"{', '.join(REMAT_POLICIES)}")
+    raise ConfigError(f"model.remat_policy={policy!r} is not valid; valid values: "
+                      f"{', '.join(REMAT_POLICIES)}")
   if not remat:
     return block_cls
   return nn.remat(block_cls, static_argnums=(3,), policy=getattr(jax.checkpoint_policies, policy))

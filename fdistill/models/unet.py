@@ -41,6 +41,7 @@ import numpy as np
 from fdistill.models import layers
 from fdistill.models.layers import Init
 from fdistill.ops.attention import attention
+from fdistill.errors import ConfigError
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -209,7 +210,7 @@ class UNetBlock(nn.Module):
 
 def _check_choice(value, valid, field):
   if value not in valid:
-    raise ValueError(f"Unknown {field}={value!r}; valid values: {', '.join(valid)}")
+    raise ConfigError(f"Unknown {field}={value!r}; valid values: {', '.join(valid)}")
 
 
 def _check_resolution(x, img_resolution):

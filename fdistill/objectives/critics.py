@@ -20,6 +20,7 @@ from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import noise
 from fdistill.parallel import partition
 from fdistill.registry import lookup
+from fdistill.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +104,8 @@ def encoder_logits(nets: Nets, fake_params, x_t, sigma, cond, rng=None, augment_
   d, feats = nets.fake_apply(fake_params, x_t, sigma, cond, rng=rng, return_features=True,
                              **_labels(augment_labels))
   if not feats:
-    raise ValueError("loss='sida' needs a fake score that returns encoder features "
-                     "(config.model: mlp with hidden layers, songunet, dhariwalunet or dit)")
+    raise ConfigError("loss='sida' needs a fake score that returns encoder features "
+                      "(config.model: mlp with hidden layers, songunet, dhariwalunet or dit)")
   return d, jnp.mean(at_least_f32(feats[-1]), axis=-1)
 
 

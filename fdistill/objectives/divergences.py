@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple, Optional
 import jax.numpy as jnp
 
 from fdistill.registry import lookup
+from fdistill.errors import ConfigError
 
 
 class Divergence(NamedTuple):
@@ -70,11 +71,11 @@ def _jeffreys():
 def _alpha(alpha):
   """Amari alpha-divergence; a in {0, 1} is the KL limit, which has its own entry."""
   if alpha is None:
-    raise ValueError("divergence 'alpha' needs objective.alpha (any real number except 0 and 1)")
+    raise ConfigError("divergence 'alpha' needs objective.alpha (any real number except 0 and 1)")
   a = float(alpha)
   if a in (0.0, 1.0):
-    raise ValueError(f"objective.alpha={a} is the limit of the alpha family; use "
-                     f"divergence={'reverse_kl' if a == 0.0 else 'forward_kl'!r}")
+    raise ConfigError(f"objective.alpha={a} is the limit of the alpha family; use "
+                      f"divergence={'reverse_kl' if a == 0.0 else 'forward_kl'!r}")
   return Divergence(f"alpha({a:g})", lambda r: (r**a - a * r - (1 - a)) / (a * (a - 1)),
                     lambda r: r**a)
 

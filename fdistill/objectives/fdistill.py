@@ -59,6 +59,7 @@ from fdistill.objectives import scaffold
 from fdistill.objectives.base import Objective, add_passes, settings_from_config
 from fdistill.optim import update
 from fdistill.registry import check_choice
+from fdistill.errors import ConfigError
 
 # Sub-sections of ``config.objective`` that are not :class:`Settings` fields.
 SECTIONS = ("name", "discriminator", "fake_optim", "disc_optim", "critic_noise")
@@ -107,16 +108,16 @@ class Settings:
     check_choice(settings.weight, WEIGHTS, "objective.weight")
     check_choice(settings.ratio_bin_by, RATIO_BIN_BY, "objective.ratio_bin_by")
     if not settings.abs_mean_eps >= 0:
-      raise ValueError(f"objective.abs_mean_eps={settings.abs_mean_eps} must be >= 0")
+      raise ConfigError(f"objective.abs_mean_eps={settings.abs_mean_eps} must be >= 0")
     noise.critic_levels(settings, objective_config.critic_noise)
     check_choice(settings.disc_features, critics.DISC_FEATURES, "objective.disc_features")
     if not settings.disc_loss_weight > 0:
-      raise ValueError(f"objective.disc_loss_weight={settings.disc_loss_weight} must be > 0")
+      raise ConfigError(f"objective.disc_loss_weight={settings.disc_loss_weight} must be > 0")
     check_choice(settings.fake_loss_weight, critics.FAKE_LOSS_WEIGHTS,
                  "objective.fake_loss_weight")
     divergences.get(settings.divergence, settings.alpha)
     if settings.gen_every < 1:
-      raise ValueError(f"objective.gen_every={settings.gen_every} must be >= 1")
+      raise ConfigError(f"objective.gen_every={settings.gen_every} must be >= 1")
     return settings
 
 

@@ -19,6 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fdistill.errors import ConfigError
+
 
 def draw_noise(rng, n, x_shape, num_x, num_scalar):
   """``num_x`` standard normal arrays [n, *x_shape] and ``num_scalar`` of shape [n]."""
@@ -57,12 +59,12 @@ def critic_levels(st, overrides):
   overrides = dict(overrides)
   unknown = sorted(set(overrides) - set(FIELDS))
   if unknown:
-    raise ValueError(f"objective.critic_noise.{unknown[0]} is not a noise-level field; valid: "
-                     f"{', '.join(FIELDS)}")
+    raise ConfigError(f"objective.critic_noise.{unknown[0]} is not a noise-level field; valid: "
+                      f"{', '.join(FIELDS)}")
   levels = dataclasses.replace(st, **overrides)
   if levels.sigma_dist not in SIGMA_DISTS:
-    raise ValueError(f"objective.critic_noise.sigma_dist={levels.sigma_dist!r} is not valid; "
-                     f"valid values: {', '.join(SIGMA_DISTS)}")
+    raise ConfigError(f"objective.critic_noise.sigma_dist={levels.sigma_dist!r} is not valid; "
+                      f"valid values: {', '.join(SIGMA_DISTS)}")
   return levels
 
 

@@ -124,6 +124,7 @@ from fdistill.optim import state as state_lib
 from fdistill.optim import update
 from fdistill.parallel import partition
 from fdistill.registry import check_choice
+from fdistill.errors import ConfigError
 
 SECTIONS = ("name", "fake_optim")
 DMD_TIMES = ("shift", "lognormal")
@@ -171,27 +172,27 @@ class Settings:
     check_choice(st.dmd_time, DMD_TIMES, "objective.dmd_time")
     check_choice(st.fake_loss_weight, critics.FAKE_LOSS_WEIGHTS, "objective.fake_loss_weight")
     if st.gen_every < 1:
-      raise ValueError(f"objective.gen_every={st.gen_every} must be >= 1")
+      raise ConfigError(f"objective.gen_every={st.gen_every} must be >= 1")
     if not 1 <= st.rollout_max_steps <= MAX_ROLLOUT_STEPS:
-      raise ValueError(f"objective.rollout_max_steps={st.rollout_max_steps} must be in "
-                       f"[1, {MAX_ROLLOUT_STEPS}]")
+      raise ConfigError(f"objective.rollout_max_steps={st.rollout_max_steps} must be in "
+                        f"[1, {MAX_ROLLOUT_STEPS}]")
     if st.dmd_weight < 0:
-      raise ValueError(f"objective.dmd_weight={st.dmd_weight} must be >= 0")
+      raise ConfigError(f"objective.dmd_weight={st.dmd_weight} must be >= 0")
     if st.dmd_only and not st.dmd_weight:
-      raise ValueError("objective.dmd_only=True needs objective.dmd_weight > 0")
+      raise ConfigError("objective.dmd_only=True needs objective.dmd_weight > 0")
     if st.dmd_only and st.adaptive_weight:
-      raise ValueError("objective.adaptive_weight=True weights the sCM loss, which "
-                       "objective.dmd_only=True drops; valid with dmd_only: False")
+      raise ConfigError("objective.adaptive_weight=True weights the sCM loss, which "
+                        "objective.dmd_only=True drops; valid with dmd_only: False")
     if min(st.scm_warmup_steps, st.warmup_critic_steps, st.tangent_warmup_steps) < 0:
-      raise ValueError("objective.scm_warmup_steps, warmup_critic_steps and "
-                       "tangent_warmup_steps must be >= 0")
+      raise ConfigError("objective.scm_warmup_steps, warmup_critic_steps and "
+                        "tangent_warmup_steps must be >= 0")
     if not 0 < st.sigma_min < st.sigma_max:
-      raise ValueError(f"objective.sigma_min={st.sigma_min} and sigma_max={st.sigma_max} "
-                       "must satisfy 0 < sigma_min < sigma_max")
+      raise ConfigError(f"objective.sigma_min={st.sigma_min} and sigma_max={st.sigma_max} "
+                        "must satisfy 0 < sigma_min < sigma_max")
     times = st.sampler_times
     if any(not 0 < t < math.pi / 2 for t in times) or any(
         a <= b for a, b in zip(times, times[1:])):
-      raise ValueError(f"objective.sampler_times={list(times)} must decrease inside (0, pi/2)")
+      raise ConfigError(f"objective.sampler_times={list(times)} must decrease inside (0, pi/2)")
     return st
 
   @property
@@ -362,9 +363,9 @@ def build(config, task) -> Objective:
   """rCM / sCM / DMD-only distillation of ``task``'s teacher into ``config.model``."""
   st = Settings.from_config(config.objective)
   if task.teacher_apply is None:
-    raise ValueError("objective.name='rcm' distils a teacher: set teacher.kind to 'analytic' "
-                     "(toy data), 'checkpoint' (with teacher.workdir) or 'edm_pickle' "
-                     "(with teacher.path)")
+    raise ConfigError("objective.name='rcm' distils a teacher: set teacher.kind to 'analytic' "
+                      "(toy data), 'checkpoint' (with teacher.workdir) or 'edm_pickle' "
+                      "(with teacher.path)")
   sd = float(config.model.sigma_data)
   _, F_apply, fake_apply = _networks(config, st)
   teacher_F = trigflow.edm_to_trigflow(task.teacher_apply, sd)

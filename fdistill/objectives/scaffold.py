@@ -23,6 +23,7 @@ from fdistill.objectives import critics
 from fdistill.objectives.base import Sampler, add_passes
 from fdistill.optim import state as state_lib
 from fdistill.optim import update
+from fdistill.errors import ConfigError
 
 
 def section_optimizer(optim_config, overrides):
@@ -82,9 +83,9 @@ def build(config, task, st, what: str, train_disc: bool = True,
   the critics' inputs (SiD's CIFAR-10 recipe; :func:`critics.critic_batch`)."""
   critic_levels = st if critic_levels is None else critic_levels
   if task.teacher_apply is None:
-    raise ValueError(f"objective.name={what!r} distils a teacher: set teacher.kind to "
-                     "'analytic' (toy data), 'checkpoint' (with teacher.workdir) or "
-                     "'edm_pickle' (with teacher.path)")
+    raise ConfigError(f"objective.name={what!r} distils a teacher: set teacher.kind to "
+                      "'analytic' (toy data), 'checkpoint' (with teacher.workdir) or "
+                      "'edm_pickle' (with teacher.path)")
   _, net_apply = _generator_net(config)
   sample = sampler(config, task)
   fresh = jax.eval_shape(sample.init_params, jax.random.key(0))
@@ -98,13 +99,13 @@ def build(config, task, st, what: str, train_disc: bool = True,
                         config.model.sigma_data)
   if augment_p and (config.model.name not in ("songunet", "dhariwalunet") or
                     config.model.augment_dim != augment.NUM_LABELS):
-    raise ValueError(f"objective.augment_p={augment_p} conditions the fake score on EDM's "
-                     f"{augment.NUM_LABELS} augmentation labels: it needs a U-Net with "
-                     f"model.augment_dim={augment.NUM_LABELS} (EDM's CIFAR-10 networks)")
+    raise ConfigError(f"objective.augment_p={augment_p} conditions the fake score on EDM's "
+                      f"{augment.NUM_LABELS} augmentation labels: it needs a U-Net with "
+                      f"model.augment_dim={augment.NUM_LABELS} (EDM's CIFAR-10 networks)")
   if disc_features == "fake" and train_disc and not disc.uses_features:
-    raise ValueError(f"objective.disc_features='fake' needs a discriminator that reads "
-                     f"features: objective.discriminator.name='unet_heads' (got "
-                     f"{config.objective.discriminator.name!r})")
+    raise ConfigError(f"objective.disc_features='fake' needs a discriminator that reads "
+                      f"features: objective.discriminator.name='unet_heads' (got "
+                      f"{config.objective.discriminator.name!r})")
   nets = critics.Nets(net_apply, task.teacher_apply, net_apply, disc, tuple(task.x_shape),
                       float(config.generator.sigma_init), disc_features)
   from_teacher = config.teacher.kind != "analytic"  # a network: checkpoint or edm_pickle

@@ -47,6 +47,7 @@ from fdistill.objectives import uni_instruct_loss as ul
 from fdistill.objectives.base import Objective, settings_from_config
 from fdistill.optim import update
 from fdistill.registry import check_choice
+from fdistill.errors import ConfigError
 
 SECTIONS = ("name", "discriminator", "fake_optim", "disc_optim", "critic_noise")
 LOSSES = ("expanded", "sid", "sim", "sida")
@@ -98,23 +99,23 @@ class Settings:
     check_choice(st.fake_loss_weight, critics.FAKE_LOSS_WEIGHTS, "objective.fake_loss_weight")
     ul.get_divergence(st.divergence, st.alpha)
     if st.gen_every < 1:
-      raise ValueError(f"objective.gen_every={st.gen_every} must be >= 1")
+      raise ConfigError(f"objective.gen_every={st.gen_every} must be >= 1")
     if st.loss == "sida" and st.gan_weight:
-      raise ValueError(f"objective.gan_weight={st.gan_weight} must be 0 with loss='sida' (its GAN "
-                       "term is objective.adv_weight, through the fake score's encoder)")
+      raise ConfigError(f"objective.gan_weight={st.gan_weight} must be 0 with loss='sida' (its GAN "
+                        "term is objective.adv_weight, through the fake score's encoder)")
     if not 0 <= st.adv_weight <= 1:
-      raise ValueError(f"objective.adv_weight={st.adv_weight} must be in [0, 1]")
+      raise ConfigError(f"objective.adv_weight={st.adv_weight} must be in [0, 1]")
     if not 0 <= st.augment_p <= 1:
-      raise ValueError(f"objective.augment_p={st.augment_p} must be in [0, 1]")
+      raise ConfigError(f"objective.augment_p={st.augment_p} must be in [0, 1]")
     if not st.sida_gan_scale > 0:
-      raise ValueError(f"objective.sida_gan_scale={st.sida_gan_scale} must be > 0 "
-                       "(SiDA's code: 1e-4)")
+      raise ConfigError(f"objective.sida_gan_scale={st.sida_gan_scale} must be > 0 "
+                        "(SiDA's code: 1e-4)")
     if st.switch_divergence:
       ul.get_divergence(st.switch_divergence, st.alpha)
       if st.loss != "expanded" or st.switch_step < 1:
-        raise ValueError(f"objective.switch_divergence={st.switch_divergence!r} needs "
-                         f"objective.loss='expanded' (got {st.loss!r}) and objective.switch_step"
-                         f" >= 1 (got {st.switch_step})")
+        raise ConfigError(f"objective.switch_divergence={st.switch_divergence!r} needs "
+                          f"objective.loss='expanded' (got {st.loss!r}) and objective.switch_step"
+                          f" >= 1 (got {st.switch_step})")
     return st
 
   @property

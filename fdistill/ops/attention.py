@@ -66,6 +66,7 @@ from jax.sharding import PartitionSpec as P
 
 from fdistill.ops import flash_jvp
 from fdistill.ops import flash_jvp_tpu
+from fdistill.errors import ConfigError
 
 # The mesh axes the kernel splits batch and heads over: the names parallel/mesh.py
 # gives them (ops may not import parallel; tests/test_ops_attention_sharded.py
@@ -107,7 +108,7 @@ def xla_attention(q, k, v, mask=None, scale=None):
 
 def _cudnn_attention(q, k, v, mask=None, scale=None):
   if not _on_gpu():
-    raise ValueError(
+    raise ConfigError(
         f"attention impl='cudnn' needs a GPU backend, found {jax.default_backend()!r}; "
         f"valid impls here: 'xla', 'auto' (and 'flash_jvp' on CPU, interpreted)")
   kv_len = None if mask is None else jnp.sum(mask, axis=-1).astype(jnp.int32)
@@ -223,5 +224,5 @@ _IMPLS = {
 def attention(q, k, v, impl="xla", mask=None, scale=None):
   """Dispatches to the named implementation; unknown names list the valid ones."""
   if impl not in _IMPLS:
-    raise ValueError(f"Unknown attention impl={impl!r}; valid values: {', '.join(_IMPLS)}")
+    raise ConfigError(f"Unknown attention impl={impl!r}; valid values: {', '.join(_IMPLS)}")
   return _IMPLS[impl](q, k, v, mask=mask, scale=scale)

@@ -1,8 +1,8 @@
 """Device mesh from ``config.mesh``, multi-process start-up and process-0-only output.
 
-Axes are ``data``, ``fsdp`` and ``tensor`` (sizes from the config, -1 = all
-remaining devices; ``tensor`` defaults to 1 and is only used by explicit
-partition rules). For multi-slice TPU pods the ``dcn_*`` sizes split each axis
+Axes are ``data``, ``fsdp`` and ``tensor`` (sizes from ``config.mesh``, -1 = all
+remaining devices; ``tensor`` is only used by explicit partition rules). For
+multi-slice TPU pods the ``dcn_*`` sizes split each axis
 into a slow data-centre-network part (across slices) and a fast ICI part
 (within a slice), so FSDP all-gathers stay on ICI and only the data-parallel
 gradient reduction crosses slices.
@@ -25,40 +25,67 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fdistill.errors import ConfigError
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over the data-parallel axes
-_DEFAULT_SIZES = {"data": -1, "fsdp": 1, "tensor": 1}
+
+
+def _fields(names, sizes):
+  return ", ".join(f"mesh.{n}={s}" for n, s in zip(names, sizes))
+
+
+def _check_size(name, size, remaining):
+  """``mesh.<name>`` is a positive integer (or -1 = the remaining devices, where allowed)."""
+  if isinstance(size, bool) or not isinstance(size, int) or not (
+      size >= 1 or (remaining and size == -1)):
+    raise ConfigError(f"mesh.{name}={size!r} is not valid; accepted: a positive integer"
+                      + (", or -1 for the remaining devices" if remaining else
+                         " (1 = one slice)"))
 
 
 def resolve_axis_sizes(sizes, num_devices, names=AXES):
-  """Replaces a single -1 by the devices left over; checks the product."""
-  sizes = [int(s) for s in sizes]
+  """Replaces a single -1 by the devices left over; checks the product.
+
+  ``names`` are the ``config.mesh`` fields of ``sizes``: every error names them and the fix.
+  """
+  for name, size in zip(names, sizes):
+    _check_size(name, size, remaining=True)
+  sizes = list(sizes)
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
+    raise ConfigError(f"{_fields(names, sizes)}: at most one axis may be -1 (the remaining "
+                      f"devices); give the others sizes, e.g. --config.mesh.{names[1]}=1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes {sizes}")
+      fixed = [n for n, s in zip(names, sizes) if s > 1]
+      raise ConfigError(f"{_fields(names, sizes)}: {num_devices} devices are not divisible by "
+                        f"the fixed axes (product {known}); accepted: sizes whose product "
+                        f"divides {num_devices}, e.g. --config.mesh.{fixed[0]}=1")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh: axis sizes {dict(zip(names, sizes))} need {math.prod(sizes)} devices, "
-                     f"but {num_devices} are available")
+    raise ConfigError(f"{_fields(names, sizes)} need {math.prod(sizes)} devices, but "
+                      f"{num_devices} are available; accepted: sizes whose product is "
+                      f"{num_devices}, or -1 for one of them, e.g. --config.mesh.{names[0]}=-1")
   return sizes
 
 
 def mesh_shapes(mesh_config, num_devices):
-  """(ici sizes, dcn sizes), one entry per axis of AXES.
+  """(ici sizes, dcn sizes), one entry per axis of AXES, from a complete ``config.mesh``.
 
-  The dcn sizes (``dcn_data`` ...; default 1) multiply to the number of slices
-  (granules); the ici sizes, with -1 resolved, multiply to the devices per slice.
+  The dcn sizes (``dcn_data`` ...) multiply to the number of slices (granules);
+  the ici sizes, with -1 resolved, multiply to the devices per slice.
   """
-  get = (lambda k, d: mesh_config.get(k, d)) if mesh_config is not None else (lambda k, d: d)
-  dcn = [int(get("dcn_" + a, 1)) for a in AXES]
+  dcn_names = tuple("dcn_" + a for a in AXES)
+  dcn = [mesh_config[n] for n in dcn_names]
+  for name, size in zip(dcn_names, dcn):
+    _check_size(name, size, remaining=False)
   num_slices = math.prod(dcn)
   if num_devices % num_slices:
-    raise ValueError(f"mesh: {num_devices} devices do not split into {num_slices} slices "
-                     f"(dcn sizes {dict(zip(AXES, dcn))})")
-  ici = resolve_axis_sizes([get(a, _DEFAULT_SIZES[a]) for a in AXES], num_devices // num_slices)
+    raise ConfigError(f"{_fields(dcn_names, dcn)}: {num_devices} devices do not split into "
+                      f"{num_slices} slices; accepted: dcn sizes whose product (the number of "
+                      f"slices) divides {num_devices}, e.g. --config.mesh.dcn_data=1")
+  ici = resolve_axis_sizes([mesh_config[a] for a in AXES], num_devices // num_slices)
   return ici, dcn
 
 
@@ -66,8 +93,9 @@ def _auto(n):
   return (jax.sharding.AxisType.Auto,) * n
 
 
-def make_mesh(mesh_config=None, devices=None) -> Mesh:
-  """Mesh over ``devices`` (default: all, across processes) with axes AXES."""
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """Mesh over ``devices`` (default: all, across processes) with axes AXES, sized by
+  ``mesh_config`` (a complete ``config.mesh``: configs/common.py)."""
   devices = jax.devices() if devices is None else list(devices)
   ici, dcn = mesh_shapes(mesh_config, len(devices))
   if math.prod(dcn) == 1:
@@ -97,9 +125,9 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   """A clear error where the global batch cannot be split evenly over devices and processes."""
   shards = axis_size(mesh, BATCH_AXES)
   if batch_size % shards or batch_size % jax.process_count():
-    raise ValueError(f"train.batch_size={batch_size} must be divisible by the data-parallel "
-                     f"devices (data*fsdp = {shards}) and the process count "
-                     f"({jax.process_count()})")
+    raise ConfigError(f"train.batch_size={batch_size} must be divisible by the data-parallel "
+                      f"devices (data*fsdp = {shards}) and the process count "
+                      f"({jax.process_count()})")
 
 
 def global_batch(local_batch, mesh: Mesh):
@@ -144,7 +172,7 @@ def distributed_kwargs(mode="auto", coordinator_address=None, num_processes=None
   """
   env = os.environ if env is None else env
   if mode not in ("auto", "on", "off"):
-    raise ValueError(f"--distributed={mode!r}; valid values: auto, on, off")
+    raise ConfigError(f"--distributed={mode!r}; valid values: auto, on, off")
   if mode == "off":
     return None
   coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None

@@ -18,9 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fdistill.errors import ConfigError
 from fdistill.parallel import mesh as mesh_lib
-
-DEFAULT_MIN_SIZE = 2**14  # leaves with fewer elements are replicated by the FSDP default
 
 
 def path_str(path) -> str:
@@ -41,8 +40,9 @@ def replicate(shape) -> P:
   return P()
 
 
-def fsdp_spec(shape, fsdp_size: int, min_size: int = DEFAULT_MIN_SIZE, axis: str = "fsdp") -> P:
-  """Splits the largest dimension divisible by ``fsdp_size`` over ``axis`` (ties: the last)."""
+def fsdp_spec(shape, fsdp_size: int, min_size: int, axis: str = "fsdp") -> P:
+  """Splits the largest dimension divisible by ``fsdp_size`` over ``axis`` (ties: the last);
+  leaves under ``min_size`` elements (``config.mesh.fsdp_min_size``) stay replicated."""
   if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
   candidates = [i for i, d in enumerate(shape) if d % fsdp_size == 0]
@@ -69,17 +69,17 @@ def match_specs(tree, rules: Sequence[Tuple[str, P]], default=replicate):
 
 
 def check_specs(tree, specs, mesh) -> None:
-  """A ValueError naming the leaf where a spec does not fit its shape on ``mesh``."""
+  """A ConfigError naming the leaf where a spec does not fit its shape on ``mesh``."""
 
   def check(path, leaf, spec):
     shape = np.shape(leaf)
     if len(spec) > len(shape):
-      raise ValueError(f"partition rule {spec} has more entries than {path_str(path)} has "
-                       f"dimensions {shape}")
+      raise ConfigError(f"partition rule {spec} has more entries than {path_str(path)} has "
+                        f"dimensions {shape}")
     for dim, axes in zip(shape, spec):
       if axes is not None and dim % mesh_lib.axis_size(mesh, axes):
-        raise ValueError(f"partition rule {spec} does not divide {path_str(path)} {shape} on "
-                         f"mesh {dict(mesh.shape)}")
+        raise ConfigError(f"partition rule {spec} does not divide {path_str(path)} {shape} on "
+                          f"mesh {dict(mesh.shape)}")
 
   jax.tree_util.tree_map_with_path(check, tree, specs,
                                    is_leaf=lambda x: isinstance(x, P) or x is None)
@@ -107,16 +107,13 @@ def spec_from_config(entry) -> P:
 
 def rules_from_config(mesh_config):
   """``config.mesh.rules`` [(regex, spec entries)] -> [(regex, PartitionSpec)]."""
-  rules = mesh_config.get("rules", ()) if mesh_config is not None else ()
-  return [(pattern, spec_from_config(spec)) for pattern, spec in rules]
+  return [(pattern, spec_from_config(spec)) for pattern, spec in mesh_config.rules]
 
 
 def config_shardings(tree, mesh, mesh_config):
-  """Shardings of a state-like ``tree``: the config's rules, then the FSDP default."""
-  min_size = DEFAULT_MIN_SIZE
-  if mesh_config is not None:
-    min_size = mesh_config.get("fsdp_min_size", DEFAULT_MIN_SIZE)
-  return shardings(tree, mesh, rules_from_config(mesh_config), min_size)
+  """Shardings of a state-like ``tree`` under a complete ``config.mesh``: its rules, then the
+  FSDP default for leaves of at least ``fsdp_min_size`` elements."""
+  return shardings(tree, mesh, rules_from_config(mesh_config), mesh_config.fsdp_min_size)
 
 
 def place(tree, tree_shardings):

@@ -20,6 +20,7 @@ from fdistill.diffusion import gmm as gmm_lib
 from fdistill.io import checkpoint
 from fdistill.parallel import partition
 from fdistill.registry import lookup
+from fdistill.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +46,11 @@ def _checkpoint(config, x_shape, cond_dim):
   """The EMA denoiser exported by a ``train_teacher`` run (its ``export`` checkpoint item)."""
   workdir = config.teacher.workdir
   if not workdir:
-    raise ValueError("teacher.kind='checkpoint' needs teacher.workdir (a train_teacher workdir)")
+    raise ConfigError("teacher.kind='checkpoint' needs teacher.workdir (a train_teacher workdir)")
   teacher_config = checkpoint.load_config(workdir)
   if teacher_config.objective.name != "dsm":
-    raise ValueError(f"teacher.workdir={workdir!r} holds a {teacher_config.objective.name!r} run; "
-                     "a teacher is a --mode=train_teacher (objective.name='dsm') run")
+    raise ConfigError(f"teacher.workdir={workdir!r} holds a {teacher_config.objective.name!r} run; "
+                      "a teacher is a --mode=train_teacher (objective.name='dsm') run")
   module = models.build(teacher_config.model)
   apply_fn = models.make_denoiser(module, teacher_config.model.sigma_data)
   abstract = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0),
@@ -73,7 +74,7 @@ def _edm_pickle(config, x_shape, cond_dim):
   from fdistill.teachers import edm_pickle
   path = config.teacher.path
   if not path:
-    raise ValueError("teacher.kind='edm_pickle' needs teacher.path (a local EDM .pkl)")
+    raise ConfigError("teacher.kind='edm_pickle' needs teacher.path (a local EDM .pkl)")
   teacher = edm_pickle.load(path)
   model_config = teacher.model_config
   if config.model.name == model_config.name:

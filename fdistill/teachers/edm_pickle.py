@@ -202,12 +202,12 @@ def _expected_shapes(model_config) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
 
 
 def _check_resample_filter(name, array, model_config):
-  taps = np.asarray(model_config.get("resample_filter", (1, 1)), np.float64)
-  expected = np.outer(taps, taps) / taps.sum()**2
+  # SongUNet's taps are model.resample_filter; DhariwalUNet has no such field: its are (1, 1).
+  taps = tuple(model_config.resample_filter) if model_config.name == "songunet" else (1, 1)
+  expected = np.outer(taps, taps) / np.sum(taps, dtype=np.float64)**2
   if array.shape[-2:] != expected.shape or not np.allclose(array.reshape(expected.shape),
                                                            expected, atol=1e-6):
-    raise EDMPickleError(f"buffer {name} does not match resample_filter="
-                         f"{tuple(model_config.resample_filter)}")
+    raise EDMPickleError(f"buffer {name} does not match resample_filter={taps}")
 
 
 def convert_params(tensors: Dict[str, np.ndarray], model_config, origin: str = "<pickle>"):

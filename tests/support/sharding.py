@@ -11,13 +11,22 @@ import re
 import jax
 import numpy as np
 
-from configs import toy2d_teacher
+from configs import common, toy2d_teacher
 from fdistill.parallel import mesh as mesh_lib
 from fdistill.parallel import partition
 from fdistill import experiment
 
 BATCH = 32
-SHARDED_MESH = {"data": 2, "fsdp": 4}
+
+
+def mesh_section(**fields):
+  """A complete ``config.mesh`` (configs/common.py) with ``fields`` set."""
+  section = common.base_config().mesh
+  section.update(fields)
+  return section
+
+
+SHARDED_MESH = mesh_section(data=2, fsdp=4)
 NUM_STEPS = 2  # f-distill: one generator and one critic update (gen_every=2)
 
 
