@@ -167,6 +167,9 @@ def _train(config, workdir, mesh, teacher_pin):
         if os.path.exists(png_path):  # process 0 wrote it
           png = open(png_path, "rb").read()
           writer.write_png(done, "samples", png, *writers.png_size(png))
+  if tc.num_steps == 0 and start == 0:  # the initialisation: the baseline the eval job scores
+    save(ckpt, exp, 0, state)
+    console.line(f"saved checkpoint 0 (the initialisation) in {ckpt.manager.directory}")
   ckpt.close()
   writer.flush()
   elapsed = time.monotonic() - console.started
