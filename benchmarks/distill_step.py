@@ -21,7 +21,7 @@ objective's steps in seconds: the suite's check of the minimum). Objectives: ``f
 family: FastGen's recipe, discriminator heads on the teacher's features),
 ``sid`` (Uni-Instruct with loss='sid': SiD; no discriminator is trained),
 ``expanded`` (Uni-Instruct's expanded forward KL, discriminator as f-distill's)
-and ``rcm`` (sCM + DMD regulariser, when ``fdistill.objectives.OBJECTIVES`` has it).
+and ``rcm`` (sCM + DMD regulariser).
 Precision is ``config.model.dtype`` (params float32, compute as named).
 
 The teacher's params are freshly initialised random params of the same
@@ -46,7 +46,7 @@ Per (net, objective, kind of step, batch, dtype), one row:
                    and dtype (``cost_analysis`` of a jitted denoiser call): the step's cost
                    in network forwards, independent of the device
   minimum          the forward-equivalents of the passes the step cannot do without
-                   (``Objective.minimum_passes``, each pass priced by XLA's FLOPs on this
+                   (``minimum_passes.of``, each pass priced by XLA's FLOPs on this
                    network and batch: :func:`pass_flops`); ``vs min`` = step FLOPs / those
   compile          seconds to lower and compile the step
   peer, vs peer    ``--peer``: images/s of the PyTorch peer of the step (benchmarks/torch_peer.py:
@@ -77,14 +77,16 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/minimum_passes.py
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import architectures, common, toy2d_fdistill, toy2d_teacher  # noqa: E402
-from fdistill import experiment, models, objectives, teachers  # noqa: E402
+from fdistill import experiment, models, teachers  # noqa: E402
 from fdistill.models import discriminator as disc_lib  # noqa: E402
 from fdistill.parallel import mesh as mesh_lib  # noqa: E402
+import minimum_passes  # noqa: E402
 
 ALL_OBJECTIVES = ("fdistill", "sid", "expanded", "rcm")
 # --small: XLA:CPU compile time is LLVM's; timings of small rows mean nothing anyway.
@@ -182,13 +184,7 @@ def objective_section(objective, discriminator):
         gen_every=5, rollout_max_steps=4, dmd_time="shift", dmd_shift=5.0,
         sampler_times=(1.1,), fake_loss_weight="edm", fake_optim=dict(lr=2e-5, grad_clip=0.0))
   raise ValueError(f"objective={objective!r} is not valid; valid values: "
-                   f"{', '.join(available_objectives())}")
-
-
-def available_objectives():
-  """The objectives this checkout has (rCM once it is registered)."""
-  has_rcm = "rcm" in objectives.OBJECTIVES and hasattr(common, "rcm_objective")
-  return tuple(o for o in ALL_OBJECTIVES if o != "rcm" or has_rcm)
+                   f"{', '.join(ALL_OBJECTIVES)}")
 
 
 def make_config(spec):
@@ -249,18 +245,18 @@ def program_flops(lowered, compiled):
   return flops if flops > 0 else _cost_flops(lowered.cost_analysis())
 
 
-def forward_flops(teacher, batch, x_shape, cond_dim):
+def forward_flops(teacher_spec, batch, x_shape, cond_dim):
   """FLOPs of one denoiser forward at ``batch`` (compiled from shapes, nothing allocated)."""
-  fn = jax.jit(lambda p, x, s, c: teacher.apply(p, x, s, c))
-  lowered = fn.lower(teacher.abstract,
+  fn = jax.jit(lambda p, x, s, c: teacher_spec.apply(p, x, s, c))
+  lowered = fn.lower(teacher_spec.abstract,
                      jax.ShapeDtypeStruct((batch,) + tuple(x_shape), jnp.float32),
                      jax.ShapeDtypeStruct((batch,), jnp.float32),
                      jax.ShapeDtypeStruct((batch, cond_dim), jnp.float32) if cond_dim else None)
   return program_flops(lowered, lowered.compile())
 
 
-def pass_flops(config, teacher, batch, x_shape, cond_dim, names):
-  """XLA's FLOPs of each pass in ``names`` (:data:`fdistill.objectives.base.PASSES`) on the
+def pass_flops(config, teacher_spec, batch, x_shape, cond_dim, names):
+  """XLA's FLOPs of each pass in ``names`` (:data:`minimum_passes.PASSES`) on the
   row's network at ``batch``, compiled from shapes: the prices of the step's minimum.
 
   Each is a program of its own, and the backward and tangent halves are differences:
@@ -268,13 +264,13 @@ def pass_flops(config, teacher, batch, x_shape, cond_dim, names):
   forward; disc_train = the discriminator's logit with the backward to its params;
   disc_input_grad = (logit + backward to x_t) - logit.
   """
-  apply = teacher.apply
+  apply = teacher_spec.apply
   sd = jax.ShapeDtypeStruct
   x = sd((batch,) + tuple(x_shape), jnp.float32)
   s = sd((batch,), jnp.float32)
   c = sd((batch, cond_dim), jnp.float32) if cond_dim else None
   square = lambda out: jnp.mean(jnp.square(out.astype(jnp.float32)))
-  net_args = (teacher.abstract, x, s, c)
+  net_args = (teacher_spec.abstract, x, s, c)
   programs = {
       "forward": (lambda p, x, s, c: apply(p, x, s, c), net_args),
       "train": (jax.grad(lambda p, x, s, c: square(apply(p, x, s, c))), net_args),
@@ -284,7 +280,7 @@ def pass_flops(config, teacher, batch, x_shape, cond_dim, names):
               net_args),
   }
   if {"disc_train", "disc_input_grad"} & set(names):
-    shapes = disc_lib.teacher_feature_shapes(apply, teacher.abstract, x_shape, cond_dim)
+    shapes = disc_lib.teacher_feature_shapes(apply, teacher_spec.abstract, x_shape, cond_dim)
     disc = disc_lib.build(config.objective.discriminator, x_shape, shapes,
                           config.model.sigma_data)
 
@@ -348,21 +344,21 @@ def measure(spec, row):
   config, x_shape, cond_dim = make_config(spec)
   b = spec["batch"]
   mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
-  teacher, init_teacher = random_teacher(config, x_shape, cond_dim)
+  teacher_spec, init_teacher = random_teacher(config, x_shape, cond_dim)
   exp = experiment.build(config, mesh, teacher_params=False,
-                         dataset=ShapeOnlyData(x_shape, cond_dim), teacher=teacher)
-  row.update(params_M=round(models.param_count(teacher.abstract) / 1e6, 1),
+                         dataset=ShapeOnlyData(x_shape, cond_dim), teacher=teacher_spec)
+  row.update(params_M=round(models.param_count(teacher_spec.abstract) / 1e6, 1),
              attn_impl=config.model.get("attn_impl", "none"),
              micro_batches=config.optim.micro_batches, device=jax.devices()[0].device_kind,
              steps=spec["steps"], warmup=spec["warmup"])
   if spec["kind"] not in exp.steps:
     raise ValueError(f"{spec['objective']} has no step {spec['kind']!r}; it has "
                      f"{', '.join(exp.steps)}")
-  fwd = spec.get("forward_flops") or forward_flops(teacher, b, x_shape, cond_dim)
+  fwd = spec.get("forward_flops") or forward_flops(teacher_spec, b, x_shape, cond_dim)
   row["forward_gflops"] = fwd / 1e9
 
   if spec.get("compile_only"):
-    return compile_only(exp, teacher, spec, row, x_shape, cond_dim, fwd)
+    return compile_only(exp, teacher_spec, spec, row, x_shape, cond_dim, fwd)
   rng = jax.random.key(spec.get("seed", 0))
   t_rng, s_rng, x_rng, c_rng, step_rng = jax.random.split(rng, 5)
   teacher_params = jax.jit(init_teacher, out_shardings=exp.teacher_shardings)(t_rng)
@@ -377,7 +373,7 @@ def measure(spec, row):
   lowered = exp.steps[spec["kind"]].lower(state, teacher_params, batch, step_rng)
   compiled = lowered.compile()
   row["compile_s"] = time.perf_counter() - start
-  analyse(exp, teacher, spec, row, lowered, compiled, x_shape, cond_dim, fwd)
+  analyse(exp, teacher_spec, spec, row, lowered, compiled, x_shape, cond_dim, fwd)
 
   times = []
   for i in range(spec["warmup"] + spec["steps"]):
@@ -395,22 +391,22 @@ def measure(spec, row):
   return row
 
 
-def analyse(exp, teacher, spec, row, lowered, compiled, x_shape, cond_dim, fwd):
+def analyse(exp, teacher_spec, spec, row, lowered, compiled, x_shape, cond_dim, fwd):
   """What XLA knows of the compiled step without running it: FLOPs, forward-equivalents,
   the minimum passes' FLOPs and the buffer assignment's bytes."""
   flops = program_flops(lowered, compiled)
   row.update(gflops=flops / 1e9, gflops_lowered=_cost_flops(lowered.cost_analysis()) / 1e9,
              forward_equivalents=flops / fwd if fwd else None, **xla_memory(compiled))
-  passes = exp.objective.minimum_passes.get(spec["kind"], {})
+  passes = minimum_passes.of(exp.config).get(spec["kind"], {})
   if passes and fwd:
-    prices = pass_flops(exp.config, teacher, spec["batch"], x_shape, cond_dim, tuple(passes))
+    prices = pass_flops(exp.config, teacher_spec, spec["batch"], x_shape, cond_dim, tuple(passes))
     minimum = minimum_flops(passes, prices)
     row.update(minimum_passes=dict(passes), minimum_forward_equivalents=minimum / fwd,
                pass_gflops={k: v / 1e9 for k, v in prices.items()},
                passes_ratio=flops / minimum)
 
 
-def compile_only(exp, teacher, spec, row, x_shape, cond_dim, fwd):
+def compile_only(exp, teacher_spec, spec, row, x_shape, cond_dim, fwd):
   """``--compile_only``: the step lowered from shapes and compiled, never run (nothing of the
   model's size is allocated), so a GPU-sized step's memory can be read on a CPU."""
   b = spec["batch"]
@@ -423,11 +419,11 @@ def compile_only(exp, teacher, spec, row, x_shape, cond_dim, fwd):
       lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shs)
   start = time.perf_counter()
   lowered = exp.steps[spec["kind"]].lower(with_sh(exp.abstract_state, exp.state_shardings),
-                                          with_sh(teacher.abstract, exp.teacher_shardings),
+                                          with_sh(teacher_spec.abstract, exp.teacher_shardings),
                                           batch, jax.random.key(0))
   compiled = lowered.compile()
   row["compile_s"] = time.perf_counter() - start
-  analyse(exp, teacher, spec, row, lowered, compiled, x_shape, cond_dim, fwd)
+  analyse(exp, teacher_spec, spec, row, lowered, compiled, x_shape, cond_dim, fwd)
   row.update(status="compiled", peak_bytes=row["xla_bytes"], peak_source="xla")
   return row
 
@@ -539,7 +535,7 @@ def parse_args(argv=None):
   p.add_argument("--small", action="store_true",
                  help="reduced widths and batches 8,16 (CPU in a few minutes)")
   p.add_argument("--nets", default=",".join(NETS))
-  p.add_argument("--objectives", default="", help="default: all available (rcm if registered)")
+  p.add_argument("--objectives", default="", help="default: all of ALL_OBJECTIVES")
   p.add_argument("--kinds", default="",
                  help="kinds of step: generator,critic or objective:kind (default: all)")
   p.add_argument("--batches", default="", help="default 64,256 (--small: 8,16)")
@@ -620,11 +616,11 @@ def row_specs(args):
     small = lambda b: min(b, 8) if args.small else b  # --small: a CPU check of the rows
     plan = tuple((net, small(b), dtype, rows) for net, b, dtype, rows in RCM_ATTN_PLAN)
     return _plan_specs(args, plan, _list(args.attn_impl) or RCM_ATTN_IMPLS)
-  objective_names = _list(args.objectives) or list(available_objectives())
+  objective_names = _list(args.objectives) or list(ALL_OBJECTIVES)
   for name in objective_names:
-    if name not in available_objectives():
+    if name not in ALL_OBJECTIVES:
       raise ValueError(f"--objectives: {name!r} is not available; valid: "
-                       f"{', '.join(available_objectives())}")
+                       f"{', '.join(ALL_OBJECTIVES)}")
   for net in _list(args.nets):
     if net not in NETS_BY_NAME:
       raise ValueError(f"--nets: {net!r} is not valid; valid: {', '.join(NETS_BY_NAME)}")
@@ -649,7 +645,7 @@ def row_specs(args):
 
 
 def torch_peer_rows(spec):
-  """Whether the row has a PyTorch peer (:data:`torch_peer.PEER_STEPS` on EDM's networks)."""
+  """Whether the row has a PyTorch peer (:data:`PEER_STEPS` on EDM's networks)."""
   return spec["net"] in PEER_NETS and f"{spec['objective']}:{spec['kind']}" in PEER_STEPS
 
 

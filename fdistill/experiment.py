@@ -24,6 +24,7 @@ import numpy as np
 
 from fdistill import data, models, objectives, teachers
 from fdistill.errors import ConfigError
+from fdistill.objectives import noise
 from fdistill.registry import lookup
 from fdistill.io import checkpoint
 from fdistill.parallel import mesh as mesh_lib
@@ -122,21 +123,7 @@ def check_noise_levels(config):
   """The relations between noise-level fields, wherever a section has them."""
   if not config.model.sigma_data > 0:
     raise ConfigError(f"model.sigma_data={config.model.sigma_data!r} must be > 0")
-  sections = {"objective": config.objective}
-  if "critic_noise" in config.objective:
-    sections["objective.critic_noise"] = dict(config.objective,
-                                              **dict(config.objective.critic_noise))
-  for prefix, sec in sections.items():
-    if "p_std" in sec and not sec["p_std"] > 0:
-      raise ConfigError(f"{prefix}.p_std={sec['p_std']!r} must be > 0")
-    if "sigma_min" in sec and not 0 < sec["sigma_min"] < sec["sigma_max"]:
-      raise ConfigError(f"{prefix}.sigma_min={sec['sigma_min']!r} and sigma_max="
-                        f"{sec['sigma_max']!r} must satisfy 0 < sigma_min < sigma_max")
-    if "ramp_min" in sec and not 0 <= sec["ramp_min"] < sec["ramp_max"] <= 1:
-      raise ConfigError(f"{prefix}.ramp_min={sec['ramp_min']!r} and ramp_max="
-                        f"{sec['ramp_max']!r} must satisfy 0 <= ramp_min < ramp_max <= 1")
-    if "rho" in sec and not sec["rho"] > 0:
-      raise ConfigError(f"{prefix}.rho={sec['rho']!r} must be > 0")
+  noise.check_levels(config.objective)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +349,8 @@ def build(config, mesh=None, *, teacher_params: bool = True, dataset=None,
   if teacher is None:
     teacher = teachers.spec(config, dataset.x_shape, dataset.cond_dim)
   task = objectives.Task(tuple(dataset.x_shape), dataset.cond_dim,
-                         teacher.apply if teacher else None, teacher.abstract if teacher else None)
+                         teacher.apply if teacher else None, teacher.abstract if teacher else None,
+                         teacher_is_network=config.teacher.kind in teachers.NETWORK_KINDS)
   objective = objectives.build(config, task)
 
   teacher_shardings = mesh_lib.replicated(mesh)

@@ -8,7 +8,7 @@ divides by the forward of ONE example instead, which must break it.
 
 Duplicate work: the step's XLA FLOPs against the sum of its objective's
 documented minimum passes, each priced by XLA on the same network and batch
-(``Objective.minimum_passes``), must agree within 10% for the f-distill
+(``benchmarks/minimum_passes.py``), must agree within 10% for the f-distill
 generator step; one extra network forward must break that band. Every objective's
 every step is measured on the toy MLP (one process, seconds).
 """
@@ -124,7 +124,7 @@ def test_every_objective_and_step_has_a_measured_minimum(tmp_path):
   rows = script.main(["--small", "--nets=mlp", "--batches=64", "--dtypes=float32",
                       "--steps=1", "--warmup=0", "--isolate=0", f"--out={out}"])["rows"]
   seen = {(r["objective"], r["kind"]) for r in rows}
-  expected = {(o, k) for o in script.available_objectives() for k in script._kinds_of(o)}
+  expected = {(o, k) for o in script.ALL_OBJECTIVES for k in script._kinds_of(o)}
   assert seen == expected and {"fdistill", "sid", "expanded", "rcm"} <= {o for o, _ in seen}
   for r in rows:
     assert r["status"] == "ok", (r["objective"], r["kind"], r["status"])

@@ -109,9 +109,9 @@ def test_network_F_is_the_edm_network_with_teacher_weights():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((8, 2)), jnp.float32)
   sigma = jnp.asarray(np.exp(rng.uniform(-3, 3, 8)), jnp.float32)
-  student = trigflow.make_F(module, SD)
+  student = models.make_F(module, SD)
   edm_d = models.make_denoiser(module, SD)
-  linear = trigflow.make_F(module, SD, time_embedding="linear", time_scale=2.0)
+  linear = models.make_F(module, SD, time_embedding="linear", time_scale=2.0)
   t = trigflow.sigma_to_t(sigma, SD)
 
   @jax.jit
@@ -125,7 +125,7 @@ def test_network_F_is_the_edm_network_with_teacher_weights():
   np.testing.assert_allclose(f_wrapped, f_student, rtol=2e-3, atol=2e-3)
   np.testing.assert_allclose(f_linear, -raw, rtol=1e-6)
   with pytest.raises(ValueError, match="valid values: edm, linear"):
-    trigflow.make_F(module, SD, time_embedding="fourier")
+    models.make_F(module, SD, time_embedding="fourier")
 
 
 def _mode_fractions(gmm, x):
@@ -212,7 +212,7 @@ def test_student_rollout_differentiates_only_the_last_step():
   module = mlp.ScoreMLP(hidden=(16,), emb_dim=8)
   params = jax.jit(lambda k: models.init_params(module, k, (4, 2)))(jax.random.key(0))
   params = _perturbed(params, 0.3)
-  F = trigflow.make_F(module, SD)
+  F = models.make_F(module, SD)
   noise = jax.random.normal(jax.random.key(3), (4, 2))
   times = [math.atan(80 / SD), jnp.asarray([1.3, 1.0, 0.7, 0.4]), 0.5]
   rollout = lambda p: trigflow.student_rollout(F, p, noise, jax.random.key(4), times, None, SD)

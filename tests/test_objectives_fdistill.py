@@ -116,7 +116,8 @@ def test_checkpoint_teacher_initialises_generator_and_fake_score():
   module = models.build(config.model)
   teacher = models.init_params(module, jax.random.key(7), (1, 2))
   teacher = jax.tree_util.tree_map(lambda x: x + 0.1, teacher)  # output layer no longer zero
-  task = objectives.Task((2,), 0, models.make_denoiser(module), jax.eval_shape(lambda: teacher))
+  task = objectives.Task((2,), 0, models.make_denoiser(module), jax.eval_shape(lambda: teacher),
+                         teacher_is_network=True)
   step = toy.Stepper(objectives.build(config, task))
   fresh = models.init_params(module, jax.random.split(jax.random.key(0))[0], (1, 2))
   assert changed(fresh, teacher)
@@ -137,7 +138,8 @@ def test_generator_must_match_teacher_architecture():
   other_config.hidden = (16,)
   other = models.build(other_config)
   teacher = models.init_params(other, jax.random.key(0), (1, 2))
-  task = objectives.Task((2,), 0, models.make_denoiser(other), jax.eval_shape(lambda: teacher))
+  task = objectives.Task((2,), 0, models.make_denoiser(other), jax.eval_shape(lambda: teacher),
+                         teacher_is_network=True)
   with pytest.raises(ValueError, match="teacher's architecture"):
     objectives.build(config, task)
 

@@ -30,7 +30,7 @@ from fdistill import models, objectives
 from fdistill.diffusion import gmm as gmm_lib
 from fdistill.diffusion import trigflow
 from fdistill.eval import toy_metrics
-from fdistill.objectives import rcm, scm_loss
+from fdistill.objectives import noise, rcm, scm_loss
 from support import toy
 
 SD = 0.5
@@ -61,8 +61,9 @@ SCHEDULES = {
     "rcm": ["scm_warmup", "generator", "critic", "generator"],
     "dmd_only": ["generator", "critic", "generator", "critic"],
 }
-SCM_METRICS = {"scm_loss", "g_norm", "tangent_r", "weight_loss", "logvar"}  # w(t) on
+SCM_METRICS = {"g_norm", "tangent_r", "scm_error", "logvar"}  # w(t) on
 DMD_METRICS = {"dmd_loss", "dmd_scale"}
+BOTH_METRICS = {"scm_loss"}  # the sCM term beside the DMD term (alone, it is gen_loss)
 
 
 @pytest.mark.parametrize("variant", sorted(SCHEDULES))
@@ -88,7 +89,7 @@ def test_each_member_steps_and_moves_the_right_networks(variant):
       scm = variant != "dmd_only"
       dmd = kind == "generator" and variant != "scm"
       want = {"gen_loss", "gen_grad_norm"} | (SCM_METRICS if scm else set()) | (
-          DMD_METRICS if dmd else set())
+          DMD_METRICS if dmd else set()) | (BOTH_METRICS if scm and dmd else set())
       assert set(metrics) == want, (kind, sorted(metrics))
     else:
       assert set(metrics) == {"fake_loss", "fake_grad_norm"}
@@ -112,20 +113,65 @@ def test_adaptive_weight_scales_the_student_gradient_and_trains_jointly():
   new_off, m_off = off(state_off, *args)
   for a, b in zip(jax.tree_util.tree_leaves(new_on["gen"]), jax.tree_util.tree_leaves(new_off["gen"])):
     np.testing.assert_array_equal(a, b)
-  np.testing.assert_allclose(m_on["scm_loss"], m_off["scm_loss"], rtol=1e-6)  # w = 0
+  np.testing.assert_allclose(m_on["gen_loss"], m_off["gen_loss"], rtol=1e-6)  # w = 0
 
   state_on["weight"]["params"]["bias"] = jnp.asarray(math.log(3.0), jnp.float32)
   new_on, m_on = on(state_on, *args)
   np.testing.assert_allclose(m_on["gen_grad_norm"], 3 * m_off["gen_grad_norm"], rtol=1e-5)
   np.testing.assert_allclose(m_on["logvar"], math.log(3.0), rtol=1e-6)
-  # The same g as the unweighted step (same state, batch and rng), whose scm_loss is the
-  # mean error a: both losses are 3 a - log 3, and d/d(bias) = 3 a - 1 sets w's direction.
-  error = float(m_off["scm_loss"])
-  np.testing.assert_allclose(m_on["scm_loss"], 3 * error - math.log(3.0), rtol=1e-5)
-  np.testing.assert_allclose(m_on["weight_loss"], 3 * error - math.log(3.0), rtol=1e-5)
+  # The same g as the unweighted step (same state, batch and rng), whose loss is the mean
+  # error a: the weighted loss is 3 a - log 3, and d/d(bias) = 3 a - 1 sets w's direction.
+  error = float(m_off["gen_loss"])
+  np.testing.assert_allclose(m_on["scm_error"], error, rtol=1e-6)
+  np.testing.assert_allclose(m_on["gen_loss"], 3 * error - math.log(3.0), rtol=1e-5)
   moved = float(new_on["weight"]["params"]["bias"]) - math.log(3.0)
   assert moved != 0 and np.sign(moved) == np.sign(1 - 3 * error), (moved, error)
   assert int(new_on["skipped"]) == 0
+
+
+def test_each_logged_loss_is_its_own_quantity():
+  """rCM with the adaptive weight at w = log 3 (issue #22: sCM logged gen_loss, scm_loss and
+  weight_loss with one value). Each logged loss, recomputed outside the step from the same
+  draws: scm_error = mean_b mean_d g^2 (the unweighted error), scm_loss = mean_b (3 error_b -
+  log 3) (the weighted sCM term), dmd_loss = mean_b mean_d step^2 with step = (D_fake - D_T) /
+  max(mean_d |x0 - D_T|, 1e-5) at the re-noised rollout (the DMD surrogate's value) and
+  gen_loss = scm_loss + dmd_weight dmd_loss; no two of them are one number."""
+  config = tiny_config("rcm")
+  st = rcm.Settings.from_config(config.objective)
+  objective = objectives.build(config, toy.analytic_task())
+  state = jax.jit(objective.init)(jax.random.key(0), toy.GMM)
+  state["step"] = jnp.asarray(1, jnp.int32)  # a generator step: both parts, r = 1/4
+  state["weight"]["params"]["bias"] = jnp.asarray(math.log(3.0), jnp.float32)
+  assert objective.schedule(1) == "generator"
+  batch, rng = toy.batch(1), jax.random.key(5)
+  _, logged = jax.jit(objective.steps["generator"])(state, toy.GMM, batch, rng)
+
+  target_rng, loss_rng = jax.random.split(rng)
+  module = models.build(config.model)
+  F = models.make_F(module, SD, st.time_embedding, st.time_scale)
+  params, n = state["gen"]["params"], batch["x"].shape[0]
+  (eps,), (e,) = noise.draw_noise(target_rng, n, (2,), 1, 1)
+  g, _ = scm_loss.compute_target(F, params, batch["x"], eps, rcm.scm_times(e, st, SD),
+                                 trigflow.edm_to_trigflow(gmm_lib.as_apply_fn(), SD), toy.GMM,
+                                 sigma_data=SD, r=0.25, c=st.norm_c, tangent_mode=st.tangent,
+                                 warmup=st.warmup)
+  error = np.mean(np.square(np.asarray(g, np.float64)), axis=1)
+  x0, renoise, t = rcm.rollout_with_noise(F, params, loss_rng, n, (2,), st, SD)
+  x0, renoise, sigma = (np.asarray(a, np.float64) for a in (x0, renoise, SD * np.tan(t)))
+  x_noisy = jnp.asarray(x0 + sigma[:, None] * renoise, jnp.float32)
+  d_fake = np.asarray(models.make_denoiser(module, SD)(state["fake"]["params"], x_noisy,
+                                                        jnp.asarray(sigma, jnp.float32)))
+  d_teacher = np.asarray(gmm_lib.as_apply_fn()(toy.GMM, x_noisy, jnp.asarray(sigma, jnp.float32)))
+  scale = np.maximum(np.mean(np.abs(x0 - d_teacher), axis=1), 1e-5)
+  step = (d_fake - d_teacher) / scale[:, None]
+  want = {"scm_error": np.mean(error), "scm_loss": np.mean(3 * error - math.log(3.0)),
+          "dmd_loss": np.mean(np.square(step))}
+  want["gen_loss"] = want["scm_loss"] + st.dmd_weight * want["dmd_loss"]
+  for name, value in want.items():
+    np.testing.assert_allclose(float(logged[name]), value, rtol=2e-5, err_msg=name)
+  values = sorted(want.values())
+  assert all(b - a > 1e-3 * abs(b) for a, b in zip(values, values[1:])), want
+  assert "weight_loss" not in logged
 
 
 def test_schedule_phases():
@@ -199,13 +245,14 @@ def test_jvp_kernel_runs_only_in_the_constant_target_of_the_student_step():
   module = models.build(model)
   teacher_apply = models.make_denoiser(module.clone(attn_impl="xla"), SD)
   teacher = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0), (1,) + x_shape))
-  obj = objectives.build(config, objectives.Task(x_shape, 0, teacher_apply, teacher))
+  obj = objectives.build(config, objectives.Task(x_shape, 0, teacher_apply, teacher,
+                                                 teacher_is_network=True))
   state = jax.eval_shape(obj.init, jax.random.key(0), teacher)
   batch = {"x": jax.ShapeDtypeStruct((2,) + x_shape, jnp.float32)}
   rng = jax.random.key(1)
   layers = model.depth
 
-  student = trigflow.make_F(module, SD)
+  student = models.make_F(module, SD)
   teacher_F = trigflow.edm_to_trigflow(teacher_apply, SD)
   target = lambda p, tp, x: scm_loss.compute_target(
       student, p, x, x, jnp.full(x.shape[:1], 0.7), teacher_F, tp, sigma_data=SD)[0]
@@ -222,7 +269,7 @@ def test_rollout_takes_per_sample_steps_with_gradient_through_the_last():
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
       lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(np.float32), params)
-  F = trigflow.make_F(module, SD)
+  F = models.make_F(module, SD)
   starts = [jnp.asarray(rng.standard_normal((4, 2)), jnp.float32) for _ in range(3)]
   mids = [jnp.asarray([1.2, 1.0, 0.9, 1.1]), jnp.asarray([0.8, 0.5, 0.9, 0.3])]
   counts = jnp.asarray([1, 2, 3, 3])
@@ -267,7 +314,7 @@ def test_sampler_clips_steps_and_needs_no_teacher():
   np.testing.assert_array_equal(out[18], out[4])  # clipped to 1 + len(sampler_times)
   assert not np.allclose(out[2], out[1])
   st = rcm.Settings.from_config(config.objective)
-  F = trigflow.make_F(models.build(config.model), SD, st.time_embedding, st.time_scale)
+  F = models.make_F(models.build(config.model), SD, st.time_embedding, st.time_scale)
   z = jax.random.normal(jax.random.split(jax.random.key(3))[0], (16, 2))
   t_max = math.atan(st.sigma_max / SD)
   np.testing.assert_allclose(out[1], trigflow.consistency_fn(F, params, SD * z, t_max, None, SD),

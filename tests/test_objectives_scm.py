@@ -94,7 +94,7 @@ def test_jvp_tangent_matches_central_finite_difference(name, eps, tol):
   with jax.enable_x64(x64):
     params = jax.jit(lambda k: models.init_params(module, k, shape))(jax.random.key(0))
     params = jax.tree_util.tree_map(lambda p: p.astype(dtype), _perturbed(params))
-    F = trigflow.make_F(module, SD)
+    F = models.make_F(module, SD)
     x_t, dxt_dt, t = _inputs(shape, dtype)
 
     @jax.jit
@@ -125,7 +125,7 @@ def test_dit_tangent_with_flash_jvp_kernel_matches_xla(tiny_dit):
   x_t, dxt_dt, t = _inputs(shape, jnp.float32, seed=3)
 
   def tangent(impl):
-    F = trigflow.make_F(module.clone(attn_impl=impl), SD)
+    F = models.make_F(module.clone(attn_impl=impl), SD)
     return jax.jit(lambda p: scm_loss.tangent(F, p, x_t, t, dxt_dt, None, SD))(params)
 
   (F_flash, dF_flash), (F_xla, dF_xla) = tangent("flash_jvp"), tangent("xla")
@@ -169,8 +169,8 @@ def test_kernel_runs_in_the_tangent_forward_and_never_under_grad(tiny_dit):
   the Triton kernel (grad within 5e-5 of the XLA student's in float32).
   """
   module, shape, params = tiny_dit
-  student = trigflow.make_F(module.clone(attn_impl="flash_jvp"), SD)
-  teacher = trigflow.make_F(module.clone(attn_impl="xla"), SD)
+  student = models.make_F(module.clone(attn_impl="flash_jvp"), SD)
+  teacher = models.make_F(module.clone(attn_impl="xla"), SD)
   rng = np.random.default_rng(4)
   x0 = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   eps = jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -209,7 +209,7 @@ def test_loss_gradient_is_exactly_the_surrogate_gradient(tangent_mode, c, warmup
   module, shape = _tiny("mlp")
   with jax.enable_x64(True):
     params = _perturbed_f64(module, shape, 1)
-    teacher = trigflow.make_F(module, SD)
+    teacher = models.make_F(module, SD)
     teacher_params = _perturbed(params, 0.1, seed=9)
     rng = np.random.default_rng(5)
     x0 = jnp.asarray(rng.standard_normal(shape))
@@ -394,7 +394,7 @@ def test_weighted_regression_gradient_is_the_explicit_weighted_sum():
   module, shape = _tiny("mlp")
   with jax.enable_x64(True):
     params = _perturbed_f64(module, shape, 2)
-    F = trigflow.make_F(module, SD)
+    F = models.make_F(module, SD)
     x_t, g, t = _inputs(shape, jnp.float64, seed=11)
     w = jnp.asarray([-1.0, 0.0, 0.5, 2.0])
 

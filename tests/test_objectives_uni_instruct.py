@@ -252,7 +252,7 @@ def test_cifar10_sid_critic_step_augments_the_fake_scores_inputs():
   module = models.build(config.model)
   apply_fn = models.make_denoiser(module, 0.5)
   teacher = models.init_params(module, jax.random.key(1), (1, 8, 8, 3))
-  task = Task((8, 8, 3), 0, apply_fn, jax.eval_shape(lambda: teacher))
+  task = Task((8, 8, 3), 0, apply_fn, jax.eval_shape(lambda: teacher), teacher_is_network=True)
   batch = {"x": jax.random.normal(jax.random.key(2), (4, 8, 8, 3))}
   obj = objectives.build(config, task)
   state = obj.init(jax.random.key(0), teacher)

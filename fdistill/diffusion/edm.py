@@ -10,15 +10,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fdistill.diffusion import per_sample
+
 SIGMA_DATA = 0.5
 
 
 def _bcast(sigma, x):
-  """Reshapes per-sample ``sigma`` [B] (or a scalar) so it broadcasts against ``x`` [B, ...]."""
-  sigma = jnp.asarray(sigma, jnp.float32)
-  if sigma.ndim == 0:
-    return sigma
-  return sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+  """Per-sample ``sigma`` [B] (or a scalar) in float32, shaped to broadcast against ``x``."""
+  return per_sample.expand(jnp.asarray(sigma, jnp.float32), x)
 
 
 def preconditioning(sigma, sigma_data=SIGMA_DATA):
@@ -50,11 +49,6 @@ def precondition(net_fn: Callable, sigma_data: float = SIGMA_DATA) -> Callable:
     return (d,) + tuple(extra) if extra else d
 
   return denoise
-
-
-def score_from_denoiser(d, x, sigma):
-  """Score ``S(x; s) = (D(x; s) - x) / s^2``."""
-  return (d - x) / _bcast(sigma, x)**2
 
 
 def sample_sigma_lognormal(rng, shape, p_mean=-1.2, p_std=1.2):

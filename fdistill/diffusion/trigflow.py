@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from fdistill.diffusion import edm
+from fdistill.diffusion import per_sample
 
 SIGMA_DATA = edm.SIGMA_DATA
 # The EDM time embedding clips t to [arctan(_SIGMA_LO / sd), arctan(_SIGMA_HI / sd)]:
@@ -39,10 +40,7 @@ _SIGMA_LO, _SIGMA_HI = 1e-6, 1e4
 
 def _bcast(t, x):
   """Per-sample ``t`` [B] (or a scalar) shaped to broadcast against ``x`` [B, ...], in x's dtype."""
-  t = jnp.asarray(t, x.dtype)
-  if t.ndim == 0:
-    return t
-  return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+  return per_sample.expand(jnp.asarray(t, x.dtype), x)
 
 
 def _per_sample(t, x):
@@ -145,23 +143,6 @@ def network_F(net_fn: Callable, sigma_data: float = SIGMA_DATA, time_embedding: 
     return (F,) + tuple(extra) if extra else F
 
   return F_apply
-
-
-def make_F(module, sigma_data: float = SIGMA_DATA, time_embedding: str = "edm",
-           time_scale: float = 1.0) -> Callable:
-  """:func:`network_F` for a linen module of ``fdistill.models`` (the ``make_denoiser`` twin).
-
-  Returns ``F_apply(params, x_scaled, t, cond=None, rng=None, return_features=False)``;
-  ``rng`` enables dropout. With the default "edm" embedding,
-  ``trigflow_to_denoiser(make_F(m)) == models.make_denoiser(m)`` for the same params.
-  """
-
-  def net_fn(params, x_in, c_noise, cond, rng=None, return_features=False):
-    rngs = {"dropout": rng} if rng is not None else None
-    return module.apply({"params": params}, x_in, c_noise, cond, train=rng is not None,
-                        return_features=return_features, rngs=rngs)
-
-  return network_F(net_fn, sigma_data, time_embedding, time_scale)
 
 
 def consistency_fn(F_apply: Callable, params, x_t, t, cond=None, sigma_data=SIGMA_DATA, **kwargs):

@@ -1,5 +1,7 @@
 """Model registry. Nothing outside this package touches a module object directly:
-callers get ``apply(params, x, sigma, cond)`` closures from :func:`make_denoiser`.
+callers get closures: an EDM denoiser ``apply(params, x, sigma, cond)`` from
+:func:`make_denoiser`, a TrigFlow network ``F_apply(params, x_scaled, t, cond)`` from
+:func:`make_F`, both around the one linen call of :func:`raw_apply`.
 """
 import dataclasses
 from typing import Callable
@@ -8,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from fdistill.diffusion import edm
+from fdistill.diffusion import trigflow
 from fdistill.registry import lookup
 from fdistill.models import dit
 from fdistill.models import mlp
@@ -42,22 +45,44 @@ def build(model_config):
   return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()})
 
 
-def make_denoiser(module, sigma_data: float = edm.SIGMA_DATA) -> Callable:
-  """Returns ``apply(params, x, sigma, cond=None, rng=None, return_features=False) -> D``.
+def augment_kwargs(augment_labels):
+  """The augmentation keyword of a network call: none at all without labels (networks
+  without ``augment_dim``, and the analytic teachers' closures, take no such argument)."""
+  return {} if augment_labels is None else {"augment_labels": augment_labels}
 
-  ``rng`` enables dropout (training); ``return_features`` also returns the
-  network's encoder features (for discriminators); ``augment_labels`` [B, 9] condition a
-  U-Net with ``augment_dim`` on EDM's augmentation (``fdistill.data.augment``).
+
+def raw_apply(module) -> Callable:
+  """The one linen call convention: ``net_fn(params, x_in, c_noise, cond, rng=None,
+  return_features=False, augment_labels=None) -> F`` (or ``(F, features)``).
+
+  ``rng`` enables dropout (training); ``return_features`` also returns the network's encoder
+  features (for discriminators); ``augment_labels`` [B, 9] condition a U-Net with
+  ``augment_dim`` on EDM's augmentation (``fdistill.data.augment``).
   """
 
   def net_fn(params, x_in, c_noise, cond, rng=None, return_features=False,
              augment_labels=None):
     rngs = {"dropout": rng} if rng is not None else None
-    extra = {} if augment_labels is None else {"augment_labels": augment_labels}
     return module.apply({"params": params}, x_in, c_noise, cond, train=rng is not None,
-                        return_features=return_features, rngs=rngs, **extra)
+                        return_features=return_features, rngs=rngs,
+                        **augment_kwargs(augment_labels))
 
-  return edm.precondition(net_fn, sigma_data)
+  return net_fn
+
+
+def make_denoiser(module, sigma_data: float = edm.SIGMA_DATA) -> Callable:
+  """``apply(params, x, sigma, cond=None, rng=None, return_features=False,
+  augment_labels=None) -> D``: EDM's preconditioning around :func:`raw_apply`."""
+  return edm.precondition(raw_apply(module), sigma_data)
+
+
+def make_F(module, sigma_data: float = edm.SIGMA_DATA, time_embedding: str = "edm",
+           time_scale: float = 1.0) -> Callable:
+  """``F_apply(params, x_scaled, t, cond=None, rng=None, return_features=False)``: the TrigFlow
+  network (:func:`fdistill.diffusion.trigflow.network_F`) around :func:`raw_apply`. With the
+  default "edm" embedding, ``trigflow.trigflow_to_denoiser(make_F(m)) == make_denoiser(m)``
+  for the same params."""
+  return trigflow.network_F(raw_apply(module), sigma_data, time_embedding, time_scale)
 
 
 def init_params(module, rng, x_shape, cond_dim: int = 0):

@@ -1,18 +1,23 @@
 """Objectives: losses and update schedules as pure closures, and their registry.
 
-An objective module has ``build(config, task) -> Objective`` and
-``sampler(config, task) -> Sampler``; the assembly (``fdistill.experiment``)
-jits and shards what they return. ``sampler`` never needs the teacher, so
-sampling and evaluating a trained run works without it.
+An objective module follows :class:`~fdistill.objectives.base.ObjectiveModule`:
+``build(config, task) -> Objective`` and ``sampler(config, task) -> Sampler``; the assembly
+(``fdistill.experiment``) jits and shards what they return. ``sampler`` never needs the
+teacher, so sampling and evaluating a trained run works without it. A new family is one
+module here, one entry in :data:`OBJECTIVES` and its section helper in ``configs/common.py``
+(docs/design.md, "Extending fdistill").
 """
+from typing import Mapping
+
 from fdistill.objectives import dsm, fdistill, rcm, uni_instruct
-from fdistill.objectives.base import Objective, Sampler, Task  # noqa: F401  (the interface)
+from fdistill.objectives.base import Objective, ObjectiveModule, Sampler, Task  # noqa: F401
 from fdistill.registry import lookup
 
-OBJECTIVES = {"dsm": dsm, "fdistill": fdistill, "rcm": rcm, "uni_instruct": uni_instruct}
+OBJECTIVES: Mapping[str, ObjectiveModule] = {
+    "dsm": dsm, "fdistill": fdistill, "rcm": rcm, "uni_instruct": uni_instruct}
 
 
-def module(config):
+def module(config) -> ObjectiveModule:
   """The objective module named ``config.objective.name``."""
   return lookup(OBJECTIVES, config.objective.name, "objective.name")
 

@@ -14,8 +14,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fdistill import models
 from fdistill.data import augment
 from fdistill.diffusion import edm
+from fdistill.diffusion import per_sample
 from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import noise
 from fdistill.parallel import partition
@@ -44,10 +46,6 @@ DISC_FEATURES = ("teacher", "fake")
 def at_least_f32(x):
   """``x`` in float32, or float64 if it is (the float64 equivalence tests)."""
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def per_sample_mean(x):
-  return jnp.mean(x.reshape(x.shape[0], -1), axis=-1)
 
 
 def teacher_and_features(nets: Nets, teacher_params, x_t, sigma, cond):
@@ -86,12 +84,6 @@ def discriminator_loss(real_logits, fake_logits):
 FAKE_LOSS_WEIGHTS = {"edm": edm.loss_weight, "none": jnp.ones_like}
 
 
-def _labels(augment_labels):
-  """The fake score's augmentation keyword: none at all without augmentation (networks
-  without ``augment_dim`` take no such argument)."""
-  return {} if augment_labels is None else {"augment_labels": augment_labels}
-
-
 def encoder_logits(nets: Nets, fake_params, x_t, sigma, cond, rng=None, augment_labels=None):
   """``(D_fake, logit)``: the fake score and SiDA's discriminator logit, the channel mean of
   the fake score's last encoder features (a U-Net's bottleneck after its middle blocks:
@@ -102,7 +94,7 @@ def encoder_logits(nets: Nets, fake_params, x_t, sigma, cond, rng=None, augment_
   its logit map (their EDM code: ``x.mean(dim=1)`` after the encoder blocks).
   """
   d, feats = nets.fake_apply(fake_params, x_t, sigma, cond, rng=rng, return_features=True,
-                             **_labels(augment_labels))
+                             **models.augment_kwargs(augment_labels))
   if not feats:
     raise ConfigError("loss='sida' needs a fake score that returns encoder features "
                       "(config.model: mlp with hidden layers, songunet, dhariwalunet or dit)")
@@ -129,10 +121,10 @@ def make_fake_score_loss(nets: Nets, fake_loss_weight: str, encoder_disc: bool =
     x_t, sigma, cond = batch["x_t"], batch["sigma"], batch.get("cond")
     labels = batch.get("augment_labels")  # SiD's augmented fake-score inputs (critic_batch)
     if not encoder_disc:
-      d = nets.fake_apply(params, x_t, sigma, cond, rng=rng, **_labels(labels))
+      d = nets.fake_apply(params, x_t, sigma, cond, rng=rng, **models.augment_kwargs(labels))
     else:
       d, fake_logit = encoder_logits(nets, params, x_t, sigma, cond, rng, labels)
-    err = per_sample_mean(jnp.square(d - batch["x_gen"]))
+    err = per_sample.mean(jnp.square(d - batch["x_gen"]))
     value = jnp.mean(weight_fn(sigma) * err)
     if not encoder_disc:
       return value, {"fake_loss": value}
@@ -238,10 +230,3 @@ def critic_batch(nets: Nets, st, gen_params, batch, rng, fsdp_gather: bool = Tru
   if cond is not None:
     out["cond"] = cond
   return out
-
-
-def same_structure(a, b) -> bool:
-  """Whether two params pytrees (arrays or ShapeDtypeStructs) have one tree and shapes."""
-  shapes = lambda t: jax.tree_util.tree_map(lambda x: tuple(x.shape), t)
-  return (jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and
-          shapes(a) == shapes(b))

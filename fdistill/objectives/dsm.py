@@ -4,6 +4,7 @@ import jax.numpy as jnp
 
 from fdistill import models
 from fdistill.diffusion import edm
+from fdistill.diffusion import per_sample
 from fdistill.objectives.base import Objective, Sampler
 from fdistill.optim import state as state_lib
 from fdistill.optim import update
@@ -24,9 +25,8 @@ def make_loss(apply_fn, sigma_data=edm.SIGMA_DATA, p_mean=-1.2, p_std=1.2):
     sigma = edm.sample_sigma_lognormal(s_rng, x0.shape[:1], p_mean, p_std)
     eps = jax.random.normal(e_rng, x0.shape, x0.dtype)
     d = apply_fn(params, edm.add_noise(x0, eps, sigma), sigma, batch.get("cond"), rng=d_rng)
-    err = jnp.mean(jnp.square(d - x0).reshape(x0.shape[0], -1), axis=-1)
-    per_sample = edm.loss_weight(sigma, sigma_data) * err
-    loss_val = jnp.mean(per_sample)
+    err = per_sample.mean(jnp.square(d - x0))
+    loss_val = jnp.mean(edm.loss_weight(sigma, sigma_data) * err)
     return loss_val, {"loss": loss_val}
 
   return loss
@@ -68,5 +68,4 @@ def build(config, task) -> Objective:
     return update.count_step(dict(state, net=net), ok), aux
 
   return Objective(init=init, steps={"dsm": step}, schedule=lambda i: "dsm",
-                   export=lambda state: state["net"]["ema"], sampler=sample,
-                   minimum_passes={"dsm": {"train": 1}})
+                   export=lambda state: state["net"]["ema"], sampler=sample)

@@ -35,10 +35,11 @@ NaN guard of the :class:`fdistill.optim.update.Updater`. The two kinds of
 step are separate functions (``Objective.steps``) that the training loop
 jits and picks on the host (``Objective.schedule``).
 
-Initialisation: the generator and the fake score copy the teacher's params
-(``teacher.kind`` 'checkpoint' or 'edm_pickle'; same architecture as the
-teacher, checked at build time). The copy happens in ``init(rng, teacher)``, whose teacher
-argument is sharded like the state, so a large teacher is never a constant.
+Initialisation (:mod:`fdistill.objectives.student`): the generator and the fake score copy
+the teacher's params when it is a network (``Task.teacher_is_network``: a checkpoint or an
+EDM pickle; same architecture as the teacher, checked at build time). The copy happens in
+``init(rng, teacher)``, whose teacher argument is sharded like the state, so a large teacher
+is never a constant.
 With the analytic teacher (an exact GMM, no network) both start from the same
 fresh ``config.model`` network (the zero-initialised output layer makes ``G``
 a small Gaussian around 0) and ``warmup_critic_steps`` critic-only steps let
@@ -51,13 +52,15 @@ import jax
 import jax.numpy as jnp
 
 from fdistill.diffusion import edm
+from fdistill.diffusion import per_sample
 from fdistill.objectives import critics
 from fdistill.objectives import divergences
+from fdistill.objectives import dmd
 from fdistill.objectives import noise
 from fdistill.objectives import ratio
 from fdistill.objectives import scaffold
-from fdistill.objectives.base import Objective, add_passes, settings_from_config
-from fdistill.optim import update
+from fdistill.objectives import student
+from fdistill.objectives.base import Objective, settings_from_config
 from fdistill.registry import check_choice
 from fdistill.errors import ConfigError
 
@@ -66,9 +69,10 @@ SECTIONS = ("name", "discriminator", "fake_optim", "disc_optim", "critic_noise")
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-  """The scalar fields of ``config.objective``; defaults (FastGen's CIFAR-10 recipe, except the
-  EDM-weighted fake-score loss) live in ``configs/common.py:fdistill_objective``."""
+class Settings(noise.NoiseLevels):
+  """The scalar fields of ``config.objective`` (the noise levels: :class:`noise.NoiseLevels`);
+  defaults (FastGen's CIFAR-10 recipe, except the EDM-weighted fake-score loss) live in
+  ``configs/common.py:fdistill_objective``."""
   divergence: str                 # a name of objectives/divergences.py
   alpha: float                    # only for divergence='alpha'
   gen_every: int                  # generator update on every k-th step (student_update_freq)
@@ -91,15 +95,6 @@ class Settings:
                                   # fake score's joint loss (DMD2's cls_loss_weight 1e-2)
   fake_loss_weight: str           # edm: lambda(s) |D - x0|^2; none: plain x0 MSE (FastGen)
   same_noise_real: bool           # noise real data with the fake samples' (s, eps)
-  sigma_dist: str                 # karras | lognormal | fixed
-  sigma_min: float
-  sigma_max: float
-  rho: float
-  ramp_min: float                 # karras: share of the ramp cut at each end (FastGen
-  ramp_max: float                 # samples steps 2..998 of a 1000-step grid)
-  p_mean: float
-  p_std: float
-  sigma_fixed: float
 
   @classmethod
   def from_config(cls, objective_config):
@@ -125,14 +120,10 @@ class Settings:
 # The generator loss.
 
 
-def _bcast(w, x):
-  return w.reshape(w.shape + (1,) * (x.ndim - 1))
-
-
 def _abs_mean_weight(x, d_teacher, sigma, st):
   """DMD's normaliser ``1 / (mean|x - D_T| + abs_mean_eps)`` per sample."""
   del sigma
-  return 1.0 / (critics.per_sample_mean(jnp.abs(x - d_teacher)) + st.abs_mean_eps)
+  return 1.0 / (dmd.abs_mean(x, d_teacher) + st.abs_mean_eps)
 
 
 def _sigma2_weight(x, d_teacher, sigma, st):
@@ -161,11 +152,9 @@ def bin_coordinate(sigma, u, st):
 
 
 def vsd_surrogate(x, d_fake, d_teacher, weight):
-  """``0.5 mean (x - sg(x - w (D_fake - D_T)))^2``: gradient ``w (D_fake - D_T) / numel(x[0])``
-  per sample and data dimension, averaged over the batch."""
-  grad = _bcast(weight, x) * (d_fake - d_teacher)
-  target = jax.lax.stop_gradient(x - grad)
-  return 0.5 * jnp.mean(jnp.square(x - target))
+  """``0.5 mean (x - sg(x - w (D_fake - D_T)))^2`` (:func:`dmd.surrogate`): gradient
+  ``w (D_fake - D_T) / numel(x[0])`` per sample and data dimension, averaged over the batch."""
+  return 0.5 * jnp.mean(dmd.surrogate(x, per_sample.expand(weight, x) * (d_fake - d_teacher)))
 
 
 def make_generator_loss(nets: critics.Nets, div: divergences.Divergence, st: Settings,
@@ -209,7 +198,7 @@ def make_generator_loss(nets: critics.Nets, div: divergences.Divergence, st: Set
       logits = critics.disc_logits(nets, frozen["disc"], frozen["fake"], x_gan, gan_sigma, cond)
     gan = critics.generator_gan_loss(logits)
     total = vsd + st.gan_weight * gan
-    return total, dict(stats, vsd_loss=vsd, gan_gen=gan, bins=bins)
+    return total, dict(stats, vsd_loss=vsd, gan_gen=gan, ratio_bins=bins)
 
   return loss
 
@@ -230,30 +219,16 @@ def build(config, task) -> Objective:
                          disc_features=st.disc_features, disc_loss_weight=st.disc_loss_weight)
   gen_loss = make_generator_loss(parts.nets, div, st, critic_levels)
 
-  def generator_step(state, teacher, batch, rng):
-    inputs = {"teacher": teacher, "fake": state["fake"]["params"],
-              "disc": state["disc"]["params"], "bins": state["ratio_bins"]}
-    gen, loss, aux, ok = parts.gen_update(state["gen"], gen_loss, inputs, batch, rng,
-                                             state["step"])
-    bins = jnp.where(ok, aux.pop("bins"), state["ratio_bins"])
-    metrics = {**aux, "gen_loss": loss}
-    metrics["gen_grad_norm"] = metrics.pop("grad_norm")
-    return update.count_step(dict(state, gen=gen, ratio_bins=bins), ok), metrics
+  inputs_of = lambda state, teacher: {"teacher": teacher, "fake": state["fake"]["params"],
+                                      "disc": state["disc"]["params"],
+                                      "bins": state["ratio_bins"]}
+  generator_step = student.generator_step(parts.gen_update, gen_loss, inputs_of,
+                                          carried=("ratio_bins",))
 
   def init(rng, teacher=None):
     return dict(parts.init(rng, teacher),
                 ratio_bins=jnp.ones((max(st.ratio_bins, 1),), jnp.float32))
 
-  # Generator: its forward and backward, the fake score's and the teacher's forwards (the
-  # teacher's features give the ratio) and, for the GAN term, the backward from the logit
-  # through the teacher's feature layers to x_t; no network but G needs weight gradients.
-  # With the fake score's features (DMD2) the GAN term is a forward and an input gradient of
-  # the fake score at its own noised sample.
-  fake_gan = st.disc_features == "fake" and bool(st.gan_weight)
-  gen_passes = add_passes({"train": 1, "forward": 2},
-                          {"disc_input_grad": int(bool(st.gan_weight) and not fake_gan)},
-                          {"forward": int(fake_gan), "input_grad": int(fake_gan)})
   return Objective(init=init, steps={"generator": generator_step, "critic": parts.critic_step},
                    schedule=parts.schedule, export=lambda state: state["gen"]["ema"],
-                   sampler=parts.sample,
-                   minimum_passes={"generator": gen_passes, "critic": parts.critic_passes})
+                   sampler=parts.sample)

@@ -4,8 +4,10 @@ Each step draws all its Gaussian noise in one ``jax.random.normal`` call
 (every separate call adds a threefry expansion that XLA compiles, seconds on
 CPU). A noise-level sampler maps a standard normal ``e`` [B] to ``(sigma, u)``,
 ``u`` in (0, 1) the sampler's own uniform coordinate, used to bin the density
-ratio. Samplers read these settings (``config.objective`` fields): sigma_dist,
-sigma_min, sigma_max, rho, ramp_min, ramp_max, p_mean, p_std, sigma_fixed.
+ratio. Samplers read the settings of :class:`NoiseLevels` (``config.objective`` fields):
+sigma_dist, sigma_min, sigma_max, rho, ramp_min, ramp_max, p_mean, p_std, sigma_fixed; the
+one-step families' settings inherit that block, and :func:`check_levels` checks the
+relations between its fields in any objective section.
 
 The critics (fake score, discriminator) may train on another law than the generator's
 loss (SiD's code: the generator on a Karras ramp, the fake score on EDM's lognormal;
@@ -20,6 +22,21 @@ import jax
 import jax.numpy as jnp
 
 from fdistill.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseLevels:
+  """The noise-level settings block: the generator's law (and, with ``objective.critic_noise``
+  overrides, the critics', :func:`critic_levels`)."""
+  sigma_dist: str                 # karras | lognormal | fixed
+  sigma_min: float
+  sigma_max: float
+  rho: float
+  ramp_min: float                 # karras: share of the ramp cut at each end (FastGen
+  ramp_max: float                 # samples steps 2..998 of a 1000-step grid)
+  p_mean: float                   # lognormal: log s ~ N(p_mean, p_std^2)
+  p_std: float
+  sigma_fixed: float              # fixed: the one level
 
 
 def draw_noise(rng, n, x_shape, num_x, num_scalar):
@@ -48,13 +65,12 @@ def _fixed(e, st):
 
 
 SIGMA_DISTS = {"karras": _karras, "lognormal": _lognormal, "fixed": _fixed}
-FIELDS = ("sigma_dist", "sigma_min", "sigma_max", "rho", "ramp_min", "ramp_max", "p_mean",
-          "p_std", "sigma_fixed")
+FIELDS = tuple(f.name for f in dataclasses.fields(NoiseLevels))
 
 
 def critic_levels(st, overrides):
   """``st`` (a settings dataclass with the :data:`FIELDS`) with ``overrides`` (the
-  ``objective.critic_noise`` section) replacing some of its noise fields; a ValueError
+  ``objective.critic_noise`` section) replacing some of its noise fields; a ConfigError
   names an unknown key or an unknown law."""
   overrides = dict(overrides)
   unknown = sorted(set(overrides) - set(FIELDS))
@@ -66,6 +82,27 @@ def critic_levels(st, overrides):
     raise ConfigError(f"objective.critic_noise.sigma_dist={levels.sigma_dist!r} is not valid; "
                       f"valid values: {', '.join(SIGMA_DISTS)}")
   return levels
+
+
+def check_levels(objective_config):
+  """The relations between noise-level fields, wherever ``config.objective`` has them (any
+  objective: DSM's p_std, rCM's sigma_min and sigma_max too) and in its ``critic_noise``
+  overrides; a ConfigError naming the field."""
+  sections = {"objective": objective_config}
+  if "critic_noise" in objective_config:
+    sections["objective.critic_noise"] = dict(objective_config,
+                                              **dict(objective_config.critic_noise))
+  for prefix, sec in sections.items():
+    if "p_std" in sec and not sec["p_std"] > 0:
+      raise ConfigError(f"{prefix}.p_std={sec['p_std']!r} must be > 0")
+    if "sigma_min" in sec and not 0 < sec["sigma_min"] < sec["sigma_max"]:
+      raise ConfigError(f"{prefix}.sigma_min={sec['sigma_min']!r} and sigma_max="
+                        f"{sec['sigma_max']!r} must satisfy 0 < sigma_min < sigma_max")
+    if "ramp_min" in sec and not 0 <= sec["ramp_min"] < sec["ramp_max"] <= 1:
+      raise ConfigError(f"{prefix}.ramp_min={sec['ramp_min']!r} and ramp_max="
+                        f"{sec['ramp_max']!r} must satisfy 0 <= ramp_min < ramp_max <= 1")
+    if "rho" in sec and not sec["rho"] > 0:
+      raise ConfigError(f"{prefix}.rho={sec['rho']!r} must be > 0")
 
 
 def sample_sigma(e, st):

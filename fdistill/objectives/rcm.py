@@ -6,7 +6,7 @@ built on Lu & Song 2024, "Simplifying, Stabilizing & Scaling Continuous-Time
 Consistency Models" (sCM). Notation: docs/design.md section 4 and
 :mod:`fdistill.diffusion.trigflow`. Three networks:
 
-* student ``F`` (a TrigFlow network, :func:`trigflow.make_F` of ``config.model``),
+* student ``F`` (a TrigFlow network, :func:`models.make_F` of ``config.model``),
   its EMA samples; with a network teacher it starts as the teacher's weights
   (``time_embedding='edm'`` makes it exactly the teacher at init), with the
   analytic teacher (exact GMM, toy data) it starts fresh;
@@ -46,6 +46,12 @@ than inside its param tree, so export, the teacher-copy init and the student's
 sharding are unchanged; each sCM student step also updates it on the same loss
 (see ``student_step``).
 
+Metrics of a student step, one quantity per name: ``gen_loss`` (the loss the student's
+Updater minimised), ``scm_loss`` (its sCM term, logged only beside a DMD term), ``dmd_loss``
+(the DMD surrogate before ``dmd_weight``), ``scm_error`` (the unweighted error ``mean_d g^2``,
+with the adaptive weight on; the weight's own loss has the weighted term's value and is not
+logged again), ``logvar`` (the mean ``w(t)``), ``g_norm``, ``tangent_r``, ``gen_grad_norm``.
+
 Settings of this one objective: sCM only (``dmd_weight=0``: no fake score in
 the state, the schedule only ever picks "generator"), rCM (sCM + DMD), DMD only
 (``dmd_only=True``: the student loss is the DMD part alone, no tangent).
@@ -71,33 +77,12 @@ Sampler: the N-step consistency sampler (sCM Algorithm 1 / rCM's
 eval.sampler_steps`` clipped to ``1..1 + len(sampler_times)`` (so 1..4 with
 rCM's intermediate times [1.3, 1.0, 0.6]); no teacher needed.
 
-Measured on the 25-mode toy (configs/toy2d_rcm.py, adaptive weight off as there; 5000
-samples scored by ``eval.toy_metrics.mode_statistics``; modes covered of 25 / precision with
-1, 2 and 4 sampler steps; one seed; 2 shared CPU cores; with seeds and the adaptive weight
-on: the README's rCM section):
+Measured on the 25-mode toy (sCM, rCM and DMD only, analytic and DSM teachers, 1/2/4
+sampler steps) with the commands that reproduce it: docs/results.md, "rCM on the 25-mode toy".
 
-  variant, teacher (steps)          1 step       2 steps      4 steps
-  scm, analytic (6000)              25 / 0.726   25 / 0.751   25 / 0.819
-  rcm, analytic (6000)              25 / 0.604   25 / 0.644   25 / 0.754
-  dmd_only, analytic (6000)         20 / 0.299   23 / 0.329   16 / 0.215
-  scm, DSM teacher (2000)           25 / 0.703   25 / 0.725   25 / 0.821
-  rcm, DSM teacher (2000)           25 / 0.660   25 / 0.692   25 / 0.816
-
-(one-step f-distill students of this toy reach about 0.37, README). With the
-analytic teacher rCM's student is updated on about half the steps (2950 of
-6000) and scores like sCM at the same number of student updates: the DMD term
-at rCM's weight (0.01) neither helps nor hurts precision here; at weight 0.5
-precision fell to about 0.2 (3000 steps, before the toy MLP had input Fourier
-features), and DMD alone drops modes, like the one-step DMD of this toy
-(README). Reproduce:
-
-  python -m fdistill.main --config=configs/toy2d_rcm.py:rcm,teacher=analytic --workdir=runs/toy_rcm --mode=distill
-  python -m fdistill.main --config=configs/toy2d_rcm.py:rcm,teacher=analytic --workdir=runs/toy_rcm --mode=eval \
-      --config.eval.sampler_steps=2
-
-(the DSM-teacher rows: ``configs/toy2d_teacher.py:gmm25`` trained first, then
-``:rcm,teacher_dir=<its workdir>,steps=2000``; move ``<workdir>/eval`` aside
-between sampler-step counts, the eval job skips evaluated checkpoints).
+This file holds one job, the objective (settings, schedule, times and rollouts, the student
+loss, the steps, the sampler), in about 350 lines of code under this docstring; the loss
+pieces are :mod:`scm_loss`'s and the shared student parts :mod:`student`'s.
 
 The time embedding matters for sCM's tangent: the toy MLP embeds ``c_noise``
 with EDM's Fourier features of scale 16, and with the 'edm' embedding (``c_noise =
@@ -119,7 +104,8 @@ from fdistill.objectives import critics
 from fdistill.objectives import noise
 from fdistill.objectives import scaffold
 from fdistill.objectives import scm_loss
-from fdistill.objectives.base import Objective, Sampler, add_passes, settings_from_config
+from fdistill.objectives import student
+from fdistill.objectives.base import Objective, Sampler, settings_from_config
 from fdistill.optim import state as state_lib
 from fdistill.optim import update
 from fdistill.parallel import partition
@@ -303,7 +289,7 @@ def _networks(config, st: Settings):
   """(module, student F_apply, EDM denoiser of the same module) for ``config.model``."""
   module = models.build(config.model)
   sd = float(config.model.sigma_data)
-  F_apply = trigflow.make_F(module, sd, st.time_embedding, st.time_scale)
+  F_apply = models.make_F(module, sd, st.time_embedding, st.time_scale)
   return module, F_apply, models.make_denoiser(module, sd)
 
 
@@ -315,7 +301,9 @@ def make_student_loss(F_apply, nets: critics.Nets, st: Settings, sigma_data: flo
   (its rows only set the batch size), ``logvar`` (the adaptive weight's ``w(t)``,
   optional) and ``cond``. Only the student's params
   are differentiated: the regression of :func:`scm_loss.regression_loss` and
-  the last rollout step of the DMD part.
+  the last rollout step of the DMD part. aux: with both parts, ``scm_loss`` (the sCM term)
+  and ``dmd_loss`` (the DMD term before ``dmd_weight``); with one part the loss is that
+  term (logged once, as ``gen_loss``), DMD alone still logging ``dmd_loss`` (unweighted).
   """
 
   def loss(params, inputs, batch, rng):
@@ -325,7 +313,9 @@ def make_student_loss(F_apply, nets: critics.Nets, st: Settings, sigma_data: flo
       # batch["logvar"] (adaptive weight on): w(t) of the current phi, a constant here.
       reg, _ = scm_loss.regression_loss(F_apply, params, batch["x_t"], batch["t"], batch["g"],
                                         cond, sigma_data=sigma_data, logvar=batch.get("logvar"))
-      value, aux["scm_loss"] = value + reg, reg
+      value = value + reg
+      if with_dmd:  # else the loss is this term: logged once, as gen_loss
+        aux["scm_loss"] = reg
     if with_dmd:
       n = (batch["g"] if with_scm else batch["x"]).shape[0]
       x0, eps, t = rollout_with_noise(F_apply, params, rng, n, nets.x_shape, st, sigma_data,
@@ -362,42 +352,33 @@ def sampler(config, task) -> Sampler:
 def build(config, task) -> Objective:
   """rCM / sCM / DMD-only distillation of ``task``'s teacher into ``config.model``."""
   st = Settings.from_config(config.objective)
-  if task.teacher_apply is None:
-    raise ConfigError("objective.name='rcm' distils a teacher: set teacher.kind to 'analytic' "
-                      "(toy data), 'checkpoint' (with teacher.workdir) or 'edm_pickle' "
-                      "(with teacher.path)")
+  student.require_teacher(task, "rcm")
   sd = float(config.model.sigma_data)
   _, F_apply, fake_apply = _networks(config, st)
-  teacher_F = trigflow.edm_to_trigflow(task.teacher_apply, sd)
   sample = sampler(config, task)
+  student.check_architecture(task, jax.eval_shape(sample.init_params, jax.random.key(0)),
+                             "rcm", "student")
+  teacher_F = trigflow.edm_to_trigflow(task.teacher_apply, sd)
   x_shape = tuple(task.x_shape)
   nets = critics.Nets(gen_apply=None, teacher_apply=task.teacher_apply, fake_apply=fake_apply,
                       disc=None, x_shape=x_shape, sigma_init=0.0)
-  from_teacher = config.teacher.kind != "analytic"  # a network: checkpoint or edm_pickle
-  fresh = jax.eval_shape(sample.init_params, jax.random.key(0))
-  if from_teacher and not critics.same_structure(fresh, task.teacher_abstract):
-    raise ValueError("rcm initialises the student from the teacher: config.model must be the "
-                     "teacher's architecture (compare with the teacher run's config.json)")
 
-  gen_update = update.updater(config, ema=True)
-  fake_update = update.updater(config, scaffold.section_optimizer(config.optim,
-                                                                  config.objective.fake_optim))
+  gen_update = update.updater(config, ema=True, name=student.GEN)
+  fake_update = update.updater(
+      config, scaffold.section_optimizer(config.optim, config.objective.fake_optim), name="fake")
   gather = lambda tree: partition.gather_fsdp(tree, gen_update.fsdp_gather)
   fake_loss = critics.make_fake_score_loss(nets, st.fake_loss_weight)
   # The adaptive weight's own Adam with the student's settings: Adam is per coordinate, so
   # this is the trajectory of one optimiser over both trees, except that clipping and the
   # NaN guard see w's small gradient alone (neither is swamped by the student's norm).
-  weight_update = update.updater(config)
+  weight_update = update.updater(config, name="weight")
   weight_loss = lambda params, inputs, batch, rng: (
       scm_loss.logvar_loss(params, batch["t"], batch["error"], sd), {})
 
   def init(rng, teacher=None):
     """The student (params, EMA) and, with a DMD part, the fake score: teacher copies or fresh."""
-    params = teacher if from_teacher else sample.init_params(rng)
-    copy = lambda: jax.tree_util.tree_map(jnp.array, params)
-    state = dict(state_lib.init_counters(), gen=state_lib.init_net_state(copy(), gen_update.tx))
-    if st.has_dmd:
-      state["fake"] = state_lib.init_net_state(copy(), fake_update.tx, ema=False)
+    state = student.initial_state(task, teacher, lambda: sample.init_params(rng), gen_update,
+                                  fake_update if st.has_dmd else None)
     if st.adaptive_weight:
       state["weight"] = state_lib.init_net_state(scm_loss.init_logvar(), weight_update.tx,
                                                  ema=False)
@@ -430,15 +411,17 @@ def build(config, task) -> Objective:
         # the student's gradient needs w only as a value, phi's needs the error only as a
         # value (= mean_d g^2, scm_loss.regression_error), so two updates from the same point.
         data["logvar"] = _sg(scm_loss.logvar(state["weight"]["params"], data["t"], sd))
+        # The weight's loss has the weighted sCM term's value (logged as gen_loss or scm_loss):
+        # logged instead are the unweighted error and w itself.
         weight_batch = {"t": data["t"], "error": scm_loss.regression_error(g)}
-        new["weight"], weight_value, _, weight_ok = weight_update(
+        new["weight"], _, _, weight_ok = weight_update(
             state["weight"], weight_loss, None, weight_batch, loss_rng)
-        metrics.update(weight_loss=weight_value, logvar=jnp.mean(data["logvar"]))
+        metrics.update(scm_error=jnp.mean(weight_batch["error"]),
+                       logvar=jnp.mean(data["logvar"]))
       inputs = {"teacher": teacher, "fake": state["fake"]["params"]} if with_dmd else None
-      new["gen"], loss, aux, ok = gen_update(state["gen"], loss_fn, inputs, data, loss_rng,
-                                                    state["step"])
-      metrics.update(aux, gen_loss=loss)
-      metrics["gen_grad_norm"] = metrics.pop("grad_norm")
+      new["gen"], ok, gen_metrics = student.update_generator(gen_update, state, loss_fn, inputs,
+                                                             data, loss_rng)
+      metrics.update(gen_metrics)
       if weighted:  # joint: a non-finite part skips both (each Updater skipped its own)
         ok = ok & weight_ok
         new = state_lib.select_tree(ok, new, state)
@@ -457,8 +440,7 @@ def build(config, task) -> Objective:
     critic_batch = {"x_gen": x_gen, "x_t": edm.add_noise(x_gen, eps, sigma), "sigma": sigma}
     if cond is not None:
       critic_batch["cond"] = cond
-    fake, _, aux, ok = fake_update(state["fake"], fake_loss, None, critic_batch, fake_rng)
-    metrics = {"fake_loss": aux["fake_loss"], "fake_grad_norm": aux["grad_norm"]}
+    fake, _, metrics, ok = fake_update(state["fake"], fake_loss, None, critic_batch, fake_rng)
     return update.count_step(dict(state, fake=fake), ok), metrics
 
   steps = {"generator": student_step(st.has_scm, st.has_dmd)}
@@ -467,23 +449,4 @@ def build(config, task) -> Objective:
     if st.scm_warmup_steps:
       steps["scm_warmup"] = student_step(True, False)
   return Objective(init=init, steps=steps, schedule=lambda i: schedule(i, st),
-                   export=lambda state: state["gen"]["ema"], sampler=sample,
-                   minimum_passes=minimum_passes(st))
-
-
-def minimum_passes(st: Settings):
-  """The passes each step needs. sCM: the teacher's velocity, one tangent (jvp, whose primal
-  is the regression's forward at the same params; or the two extra forwards of the central
-  difference) and the student's regression. DMD: a batch pays
-  the longest rollout (``rollout_max_steps - 1`` frozen forwards, :func:`rollout`), the
-  last step with gradient, then fake score and teacher. The critic: a frozen rollout and
-  the fake score's DSM update. (The adaptive weight's tiny network is not counted.)"""
-  k = st.rollout_max_steps
-  scm = add_passes({"forward": 1, "train": 1},
-                   {"jvp": 1} if st.tangent == "jvp" else {"forward": 2})
-  dmd = {"forward": k - 1 + 2, "train": 1}
-  student = add_passes(scm if st.has_scm else {}, dmd if st.has_dmd else {})
-  passes = {"generator": student}
-  if st.has_dmd:
-    passes.update(critic={"forward": k, "train": 1}, scm_warmup=scm)
-  return passes
+                   export=lambda state: state["gen"]["ema"], sampler=sample)

@@ -1,8 +1,8 @@
 """The parts every one-step score-distillation objective shares (f-distill, Uni-Instruct,
-SiD, SIM, DMD): a generator initialised from the teacher, a fake score and a
-discriminator trained on the same noised generator samples, their optimisers,
-the critic step, the update schedule and the one-step sampler. An objective
-module adds its generator loss and generator step.
+SiD, SIM, DMD): a generator initialised from the teacher (:mod:`student`), a fake score and
+a discriminator trained on the same noised generator samples, their optimisers, the critic
+step, the update schedule and the one-step sampler. An objective module adds its generator
+loss and generator step (:func:`student.generator_step`).
 
 Settings read from ``st`` (the objective's settings): gen_every,
 warmup_critic_steps, fake_loss_weight, same_noise_real and the noise-level
@@ -12,7 +12,6 @@ import dataclasses
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from fdistill import models
@@ -20,7 +19,8 @@ from fdistill.data import augment
 from fdistill.diffusion import edm
 from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import critics
-from fdistill.objectives.base import Sampler, add_passes
+from fdistill.objectives import student
+from fdistill.objectives.base import Sampler
 from fdistill.optim import state as state_lib
 from fdistill.optim import update
 from fdistill.errors import ConfigError
@@ -67,7 +67,6 @@ class Scaffold:
   init: Callable
   critic_step: Callable
   schedule: Callable
-  critic_passes: dict
 
 
 def build(config, task, st, what: str, train_disc: bool = True,
@@ -82,18 +81,15 @@ def build(config, task, st, what: str, train_disc: bool = True,
   discriminator part weighted by ``disc_loss_weight``). ``augment_p``: EDM's augmentation of
   the critics' inputs (SiD's CIFAR-10 recipe; :func:`critics.critic_batch`)."""
   critic_levels = st if critic_levels is None else critic_levels
-  if task.teacher_apply is None:
-    raise ConfigError(f"objective.name={what!r} distils a teacher: set teacher.kind to "
-                      "'analytic' (toy data), 'checkpoint' (with teacher.workdir) or "
-                      "'edm_pickle' (with teacher.path)")
-  _, net_apply = _generator_net(config)
+  student.require_teacher(task, what)
+  _, denoiser = _generator_net(config)
   sample = sampler(config, task)
   fresh = jax.eval_shape(sample.init_params, jax.random.key(0))
   if disc_features == "teacher":
     feature_shapes = disc_lib.teacher_feature_shapes(task.teacher_apply, task.teacher_abstract,
                                                      task.x_shape, task.cond_dim)
   else:  # the fake score's: the generator's architecture
-    feature_shapes = disc_lib.teacher_feature_shapes(net_apply, fresh, task.x_shape,
+    feature_shapes = disc_lib.teacher_feature_shapes(denoiser, fresh, task.x_shape,
                                                      task.cond_dim)
   disc = disc_lib.build(config.objective.discriminator, task.x_shape, feature_shapes,
                         config.model.sigma_data)
@@ -106,18 +102,19 @@ def build(config, task, st, what: str, train_disc: bool = True,
     raise ConfigError(f"objective.disc_features='fake' needs a discriminator that reads "
                       f"features: objective.discriminator.name='unet_heads' (got "
                       f"{config.objective.discriminator.name!r})")
-  nets = critics.Nets(net_apply, task.teacher_apply, net_apply, disc, tuple(task.x_shape),
-                      float(config.generator.sigma_init), disc_features)
-  from_teacher = config.teacher.kind != "analytic"  # a network: checkpoint or edm_pickle
-  if from_teacher and not critics.same_structure(fresh, task.teacher_abstract):
-    raise ValueError(f"{what} initialises the generator from the teacher: config.model must "
-                     "be the teacher's architecture (compare with the teacher run's config.json)")
+  student.check_architecture(task, fresh, what)
+  # The generator and the fake score are two param trees of one network (config.model, the
+  # teacher's architecture): one denoiser closure serves both.
+  nets = critics.Nets(gen_apply=denoiser, teacher_apply=task.teacher_apply,
+                      fake_apply=denoiser, disc=disc, x_shape=tuple(task.x_shape),
+                      sigma_init=float(config.generator.sigma_init),
+                      disc_features=disc_features)
 
-  gen_update = update.updater(config, ema=True)
-  fake_update = update.updater(config, section_optimizer(config.optim,
-                                                         config.objective.fake_optim))
-  disc_update = update.updater(config, section_optimizer(config.optim,
-                                                         config.objective.disc_optim))
+  gen_update = update.updater(config, ema=True, name=student.GEN)
+  fake_update = update.updater(
+      config, section_optimizer(config.optim, config.objective.fake_optim), name="fake")
+  disc_update = update.updater(
+      config, section_optimizer(config.optim, config.objective.disc_optim), name="disc")
   joint = disc_features == "fake" and train_disc
   if joint:
     fake_loss, disc_loss = critics.make_joint_fake_score_loss(nets, st.fake_loss_weight,
@@ -129,11 +126,8 @@ def build(config, task, st, what: str, train_disc: bool = True,
   def init(rng, teacher=None):
     """Fresh networks; with a network teacher, generator (params, EMA) and fake score copy it."""
     net_rng, disc_rng = jax.random.split(rng)
-    params = teacher if from_teacher else sample.init_params(net_rng)
-    copy = lambda: jax.tree_util.tree_map(jnp.array, params)
-    return dict(state_lib.init_counters(),
-                gen=state_lib.init_net_state(copy(), gen_update.tx),
-                fake=state_lib.init_net_state(copy(), fake_update.tx, ema=False),
+    return dict(student.initial_state(task, teacher, lambda: sample.init_params(net_rng),
+                                      gen_update, fake_update),
                 disc=state_lib.init_net_state(disc.init(disc_rng), disc_update.tx, ema=False))
 
   def critic_step(state, teacher, batch, rng):
@@ -141,26 +135,17 @@ def build(config, task, st, what: str, train_disc: bool = True,
     cb = critics.critic_batch(nets, critic_levels, state["gen"]["params"], batch, c_rng,
                               gen_update.fsdp_gather, augment_p)
     fake_inputs = {"disc": state["disc"]["params"]} if joint else None
-    fake, _, f_aux, ok = fake_update(state["fake"], fake_loss, fake_inputs, cb, f_rng)
-    metrics = dict(f_aux, fake_grad_norm=f_aux["grad_norm"])
-    del metrics["grad_norm"]
+    fake, _, metrics, ok = fake_update(state["fake"], fake_loss, fake_inputs, cb, f_rng)
     new = dict(state, fake=fake)
     if train_disc:
       # Joint (DMD2): both gradients at the same point, the fake score's params as they were.
       disc_inputs = {"fake": state["fake"]["params"]} if joint else teacher
       new["disc"], _, d_aux, d_ok = disc_update(state["disc"], disc_loss, disc_inputs, cb, d_rng)
-      metrics.update(d_aux, disc_grad_norm=d_aux["grad_norm"])
-      del metrics["grad_norm"]
+      metrics = dict(metrics, **d_aux)
       ok = ok & d_ok
       if joint:  # one loss: a non-finite part skips both (each Updater skipped its own)
         new = state_lib.select_tree(ok, new, state)
     return update.count_step(new, ok), metrics
 
-  # The critic step's minimum: the generator's samples, the fake score's DSM update (SiDA:
-  # again on the real rows, whose encoder pass is counted as a whole network: an upper
-  # bound) and, with a discriminator, its logits on fake and real rows.
-  critic_passes = add_passes({"forward": 1, "train": 2 if encoder_disc or joint else 1},
-                             {"disc_train": 2 * train_disc})
   return Scaffold(nets, sample, gen_update, init, critic_step,
-                  lambda i: "generator" if is_generator_step(i, st) else "critic",
-                  critic_passes)
+                  lambda i: "generator" if is_generator_step(i, st) else "critic")

@@ -49,7 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill.diffusion import per_sample
 from fdistill.diffusion import trigflow
+from fdistill.objectives import dmd
 
 SIGMA_DATA = trigflow.SIGMA_DATA
 _sg = jax.lax.stop_gradient
@@ -57,14 +59,6 @@ _sg = jax.lax.stop_gradient
 
 def _bcast(t, x):
   return trigflow._bcast(t, x)
-
-
-def _per_sample_sum(x):
-  return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
-
-
-def _per_sample_mean(x):
-  return jnp.mean(x.reshape(x.shape[0], -1), axis=-1)
 
 
 def tangent(F_apply: Callable, params, x_t, t, dxt_dt, cond=None,
@@ -126,7 +120,7 @@ def scm_target(F_minus, dF, x_t, t, dxt_dt, sigma_data: float = SIGMA_DATA, r=1.
   r = jnp.asarray(r, x_t.dtype)
   first = cos * cos if warmup == "scm" else cos * jnp.sqrt(1 - r**2 * sin**2)
   g = -first * (sigma_data * F_minus - dxt_dt) - r * (cos * sin * x_t + sigma_data * dF)
-  norm = jnp.sqrt(_per_sample_sum(jnp.square(g)))
+  norm = jnp.sqrt(per_sample.total(jnp.square(g)))
   if c is not None:
     g = g / _bcast(norm + c, g)
   return g, norm
@@ -179,11 +173,11 @@ def regression_loss(F_apply: Callable, params, x_t, t, g, cond=None, *,
   F = F_apply(params, _sg(x_t) / sigma_data, _sg(trigflow._per_sample(t, x_t)), cond,
               **(f_kwargs or {}))
   g = _sg(g)
-  per_sample = _per_sample_mean(jnp.square(F - _sg(F) - g))
+  errors = per_sample.mean(jnp.square(F - _sg(F) - g))
   if logvar is not None:
-    per_sample = jnp.exp(logvar) * per_sample - logvar
-  loss = jnp.mean(per_sample)
-  return loss, dict(F=F, per_sample=per_sample)
+    errors = jnp.exp(logvar) * errors - logvar
+  loss = jnp.mean(errors)
+  return loss, dict(F=F, per_sample=errors)
 
 
 def scm_loss(F_apply: Callable, params, x0, eps, t, teacher_F: Callable, teacher_params,
@@ -246,7 +240,7 @@ def regression_error(g):
   the weight network sees is known from the target alone, before and
   independently of the student's update.
   """
-  return _per_sample_mean(jnp.square(g))
+  return per_sample.mean(jnp.square(g))
 
 
 def logvar_loss(params, t, error, sigma_data: float = SIGMA_DATA):
@@ -269,7 +263,8 @@ def tangent_warmup(step, warmup_steps):
 
 
 def dmd_loss(x0_student, x0_fake, x0_teacher):
-  """rCM's DMD regulariser surrogate on student samples ``x0_student`` (with gradient).
+  """rCM's DMD regulariser on student samples ``x0_student`` (with gradient): the
+  :func:`fdistill.objectives.dmd.surrogate` with the step
 
   ``grad = (x0_fake - x0_teacher) / mean_d |x0_student - x0_teacher|`` (per
   sample, clipped below at 1e-5), loss ``mean_b mean_d |x - sg(x - grad)|^2``:
@@ -279,7 +274,6 @@ def dmd_loss(x0_student, x0_fake, x0_teacher):
   this takes the mean, as :func:`regression_loss` does.
   """
   x0_fake, x0_teacher = _sg(x0_fake), _sg(x0_teacher)
-  scale = jnp.maximum(_per_sample_mean(jnp.abs(_sg(x0_student) - x0_teacher)), 1e-5)
+  scale = jnp.maximum(dmd.abs_mean(_sg(x0_student), x0_teacher), 1e-5)
   grad = (x0_fake - x0_teacher) / _bcast(scale, x0_student)
-  per_sample = _per_sample_mean(jnp.square(x0_student - _sg(x0_student - grad)))
-  return jnp.mean(per_sample), dict(dmd_scale=scale)
+  return jnp.mean(dmd.surrogate(x0_student, grad)), dict(dmd_scale=scale)

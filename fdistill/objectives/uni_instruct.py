@@ -43,9 +43,9 @@ from fdistill.diffusion import edm
 from fdistill.objectives import critics
 from fdistill.objectives import noise
 from fdistill.objectives import scaffold
+from fdistill.objectives import student
 from fdistill.objectives import uni_instruct_loss as ul
 from fdistill.objectives.base import Objective, settings_from_config
-from fdistill.optim import update
 from fdistill.registry import check_choice
 from fdistill.errors import ConfigError
 
@@ -55,9 +55,9 @@ SWITCHED = "generator_switched"  # the kind of generator step after ``switch_ste
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-  """The scalar fields of ``config.objective``; defaults in
-  ``configs/common.py:uni_instruct_objective``."""
+class Settings(noise.NoiseLevels):
+  """The scalar fields of ``config.objective`` (the noise levels: :class:`noise.NoiseLevels`);
+  defaults in ``configs/common.py:uni_instruct_objective``."""
   loss: str                       # expanded | sid | sim
   divergence: str                 # expanded: a divergence name or 'pearson'
   alpha: float                    # divergence='alpha' only
@@ -78,15 +78,6 @@ class Settings:
   same_noise_real: bool
   augment_p: float                # EDM's augmentation of the fake score's inputs (SiD's CIFAR-10
                                   # recipe: 0.12; fdistill.data.augment); 0 = off
-  sigma_dist: str                 # karras | lognormal | fixed
-  sigma_min: float
-  sigma_max: float
-  rho: float
-  ramp_min: float
-  ramp_max: float
-  p_mean: float
-  p_std: float
-  sigma_fixed: float
 
   @classmethod
   def from_config(cls, objective_config):
@@ -121,6 +112,11 @@ class Settings:
   @property
   def needs_ratio(self) -> bool:
     return self.loss == "expanded" and self.divergence != "reverse_kl"
+
+  @property
+  def trains_disc(self) -> bool:
+    """A discriminator is trained: a phase needs the ratio, or the GAN term reads it."""
+    return any(p.needs_ratio for p in self.phases()) or bool(self.gan_weight)
 
   def phases(self):
     """The settings of each generator phase: before the switch and, if any, after it."""
@@ -209,36 +205,20 @@ def switch_schedule(base_schedule, switch_step: int):
 def build(config, task) -> Objective:
   st = Settings.from_config(config.objective)
   phases = st.phases()
-  parts = scaffold.build(config, task, st, "uni_instruct",
-                         train_disc=any(p.needs_ratio for p in phases) or bool(st.gan_weight),
+  parts = scaffold.build(config, task, st, "uni_instruct", train_disc=st.trains_disc,
                          encoder_disc=st.loss == "sida",
                          critic_levels=noise.critic_levels(st, config.objective.critic_noise),
                          augment_p=st.augment_p)
 
-  def generator_step_of(phase):
-    gen_loss = make_generator_loss(parts.nets, phase)
-
-    def generator_step(state, teacher, batch, rng):
-      inputs = {"teacher": teacher, "fake": state["fake"]["params"],
-                "disc": state["disc"]["params"]}
-      gen, loss, aux, ok = parts.gen_update(state["gen"], gen_loss, inputs, batch, rng,
-                                               state["step"])
-      metrics = {**aux, "gen_loss": loss}
-      metrics["gen_grad_norm"] = metrics.pop("grad_norm")
-      return update.count_step(dict(state, gen=gen), ok), metrics
-
-    return generator_step
+  inputs_of = lambda state, teacher: {"teacher": teacher, "fake": state["fake"]["params"],
+                                      "disc": state["disc"]["params"]}
+  generator_step_of = lambda phase: student.generator_step(
+      parts.gen_update, make_generator_loss(parts.nets, phase), inputs_of)
 
   steps = {"generator": generator_step_of(phases[0]), "critic": parts.critic_step}
   schedule = parts.schedule
   if len(phases) > 1:
     steps[SWITCHED] = generator_step_of(phases[1])
     schedule = switch_schedule(parts.schedule, st.switch_step)
-  # Every member's generator gradient flows through x_t into the teacher and the fake score
-  # (their inputs, not their weights). The ratio's logit reads the teacher's features at the
-  # same x_t, so its input gradient rides on the teacher's backward: no pass of its own.
-  gen_passes = {"train": 1, "forward": 2, "input_grad": 2}
-  passes = {kind: gen_passes for kind in steps if kind != "critic"}
   return Objective(init=parts.init, steps=steps, schedule=schedule,
-                   export=lambda state: state["gen"]["ema"], sampler=parts.sample,
-                   minimum_passes=dict(passes, critic=parts.critic_passes))
+                   export=lambda state: state["gen"]["ema"], sampler=parts.sample)

@@ -43,7 +43,9 @@ from typing import Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from fdistill.diffusion import per_sample
 from fdistill.objectives import divergences
+from fdistill.objectives import dmd
 from fdistill.registry import lookup
 
 # Pearson chi^2 is not in the f-distill registry (divergences.DIVERGENCES); the expanded
@@ -73,21 +75,13 @@ def _f(x, dtype):
 
 
 def _per_sample(sigma, x):
-  """``sigma`` (scalar or [B]) reshaped to broadcast against ``x`` [B, ...]."""
-  sigma = jnp.asarray(sigma, x.dtype)
-  if sigma.ndim == 0:
-    return sigma
-  return sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+  """``sigma`` (scalar or [B]) in ``x``'s dtype, shaped to broadcast against ``x`` [B, ...]."""
+  return per_sample.expand(jnp.asarray(sigma, x.dtype), x)
 
 
 def _batch_sigma(sigma, x):
   """``sigma`` as a [B] vector in ``x``'s dtype."""
   return jnp.broadcast_to(jnp.asarray(sigma, x.dtype), x.shape[:1])
-
-
-def _sum_features(v):
-  """Sum over every axis but the batch axis: [B, ...] -> [B]."""
-  return jnp.sum(v.reshape(v.shape[0], -1), axis=-1)
 
 
 def h_prime(h: Callable) -> Callable:
@@ -131,8 +125,8 @@ def surrogate(h: Callable, r, delta, d_fake, x_gen, sigma, drop_rh_prime: bool =
   hr = h(r)
   w_sq = hr if drop_rh_prime else hr - r * h_prime(h)(r)
   s2 = _batch_sigma(sigma, x_gen)**2
-  proj = _sum_features(delta * (d_fake - x_gen)) / s2
-  return w_sq * _sum_features(delta**2) + 2 * hr * proj
+  proj = per_sample.total(delta * (d_fake - x_gen)) / s2
+  return w_sq * per_sample.total(delta**2) + 2 * hr * proj
 
 
 # ---------------------------------------------------------------------------
@@ -153,14 +147,13 @@ def sid_loss(d_teacher, d_fake, x_gen, alpha: float = 1.2):
   dt = _compute_dtype(d_teacher, d_fake, x_gen)
   d_teacher, d_fake, x_gen = (_f(v, dt) for v in (d_teacher, d_fake, x_gen))
   dd = d_teacher - d_fake
-  return _sum_features(dd * ((d_teacher - x_gen) - alpha * dd))
+  return per_sample.total(dd * ((d_teacher - x_gen) - alpha * dd))
 
 
 def sid_normaliser(x_gen, d_teacher, floor: float = 1e-5):
   """SiD's per-sample weight ``1 / max(mean_dims |G - D_T|, floor)`` [B], no gradient."""
   dt = _compute_dtype(x_gen, d_teacher)
-  diff = jnp.abs(_f(x_gen, dt) - _f(d_teacher, dt))
-  return jax.lax.stop_gradient(1.0 / jnp.maximum(jnp.mean(diff.reshape(diff.shape[0], -1), -1),
+  return jax.lax.stop_gradient(1.0 / jnp.maximum(dmd.abs_mean(_f(x_gen, dt), _f(d_teacher, dt)),
                                                  floor))
 
 
@@ -169,13 +162,13 @@ def sid_normaliser(x_gen, d_teacher, floor: float = 1e-5):
 
 
 def _l2(y):
-  n2 = _sum_features(y**2)
+  n2 = per_sample.total(y**2)
   return n2, 2 * y
 
 
 def _pseudo_huber(c):
   def dist(y):
-    n2 = _sum_features(y**2)
+    n2 = per_sample.total(y**2)
     root = jnp.sqrt(n2 + c**2)
     return root - c, y / _per_sample(root, y)
   return dist
@@ -191,6 +184,17 @@ def distance(name: str, c: float = 1.0) -> Callable:
                 "sim distance")()
 
 
+def _score_gap(d_teacher, d_fake, x_gen, sigma, dist, c, y):
+  """The inputs of SIM's losses in one dtype: ``(D_T, D_fake, G, s^2, y, dist)``, ``y`` the
+  score gap ``(D_T - D_fake)/s^2`` unless given, ``dist`` a :func:`distance` closure."""
+  dt = _compute_dtype(d_teacher, d_fake, x_gen, sigma)
+  d_teacher, d_fake, x_gen = (_f(v, dt) for v in (d_teacher, d_fake, x_gen))
+  dist = distance(dist, c) if isinstance(dist, str) else dist
+  s2 = _per_sample(sigma, d_teacher)**2
+  y = (d_teacher - d_fake) / s2 if y is None else _f(y, dt)
+  return d_teacher, d_fake, x_gen, s2, y, dist
+
+
 def sim_loss(d_teacher, d_fake, x_gen, sigma, dist: Union[str, Callable] = "pseudo_huber",
              c: float = 1.0, y=None):
   """Per-sample [B] SIM generator loss ``d'(y)^T (S_p(x_t) - grad log q(x_t | G))``.
@@ -204,13 +208,9 @@ def sim_loss(d_teacher, d_fake, x_gen, sigma, dist: Union[str, Callable] = "pseu
   ``grad K + grad_path E[d'(y)^T y - d(y)]`` (the second gradient taken through the
   sample only); docs/uni_instruct.md has the oracle numbers.
   """
-  dt = _compute_dtype(d_teacher, d_fake, x_gen, sigma)
-  d_teacher, d_fake, x_gen = (_f(v, dt) for v in (d_teacher, d_fake, x_gen))
-  dist = distance(dist, c) if isinstance(dist, str) else dist
-  s2 = _per_sample(sigma, d_teacher)**2
-  y = (d_teacher - d_fake) / s2 if y is None else _f(y, dt)
+  d_teacher, d_fake, x_gen, s2, y, dist = _score_gap(d_teacher, d_fake, x_gen, sigma, dist, c, y)
   _, dprime = dist(y)
-  return _sum_features(dprime * (d_teacher - x_gen) / s2)
+  return per_sample.total(dprime * (d_teacher - x_gen) / s2)
 
 
 def score_divergence_surrogate(d_teacher, d_fake, x_gen, sigma,
@@ -225,13 +225,9 @@ def score_divergence_surrogate(d_teacher, d_fake, x_gen, sigma,
   ``h |Delta|^2``: ``E[grad] = grad K_s`` for an exact fake score. With ``l2`` it is the
   reverse-KL member of :func:`surrogate` (``K_s`` is then the Fisher divergence ``J_s``).
   """
-  dt = _compute_dtype(d_teacher, d_fake, x_gen, sigma)
-  d_teacher, d_fake, x_gen = (_f(v, dt) for v in (d_teacher, d_fake, x_gen))
-  dist = distance(dist, c) if isinstance(dist, str) else dist
-  s2 = _per_sample(sigma, d_teacher)**2
-  y = (d_teacher - d_fake) / s2 if y is None else _f(y, dt)
+  d_teacher, d_fake, x_gen, s2, y, dist = _score_gap(d_teacher, d_fake, x_gen, sigma, dist, c, y)
   d, dprime = dist(y)
-  return d + _sum_features(dprime * (d_fake - x_gen) / s2)
+  return d + per_sample.total(dprime * (d_fake - x_gen) / s2)
 
 
 # ---------------------------------------------------------------------------
@@ -329,7 +325,7 @@ def generator_loss_fn(generate: Callable, teacher_apply: Callable, fake_apply: C
       if needs_ratio:
         x_r = x_t if ratio_grad else jax.lax.stop_gradient(x_t)
         log_r = _f(log_ratio(frozen["disc"], x_r, s), dt)
-        log_r = log_r.reshape(log_r.shape[0], -1).mean(-1)
+        log_r = per_sample.mean(log_r)
         if log_ratio_clip is not None:
           log_r = jnp.clip(log_r, -log_ratio_clip, log_ratio_clip)
         r = jnp.exp(log_r)
@@ -342,7 +338,7 @@ def generator_loss_fn(generate: Callable, teacher_apply: Callable, fake_apply: C
         per = sid_loss(d_teacher, d_fake, x_gen, sid_alpha) / s**4
       else:
         dd = d_teacher_delta - d_fake_delta
-        per = _sum_features(dd * ((d_teacher - x_gen) - sid_alpha * dd)) / s**4
+        per = per_sample.total(dd * ((d_teacher - x_gen) - sid_alpha * dd)) / s**4
     elif objective == "sim":
       y = score_difference(d_teacher_delta, d_fake_delta, s)
       per = sim_loss(d_teacher, d_fake, x_gen, s, dist, y=y)

@@ -48,12 +48,19 @@ class Updater:
                  (``config.optim.ema_warmup``; TensorFlow's ExponentialMovingAverage with
                  num_updates), so a short run's EMA does not keep most of its weight on the
                  initial params: after 600 steps at 0.999 a plain EMA still holds 55 % of them.
+  name:          the network's name in the metrics the update adds (``gen`` ->
+                 ``gen_grad_norm``); None: plain ``grad_norm`` (a single-network objective).
   """
   tx: optax.GradientTransformation
   ema_decay: Optional[float] = None
   micro_batches: int = 1
   fsdp_gather: bool = True
   ema_warmup: bool = False
+  name: Optional[str] = None
+
+  def metric(self, quantity: str) -> str:
+    """The logged name of ``quantity`` of this network (``gen_grad_norm``, ``grad_norm``)."""
+    return f"{self.name}_{quantity}" if self.name else quantity
 
   def ema_rate(self, step):
     """The EMA's decay at run step ``step`` (None: the plain ``ema_decay``)."""
@@ -97,7 +104,7 @@ class Updater:
     NaN guard: if the loss, a gradient, the gradient norm or the update's RESULT (params,
     optimiser state, EMA: a non-finite learning rate makes finite gradients into
     non-finite params) is non-finite, the whole update is skipped and ``ok`` is False, so
-    a saved state is always finite. ``aux`` gains ``grad_norm``.
+    a saved state is always finite. ``aux`` gains ``grad_norm`` under :meth:`metric`'s name.
     """
     (loss, aux), grads = self.value_and_grad(loss_fn, net_state["params"], inputs, batch, rng)
     grad_norm = optax.tree.norm(grads)
@@ -108,7 +115,8 @@ class Updater:
     if self.ema_decay is not None:
       new["ema"] = state_lib.ema_update(net_state["ema"], new["params"], self.ema_rate(step))
     ok = ok & state_lib.all_finite(new)
-    return state_lib.select_tree(ok, new, net_state), loss, dict(aux, grad_norm=grad_norm), ok
+    aux = dict(aux, **{self.metric("grad_norm"): grad_norm})
+    return state_lib.select_tree(ok, new, net_state), loss, aux, ok
 
 
 def count_step(state, ok):
@@ -118,14 +126,14 @@ def count_step(state, ok):
               consecutive_skips=(state["consecutive_skips"] + 1) * bad)
 
 
-def updater(config, optim_config=None, ema: bool = False) -> Updater:
+def updater(config, optim_config=None, ema: bool = False, name: Optional[str] = None) -> Updater:
   """The :class:`Updater` for ``optim_config`` (default ``config.optim``) under ``config``.
 
-  ``ema``: keep an EMA at ``config.optim.ema_decay``.
+  ``ema``: keep an EMA at ``config.optim.ema_decay``; ``name``: :attr:`Updater.name`.
   """
   optim_config = config.optim if optim_config is None else optim_config
   return Updater(tx=state_lib.make_optimizer(optim_config),
                  ema_decay=float(config.optim.ema_decay) if ema else None,
                  micro_batches=int(config.optim.micro_batches),
                  fsdp_gather=bool(config.mesh.fsdp_gather),
-                 ema_warmup=bool(config.optim.ema_warmup) and ema)
+                 ema_warmup=bool(config.optim.ema_warmup) and ema, name=name)

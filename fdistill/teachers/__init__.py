@@ -87,6 +87,8 @@ def _edm_pickle(config, x_shape, cond_dim):
                  lambda shardings: partition.place(params, shardings))
 
 
+# The kinds whose params are a denoiser network (a student of its architecture starts from them).
+NETWORK_KINDS = ("checkpoint", "edm_pickle")
 TEACHERS = {"none": _none, "analytic": _analytic, "checkpoint": _checkpoint,
             "edm_pickle": _edm_pickle}
 
