@@ -326,7 +326,7 @@ def shardings_of(tree, mesh):
   return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
-def _sampler(config, mesh, task, spec: objectives.Sampler) -> Sampling:
+def _sampler(config, mesh, task, spec: objectives.SamplerSpec) -> Sampling:
   abstract = jax.eval_shape(spec.init_params, jax.random.key(0))
   shardings = partition.config_shardings(abstract, mesh, config.mesh)
   sample = jax.jit(spec.sample, static_argnums=2, out_shardings=mesh_lib.replicated(mesh))

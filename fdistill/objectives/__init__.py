@@ -1,8 +1,8 @@
 """Objectives: losses and update schedules as pure closures, and their registry.
 
 An objective module follows :class:`~fdistill.objectives.base.ObjectiveModule`:
-``build(config, task) -> Objective`` and ``sampler(config, task) -> Sampler``; the assembly
-(``fdistill.experiment``) jits and shards what they return. ``sampler`` never needs the
+``build(config, task) -> Objective`` and ``sampler(config, task) -> SamplerSpec``; the
+assembly (``fdistill.experiment``) jits and shards what they return. ``sampler`` never needs the
 teacher, so sampling and evaluating a trained run works without it. A new family is one
 module here, one entry in :data:`OBJECTIVES` and its section helper in ``configs/common.py``
 (docs/design.md, "Extending fdistill").
@@ -10,7 +10,7 @@ module here, one entry in :data:`OBJECTIVES` and its section helper in ``configs
 from typing import Mapping
 
 from fdistill.objectives import dsm, fdistill, rcm, uni_instruct
-from fdistill.objectives.base import Objective, ObjectiveModule, Sampler, Task  # noqa: F401
+from fdistill.objectives.base import Objective, ObjectiveModule, SamplerSpec, Task  # noqa: F401
 from fdistill.registry import lookup
 
 OBJECTIVES: Mapping[str, ObjectiveModule] = {
@@ -26,5 +26,5 @@ def build(config, task: Task) -> Objective:
   return module(config).build(config, task)
 
 
-def sampler(config, task: Task) -> Sampler:
+def sampler(config, task: Task) -> SamplerSpec:
   return module(config).sampler(config, task)

@@ -23,8 +23,9 @@ class Task:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sampler:
-  """How a trained run makes samples, from the params it exports (no teacher needed).
+class SamplerSpec:
+  """How a trained run makes samples, from the params it exports (no teacher needed): pure
+  functions, not yet placed or jitted (``experiment.Sampling`` is that, on a mesh).
 
   init_params(rng) -> params          fresh params of the sampled network (for shapes)
   sample(params, rng, num, cond) -> [num, *x_shape] samples (``num`` static)
@@ -49,13 +50,13 @@ class Objective:
       ``lax.cond`` about 10x slower, and a host-side choice costs nothing anywhere).
   export(state) -> params
       the params of the network that samples (its EMA), saved beside every checkpoint.
-  sampler: :class:`Sampler` for the exported params.
+  sampler: :class:`SamplerSpec` for the exported params.
   """
   init: Callable
   steps: Mapping[str, Callable]
   schedule: Callable[[int], str]
   export: Callable
-  sampler: Sampler
+  sampler: SamplerSpec
 
 
 class ObjectiveModule(Protocol):
@@ -69,7 +70,7 @@ class ObjectiveModule(Protocol):
   def build(self, config, task: Task) -> Objective:
     ...
 
-  def sampler(self, config, task: Task) -> Sampler:
+  def sampler(self, config, task: Task) -> SamplerSpec:
     ...
 
 

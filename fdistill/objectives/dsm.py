@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from fdistill import models
 from fdistill.diffusion import edm
 from fdistill.diffusion import per_sample
-from fdistill.objectives.base import Objective, Sampler
+from fdistill.objectives.base import Objective, SamplerSpec
 from fdistill.optim import state as state_lib
 from fdistill.optim import update
 
@@ -37,7 +37,7 @@ def _network(config, task):
   return module, models.make_denoiser(module, config.model.sigma_data)
 
 
-def sampler(config, task) -> Sampler:
+def sampler(config, task) -> SamplerSpec:
   """Heun (EDM) sampling of the trained denoiser's EMA, ``eval.sampler_steps`` steps."""
   module, apply_fn = _network(config, task)
 
@@ -45,7 +45,7 @@ def sampler(config, task) -> Sampler:
     noise = jax.random.normal(rng, (num,) + tuple(task.x_shape))
     return edm.heun_sampler(apply_fn, params, noise, cond, num_steps=config.eval.sampler_steps)
 
-  return Sampler(init_params=lambda rng: models.init_params(
+  return SamplerSpec(init_params=lambda rng: models.init_params(
       module, rng, (1,) + tuple(task.x_shape), task.cond_dim), sample=sample)
 
 

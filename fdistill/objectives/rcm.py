@@ -105,7 +105,7 @@ from fdistill.objectives import noise
 from fdistill.objectives import scaffold
 from fdistill.objectives import scm_loss
 from fdistill.objectives import student
-from fdistill.objectives.base import Objective, Sampler, settings_from_config
+from fdistill.objectives.base import Objective, SamplerSpec, settings_from_config
 from fdistill.optim import state as state_lib
 from fdistill.optim import update
 from fdistill.parallel import partition
@@ -332,7 +332,7 @@ def make_student_loss(F_apply, nets: critics.Nets, st: Settings, sigma_data: flo
   return loss
 
 
-def sampler(config, task) -> Sampler:
+def sampler(config, task) -> SamplerSpec:
   """``eval.sampler_steps`` (clipped to 1..1 + len(sampler_times)) consistency steps of the EMA."""
   st = Settings.from_config(config.objective)
   module, F_apply, _ = _networks(config, st)
@@ -345,7 +345,7 @@ def sampler(config, task) -> Sampler:
     z = jax.random.normal(noise_rng, (num,) + tuple(task.x_shape))
     return trigflow.consistency_sampler(F_apply, params, z, cond, times, step_rng, sd)
 
-  return Sampler(init_params=lambda rng: models.init_params(
+  return SamplerSpec(init_params=lambda rng: models.init_params(
       module, rng, (1,) + tuple(task.x_shape), task.cond_dim), sample=sample)
 
 

@@ -20,7 +20,7 @@ from fdistill.diffusion import edm
 from fdistill.models import discriminator as disc_lib
 from fdistill.objectives import critics
 from fdistill.objectives import student
-from fdistill.objectives.base import Sampler
+from fdistill.objectives.base import SamplerSpec
 from fdistill.optim import state as state_lib
 from fdistill.optim import update
 from fdistill.errors import ConfigError
@@ -38,7 +38,7 @@ def _generator_net(config):
   return module, models.make_denoiser(module, config.model.sigma_data)
 
 
-def sampler(config, task) -> Sampler:
+def sampler(config, task) -> SamplerSpec:
   """One step: ``G(z) = D_g(s_g z; s_g)`` with the generator's EMA (no teacher needed)."""
   module, gen_apply = _generator_net(config)
   sigma_init = float(config.generator.sigma_init)
@@ -47,7 +47,7 @@ def sampler(config, task) -> Sampler:
     z = jax.random.normal(rng, (num,) + tuple(task.x_shape))
     return edm.one_step_generate(gen_apply, params, z, cond, sigma_init)
 
-  return Sampler(init_params=lambda rng: models.init_params(
+  return SamplerSpec(init_params=lambda rng: models.init_params(
       module, rng, (1,) + tuple(task.x_shape), task.cond_dim), sample=sample)
 
 
@@ -62,7 +62,7 @@ class Scaffold:
   """nets: the closures; init(rng, teacher) -> state; critic_step: the fake score (and, with
   ``train_disc``, discriminator) update; schedule(step) -> "generator" | "critic"."""
   nets: critics.Nets
-  sample: Sampler
+  sample: SamplerSpec
   gen_update: update.Updater
   init: Callable
   critic_step: Callable
