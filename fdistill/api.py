@@ -24,7 +24,6 @@ from fdistill import errors
 from fdistill import experiment
 from fdistill import objectives
 from fdistill.io import checkpoint
-from fdistill.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,18 +61,19 @@ class Run:
 def load(workdir: str, step: Optional[int] = None) -> Run:
   """The network of ``workdir``'s newest intact checkpoint (or of ``step``), ready to sample.
 
-  Errors: a ValueError when ``workdir`` holds no run or no checkpoint;
+  Errors: :class:`fdistill.errors.ConfigError` (a ValueError) when ``workdir`` holds no run or
+  no checkpoint, or not ``step``;
   :class:`fdistill.errors.CorruptCheckpointError` when no export (or ``step``'s) is intact.
   """
   config = checkpoint.load_config(workdir) if _is_run(workdir) else None
   steps = sorted(checkpoint.saved_steps(workdir), reverse=True) if config else []
   if not steps:
-    raise ConfigError(f"load({workdir!r}): not a run with a checkpoint (config.json and "
-                      "checkpoints/<step>); train one with fdistill.main --mode=train_teacher "
-                      "or --mode=distill")
+    raise errors.ConfigError(f"load({workdir!r}): not a run with a checkpoint (config.json "
+                             "and checkpoints/<step>); train one with fdistill.main "
+                             "--mode=train_teacher or --mode=distill")
   if step is not None and step not in steps:
-    raise ConfigError(f"load({workdir!r}, step={step}): no such checkpoint; saved: "
-                      f"{sorted(steps)}")
+    raise errors.ConfigError(f"load({workdir!r}, step={step}): no such checkpoint; saved: "
+                             f"{sorted(steps)}")
   problems = []
   for candidate in [step] if step is not None else steps:
     try:

@@ -79,7 +79,7 @@ def test_forward_equivalents_bounded_and_the_bound_can_fail(result):
 def test_rcm_attention_rows_pair_the_fused_kernel_with_xla():
   """--plan=rcm_attn and --attn_impl lists: each rCM DiT row once with the fused JVP kernel
   and once with XLA attention, and the row's config really uses that attention (specs and
-  configs only; a --small CPU run of such a pair took 120 s on 2 shared cores, README)."""
+  configs only; a --small CPU run of such a pair took 120 s on 2 shared cores, docs/methods.md)."""
   script = _script()
   specs = script.row_specs(script.parse_args(["--plan=rcm_attn"]))
   cells = {}
