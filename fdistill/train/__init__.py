@@ -1,1 +1,2 @@
-"""Train states, jitted steps and the training loop."""
+"""The training loop (``loop.train``); train states are ``optim/state.py``'s, the jitted steps
+``experiment.py``'s."""
