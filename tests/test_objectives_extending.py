@@ -93,6 +93,8 @@ def test_b_objective_family_from_the_student_toolkit(monkeypatch):
   """One step of the new family: the student moves, its metrics are the toolkit's names and
   gen_loss is ``mean_b mean_d (G(z) - D_T(x_s; s))^2`` recomputed from the same draws."""
   monkeypatch.setitem(objectives.OBJECTIVES, "teacher_pull", TeacherPull)
+  assert all(isinstance(m, objectives.ObjectiveModule) for m in objectives.OBJECTIVES.values())
+  assert not isinstance(object(), objectives.ObjectiveModule)  # the check can fail
   config = toy.tiny_fdistill_config()
   config.objective = ml_collections.ConfigDict({"name": "teacher_pull", "sigma": 1.0})
   objective = objectives.build(config, toy.analytic_task())

@@ -85,6 +85,17 @@ def make_F(module, sigma_data: float = edm.SIGMA_DATA, time_embedding: str = "ed
   return trigflow.network_F(raw_apply(module), sigma_data, time_embedding, time_scale)
 
 
+def build_denoiser(model_config):
+  """``(module, denoiser)``: the module ``model_config`` names and its :func:`make_denoiser`."""
+  module = build(model_config)
+  return module, make_denoiser(module, model_config.sigma_data)
+
+
+def initializer(module, x_shape, cond_dim: int = 0) -> Callable:
+  """``init(rng) -> params`` of ``module`` for examples of per-example shape ``x_shape``."""
+  return lambda rng: init_params(module, rng, (1,) + tuple(x_shape), cond_dim)
+
+
 def init_params(module, rng, x_shape, cond_dim: int = 0):
   """Initialises params for inputs of ``x_shape`` [B, ...] (cond one-hot of width cond_dim)."""
   x = jnp.zeros(x_shape, jnp.float32)

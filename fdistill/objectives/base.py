@@ -1,6 +1,6 @@
 """The objective interface: what the assembly gets from every objective module."""
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Protocol, Tuple
+from typing import Any, Callable, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 from fdistill.errors import ConfigError
 
@@ -59,6 +59,7 @@ class Objective:
   sampler: SamplerSpec
 
 
+@runtime_checkable
 class ObjectiveModule(Protocol):
   """The contract of an objective module (``objectives.OBJECTIVES`` maps names to them).
 

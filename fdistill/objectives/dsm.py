@@ -32,26 +32,21 @@ def make_loss(apply_fn, sigma_data=edm.SIGMA_DATA, p_mean=-1.2, p_std=1.2):
   return loss
 
 
-def _network(config, task):
-  module = models.build(config.model)
-  return module, models.make_denoiser(module, config.model.sigma_data)
-
-
 def sampler(config, task) -> SamplerSpec:
   """Heun (EDM) sampling of the trained denoiser's EMA, ``eval.sampler_steps`` steps."""
-  module, apply_fn = _network(config, task)
+  module, apply_fn = models.build_denoiser(config.model)
 
   def sample(params, rng, num, cond=None):
     noise = jax.random.normal(rng, (num,) + tuple(task.x_shape))
     return edm.heun_sampler(apply_fn, params, noise, cond, num_steps=config.eval.sampler_steps)
 
-  return SamplerSpec(init_params=lambda rng: models.init_params(
-      module, rng, (1,) + tuple(task.x_shape), task.cond_dim), sample=sample)
+  return SamplerSpec(init_params=models.initializer(module, task.x_shape, task.cond_dim),
+                     sample=sample)
 
 
 def build(config, task) -> Objective:
   """Teacher training by DSM for any registered model and dataset."""
-  _, apply_fn = _network(config, task)
+  _, apply_fn = models.build_denoiser(config.model)
   sample = sampler(config, task)
   loss = make_loss(apply_fn, config.model.sigma_data, config.objective.p_mean,
                    config.objective.p_std)

@@ -345,8 +345,8 @@ def sampler(config, task) -> SamplerSpec:
     z = jax.random.normal(noise_rng, (num,) + tuple(task.x_shape))
     return trigflow.consistency_sampler(F_apply, params, z, cond, times, step_rng, sd)
 
-  return SamplerSpec(init_params=lambda rng: models.init_params(
-      module, rng, (1,) + tuple(task.x_shape), task.cond_dim), sample=sample)
+  return SamplerSpec(init_params=models.initializer(module, task.x_shape, task.cond_dim),
+                     sample=sample)
 
 
 def build(config, task) -> Objective:

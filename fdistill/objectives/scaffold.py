@@ -33,22 +33,17 @@ def section_optimizer(optim_config, overrides):
   return merged
 
 
-def _generator_net(config):
-  module = models.build(config.model)
-  return module, models.make_denoiser(module, config.model.sigma_data)
-
-
 def sampler(config, task) -> SamplerSpec:
   """One step: ``G(z) = D_g(s_g z; s_g)`` with the generator's EMA (no teacher needed)."""
-  module, gen_apply = _generator_net(config)
+  module, gen_apply = models.build_denoiser(config.model)
   sigma_init = float(config.generator.sigma_init)
 
   def sample(params, rng, num, cond=None):
     z = jax.random.normal(rng, (num,) + tuple(task.x_shape))
     return edm.one_step_generate(gen_apply, params, z, cond, sigma_init)
 
-  return SamplerSpec(init_params=lambda rng: models.init_params(
-      module, rng, (1,) + tuple(task.x_shape), task.cond_dim), sample=sample)
+  return SamplerSpec(init_params=models.initializer(module, task.x_shape, task.cond_dim),
+                     sample=sample)
 
 
 def is_generator_step(step: int, st) -> bool:
@@ -82,7 +77,7 @@ def build(config, task, st, what: str, train_disc: bool = True,
   the critics' inputs (SiD's CIFAR-10 recipe; :func:`critics.critic_batch`)."""
   critic_levels = st if critic_levels is None else critic_levels
   student.require_teacher(task, what)
-  _, denoiser = _generator_net(config)
+  _, denoiser = models.build_denoiser(config.model)
   sample = sampler(config, task)
   fresh = jax.eval_shape(sample.init_params, jax.random.key(0))
   if disc_features == "teacher":
