@@ -135,10 +135,14 @@ def markdown_table(rows, num_modes):
 
 
 def apply_overrides(config, overrides):
-  """Sets each ``SECTION.FIELD`` of ``overrides`` (:func:`parse_overrides`) on ``config``."""
+  """Sets each ``SECTION.FIELD`` (or ``SECTION.SUB.FIELD``) of ``overrides``
+  (:func:`parse_overrides`) on ``config``, leaving the section's other fields as they are."""
   for key, value in (overrides or {}).items():
-    section, field = key.split(".", 1)
-    config[section][field] = value
+    *path, field = key.split(".")
+    node = config
+    for name in path:
+      node = node[name]
+    node[field] = value
 
 
 def parse_overrides(items):
