@@ -27,5 +27,8 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/toy2d_divergences.py
 
+# runs/ is the scratch area; the result files the docs cite that git tracks there stay
+# (in a git checkout only untracked, ignored files under runs/ are removed).
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV)
+	if git rev-parse --git-dir >/dev/null 2>&1; then git clean -fdqX -- runs; else rm -rf runs; fi
