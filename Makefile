@@ -3,8 +3,6 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
-# The test extra's torch (tests/torch_reference only) from PyTorch's CPU wheels, not the CUDA build.
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test bench clean
 
@@ -13,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: setup.py $(BIN)/python
-	$(BIN)/pip install -q --extra-index-url $(TORCH_INDEX) -e ".[test]"
+	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 # The embedded default: 2-D GMM, exact oracle, teacher -> sample -> distill -> eval. CPU, no download.

@@ -30,8 +30,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # torch: only tests/torch_reference (EDM's networks, to check the .pkl importer and the
-    # U-Net ports); fdistill itself never imports torch. The Makefile installs it from
-    # PyTorch's CPU index (torch==2.13.0 matches its 2.13.0+cpu wheel).
+    # U-Net ports); fdistill itself never imports torch. The registry this project
+    # installs from serves torch==2.13.0 as a CPU wheel (any other version pulls the CUDA build).
     "test": ["pytest", "pytest-xdist", "mlxtend", "nbformat", "nbclient", "ipykernel",
              "torch==2.13.0"],
     "notebook": ["jupyter", "ipykernel", "nbformat", "nbclient"],
