@@ -54,12 +54,22 @@ def show_tracebacks(argv=()) -> bool:
           "--traceback" in argv or (flags.FLAGS.is_parsed() and _TRACEBACK.value))
 
 
-def fatal(message: str, argv=()):
-  """One line on stderr and exit status 2 (the traceback too where asked for)."""
+def fatal(message: str, argv=(), hard: bool = False):
+  """One line on stderr and exit status 2 (the traceback too where asked for).
+
+  ``hard``: after the run started (JAX, orbax and tensorstore threads alive), leave with
+  ``os._exit`` once the streams are flushed. A failed orbax read abandons its sibling reads,
+  which tensorstore later delivers to a closed asyncio loop; at interpreter shutdown they
+  print ``Event loop is closed`` tracebacks after the FATAL line. Nothing is lost by
+  skipping the shutdown: every file is written atomically and locks are released by then.
+  """
   if show_tracebacks(argv):
     traceback.print_exc()
   first = " ".join(str(message).split())  # one line, whatever the exception held
   print(f"FATAL: {first}", file=sys.stderr, flush=True)
+  if hard:
+    sys.stdout.flush()
+    os._exit(2)
   sys.exit(2)
 
 
@@ -146,7 +156,7 @@ def main(argv):
     run(config, _WORKDIR.value, _MODE.value, _NUM.value)
   except USER_ERRORS as e:
     remove_created(created, cache_dir, _WORKDIR.value)
-    fatal(e)
+    fatal(e, hard=True)
 
 
 if __name__ == "__main__":
