@@ -16,6 +16,12 @@ resolution first) and the bottleneck (after the two middle blocks) last, in
 the compute dtype. An optional ``augment_labels`` [B, augment_dim] argument
 feeds EDM's augmentation-label mapping.
 
+Why one file of ~440 lines, and why the two encoder/decoder loops look alike: the two
+networks share ``UNetBlock`` and the layers, and each ``__call__`` is written as its
+original is, line by line (attention placement, the skip decoder, submodule names), so
+the import of EDM's state dicts can be checked against ``networks.py`` by reading; a
+shared loop would need flags for every place where ADM and DDPM++ differ.
+
 ``double_norm=True`` (both networks; default False, EDM's) is sCM's adaptive
 double normalisation of the blocks' time / class modulation (:class:`UNetBlock`).
 It changes the function, so a student copying an EDM teacher's weights keeps it
