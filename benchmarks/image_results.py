@@ -94,15 +94,20 @@ def reached(workdir) -> int:
 
 
 def train(config, workdir, mode):
-  """Trains (or resumes) a stage; the wall seconds of this call. A stage stopped by a signal
-  (it saves first) stops the script: starting it again resumes there."""
-  start = time.time()
-  if reached(workdir) < config.train.num_steps:
+  """Trains (or resumes) a stage; its training wall seconds over every start, kept in
+  ``<workdir>/train_seconds.txt`` (0.0 for a stage trained before that file existed). A stage
+  stopped by a signal (it saves first) stops the script: starting it again resumes there."""
+  path = os.path.join(workdir, "train_seconds.txt")
+  before = float(open(path).read()) if os.path.exists(path) else 0.0
+  if reached(workdir) < config.train.num_steps or reached(workdir) < 0:
+    start = time.time()
     modes.run(config, workdir, mode)
+    before += time.time() - start
+    checkpoint.write_text(path, f"{before:.1f}\n")
     if reached(workdir) < config.train.num_steps:
       sys.exit(f"stopped at step {reached(workdir)} of {workdir}; run the same command again "
                "to resume")
-  return time.time() - start
+  return before
 
 
 class InceptionFid:
