@@ -20,17 +20,17 @@ def check_mode(mode, config):
                       "use --mode=train_teacher")
 
 
-def sample(config, workdir, num=0):
+def sample(config, workdir, num=0, mesh=None):
   """Samples the latest checkpoint's exported network into
   ``samples_<step>_<sampler steps>steps.png`` (+ .npy; :func:`sampling.samples_path`).
 
-  Needs only the run's own checkpoint (no data set, no teacher).
+  Needs only the run's own checkpoint (no data set, no teacher). ``mesh``: the plan's.
   """
   import jax
   import numpy as np
   from fdistill import experiment, sampling
   task = experiment.task_of_run(workdir)
-  sampler = experiment.build_sampler(config, task)
+  sampler = experiment.build_sampler(config, task, mesh)
   params, step = experiment.restore_export(sampler, workdir)
   path = sampling.samples_path(workdir, step, config.eval.sampler_steps)
   samples = sampling.write_samples(sampler, params, jax.random.key(config.seed + 2), config, path,
@@ -80,5 +80,5 @@ def run(config, workdir, mode, num_samples=0):
     check_run_exists(workdir)
   if mode == "eval":
     from fdistill.eval import job
-    return job.run(config, workdir)
-  return sample(config, workdir, num_samples)
+    return job.run(config, workdir, plan.mesh)
+  return sample(config, workdir, num_samples, plan.mesh)

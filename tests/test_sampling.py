@@ -36,3 +36,22 @@ def test_sample_grids_cycle_class_labels_and_name_the_sampler_steps(tmp_path):
   out = sampling.write_samples(FakeSampling, None, jax.random.key(0), config, path)
   np.testing.assert_array_equal(out[:, 0], [0, 1, 2, 0, 1])
   assert os.path.getsize(path) > 0
+
+
+def test_sample_and_eval_modes_build_one_mesh(tmp_path, monkeypatch):
+  """The mesh of experiment.validate's plan is the one sample and eval use (#24: no second
+  mesh per run)."""
+  from fdistill import modes
+  from fdistill.parallel import mesh as mesh_lib
+  from tests.support.toy import tiny_teacher_config
+  config = tiny_teacher_config(steps=10)
+  config.train.sample_every = 0
+  workdir = str(tmp_path / "run")
+  modes.run(config, workdir, "train_teacher")
+  made = []
+  real = mesh_lib.make_mesh
+  monkeypatch.setattr(mesh_lib, "make_mesh", lambda *a, **k: made.append(1) or real(*a, **k))
+  modes.run(config, workdir, "sample")
+  assert len(made) == 1, made
+  modes.run(config, workdir, "eval")
+  assert len(made) == 2, made
