@@ -129,8 +129,10 @@ def check_noise_levels(config):
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What :func:`validate` made from a config and :func:`build` takes over, so it is made once:
-  the device mesh of ``config.mesh`` (``build(config, plan.mesh)``)."""
+  the device mesh of ``config.mesh`` and the objective's parsed ``Settings`` (None for an
+  objective without them) (``build(config, plan.mesh, settings=plan.settings)``)."""
   mesh: jax.sharding.Mesh
+  settings: Any = None
 
 
 def validate(config, mesh=None) -> Plan:
@@ -161,13 +163,12 @@ def validate(config, mesh=None) -> Plan:
     _number(ec[field], f"eval.{field}", 0)
   mesh = make_mesh(config, mesh)
   mesh_lib.check_batch_size(tc.batch_size, mesh)
-  settings = getattr(objectives.module(config), "Settings", None)
-  if settings is not None:
-    settings.from_config(config.objective)
+  settings_cls = getattr(objectives.module(config), "Settings", None)
+  settings = None if settings_cls is None else settings_cls.from_config(config.objective)
   models.lookup_model(config.model)
   lookup(data.DATASETS, config.data.name, "data.name")
   lookup(teachers.TEACHERS, config.teacher.kind, "teacher.kind")
-  return Plan(mesh)
+  return Plan(mesh, settings)
 
 
 def check_generator_init(config, workdir_of_run):
@@ -334,7 +335,7 @@ def _sampler(config, mesh, task, spec: objectives.SamplerSpec) -> Sampling:
 
 
 def build(config, mesh=None, *, teacher_params: bool = True, dataset=None,
-          teacher=None) -> Experiment:
+          teacher=None, settings=None) -> Experiment:
   """The training experiment of ``config`` on ``mesh`` (default: ``config.mesh`` over all devices;
   a run passes the mesh of :func:`validate`'s :class:`Plan`).
 
@@ -342,6 +343,7 @@ def build(config, mesh=None, *, teacher_params: bool = True, dataset=None,
   (``Experiment.teacher`` is then None): for compiling, memory analysis and tests.
   ``dataset`` / ``teacher`` (a :class:`fdistill.teachers.Teacher`) replace the ones
   the config names, e.g. shape-only stand-ins for benchmarks of models without data.
+  ``settings``: the objective's settings from :func:`validate`'s :class:`Plan` (None: parsed here).
   """
   mesh = make_mesh(config, mesh)
   mesh_lib.check_batch_size(config.train.batch_size, mesh)
@@ -351,7 +353,7 @@ def build(config, mesh=None, *, teacher_params: bool = True, dataset=None,
   task = objectives.Task(tuple(dataset.x_shape), dataset.cond_dim,
                          teacher.apply if teacher else None, teacher.abstract if teacher else None,
                          teacher_is_network=config.teacher.kind in teachers.NETWORK_KINDS)
-  objective = objectives.build(config, task)
+  objective = objectives.build(config, task, settings)
 
   teacher_shardings = mesh_lib.replicated(mesh)
   placed = None
@@ -379,9 +381,11 @@ def task_of_run(workdir: str) -> objectives.Task:
   return objectives.Task(tuple(meta["x_shape"]), int(meta["cond_dim"]))
 
 
-def build_sampler(config, task: objectives.Task, mesh=None) -> Sampling:
-  """The sampler of a run of ``config`` (its exported network); needs no teacher."""
-  return _sampler(config, make_mesh(config, mesh), task, objectives.sampler(config, task))
+def build_sampler(config, task: objectives.Task, mesh=None, settings=None) -> Sampling:
+  """The sampler of a run of ``config`` (its exported network); needs no teacher.
+  ``mesh`` / ``settings``: those of :func:`validate`'s :class:`Plan` (None: made here)."""
+  return _sampler(config, make_mesh(config, mesh), task,
+                  objectives.sampler(config, task, settings))
 
 
 def restore_export(sampler: Sampling, workdir: str, step: Optional[int] = None):

@@ -20,17 +20,17 @@ def check_mode(mode, config):
                       "use --mode=train_teacher")
 
 
-def sample(config, workdir, num=0, mesh=None):
+def sample(config, workdir, num=0, mesh=None, settings=None):
   """Samples the latest checkpoint's exported network into
   ``samples_<step>_<sampler steps>steps.png`` (+ .npy; :func:`sampling.samples_path`).
 
-  Needs only the run's own checkpoint (no data set, no teacher). ``mesh``: the plan's.
+  Needs only the run's own checkpoint (no data set, no teacher). ``mesh`` / ``settings``: the plan's.
   """
   import jax
   import numpy as np
   from fdistill import experiment, sampling
   task = experiment.task_of_run(workdir)
-  sampler = experiment.build_sampler(config, task, mesh)
+  sampler = experiment.build_sampler(config, task, mesh, settings)
   params, step = experiment.restore_export(sampler, workdir)
   path = sampling.samples_path(workdir, step, config.eval.sampler_steps)
   samples = sampling.write_samples(sampler, params, jax.random.key(config.seed + 2), config, path,
@@ -74,11 +74,12 @@ def run(config, workdir, mode, num_samples=0):
     from fdistill.parallel import mesh as mesh_lib
     from fdistill.train import loop  # after the checks: it imports the metric writers
     with lock.hold(workdir, enabled=mesh_lib.is_main_process()):
-      return loop.train(config, workdir, mesh=plan.mesh, teacher_pin=teacher_pin)
+      return loop.train(config, workdir, mesh=plan.mesh, teacher_pin=teacher_pin,
+                        settings=plan.settings)
   experiment.check_workdir(workdir)
   if mode == "sample" or config.eval.timeout_seconds == 0:
     check_run_exists(workdir)
   if mode == "eval":
     from fdistill.eval import job
-    return job.run(config, workdir, plan.mesh)
-  return sample(config, workdir, num_samples, plan.mesh)
+    return job.run(config, workdir, plan.mesh, plan.settings)
+  return sample(config, workdir, num_samples, plan.mesh, plan.settings)

@@ -65,7 +65,7 @@ class TeacherPull:
   sampler = staticmethod(scaffold.sampler)  # one-step G(z) from the generator's EMA
 
   @staticmethod
-  def build(config, task):
+  def build(config, task, settings=None):  # pylint: disable=unused-argument
     student.require_teacher(task, "teacher_pull")
     sample = scaffold.sampler(config, task)
     student.check_architecture(task, jax.eval_shape(sample.init_params, jax.random.key(0)),

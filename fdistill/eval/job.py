@@ -133,10 +133,11 @@ def wait_for_run(workdir, timeout_seconds, poll_seconds):
     time.sleep(min(poll_seconds, max(deadline - time.time(), 0)))
 
 
-def run(config, workdir, mesh=None):
+def run(config, workdir, mesh=None, settings=None):
   """Polls ``workdir`` and evaluates every new checkpoint; returns {step: metrics}.
 
-  ``mesh``: the device mesh of ``experiment.validate``'s plan (None: one from ``config.mesh``).
+  ``mesh`` / ``settings``: the device mesh and objective settings of ``experiment.validate``'s
+  plan (None: made from ``config``).
 
   With ``eval.step >= 0``: evaluates that checkpoint only and returns {step: metrics}.
   Under ``jax.distributed`` every process runs this (each samples and extracts its
@@ -207,7 +208,7 @@ def run(config, workdir, mesh=None):
       continue
     try:
       if evaluator is None:
-        evaluator = metrics_lib.make_evaluator(config, workdir, mesh=mesh)
+        evaluator = metrics_lib.make_evaluator(config, workdir, mesh=mesh, settings=settings)
       start = time.time()
       metrics = evaluate_checkpoint(config, workdir, step, evaluator)
     except errors.CorruptCheckpointError as e:

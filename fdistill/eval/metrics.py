@@ -140,9 +140,9 @@ class Evaluator:
   compute: Callable
 
 
-def make_evaluator(config, workdir, sampling=None, mesh=None) -> Evaluator:
-  """``mesh``: the run's (``experiment.validate``'s plan); None makes one from ``config.mesh``."""
+def make_evaluator(config, workdir, sampling=None, mesh=None, settings=None) -> Evaluator:
+  """``mesh`` / ``settings``: the run's (``experiment.validate``'s plan); None: made here."""
   if sampling is None:
-    sampling = experiment.build_sampler(config, experiment.task_of_run(workdir), mesh)
+    sampling = experiment.build_sampler(config, experiment.task_of_run(workdir), mesh, settings)
   metric = metric_of(config)
   return Evaluator(sampling, metric, metric.prepare(config, sampling))

@@ -1,7 +1,7 @@
 """Objectives: losses and update schedules as pure closures, and their registry.
 
 An objective module follows :class:`~fdistill.objectives.base.ObjectiveModule`:
-``build(config, task) -> Objective`` and ``sampler(config, task) -> SamplerSpec``; the
+``build(config, task, settings=None) -> Objective`` and ``sampler(config, task, settings=None)``; the
 assembly (``fdistill.experiment``) jits and shards what they return. ``sampler`` never needs the
 teacher, so sampling and evaluating a trained run works without it. A new family is one
 module here, one entry in :data:`OBJECTIVES` and its section helper in ``configs/common.py``
@@ -22,9 +22,10 @@ def module(config) -> ObjectiveModule:
   return lookup(OBJECTIVES, config.objective.name, "objective.name")
 
 
-def build(config, task: Task) -> Objective:
-  return module(config).build(config, task)
+def build(config, task: Task, settings=None) -> Objective:
+  """``settings``: the module's parsed ``Settings`` (``experiment.validate``'s plan), if any."""
+  return module(config).build(config, task, settings)
 
 
-def sampler(config, task: Task) -> SamplerSpec:
-  return module(config).sampler(config, task)
+def sampler(config, task: Task, settings=None) -> SamplerSpec:
+  return module(config).sampler(config, task, settings)

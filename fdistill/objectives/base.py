@@ -68,10 +68,12 @@ class ObjectiveModule(Protocol):
   no teacher, so sampling and evaluating a trained run works without one.
   """
 
-  def build(self, config, task: Task) -> Objective:
+  def build(self, config, task: Task, settings=None) -> Objective:
+    """``settings``: ``Settings.from_config(config.objective)`` already parsed (the run's plan
+    holds it, so a run parses its settings once), or None to parse them here."""
     ...
 
-  def sampler(self, config, task: Task) -> SamplerSpec:
+  def sampler(self, config, task: Task, settings=None) -> SamplerSpec:
     ...
 
 

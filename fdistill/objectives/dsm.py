@@ -32,7 +32,7 @@ def make_loss(apply_fn, sigma_data=edm.SIGMA_DATA, p_mean=-1.2, p_std=1.2):
   return loss
 
 
-def sampler(config, task) -> SamplerSpec:
+def sampler(config, task, settings=None) -> SamplerSpec:  # pylint: disable=unused-argument
   """Heun (EDM) sampling of the trained denoiser's EMA, ``eval.sampler_steps`` steps."""
   module, apply_fn = models.build_denoiser(config.model)
 
@@ -44,7 +44,7 @@ def sampler(config, task) -> SamplerSpec:
                      sample=sample)
 
 
-def build(config, task) -> Objective:
+def build(config, task, settings=None) -> Objective:  # pylint: disable=unused-argument
   """Teacher training by DSM for any registered model and dataset."""
   _, apply_fn = models.build_denoiser(config.model)
   sample = sampler(config, task)

@@ -210,9 +210,9 @@ def make_generator_loss(nets: critics.Nets, div: divergences.Divergence, st: Set
 sampler = scaffold.sampler  # one-step: G(z) with the generator's EMA (no teacher needed)
 
 
-def build(config, task) -> Objective:
+def build(config, task, settings=None) -> Objective:
   """f-distill of ``task``'s teacher into a one-step generator of architecture ``config.model``."""
-  st = Settings.from_config(config.objective)
+  st = Settings.from_config(config.objective) if settings is None else settings
   div = divergences.get(st.divergence, st.alpha)
   critic_levels = noise.critic_levels(st, config.objective.critic_noise)
   parts = scaffold.build(config, task, st, "fdistill", critic_levels=critic_levels,

@@ -332,9 +332,9 @@ def make_student_loss(F_apply, nets: critics.Nets, st: Settings, sigma_data: flo
   return loss
 
 
-def sampler(config, task) -> SamplerSpec:
+def sampler(config, task, settings=None) -> SamplerSpec:
   """``eval.sampler_steps`` (clipped to 1..1 + len(sampler_times)) consistency steps of the EMA."""
-  st = Settings.from_config(config.objective)
+  st = Settings.from_config(config.objective) if settings is None else settings
   module, F_apply, _ = _networks(config, st)
   sd = float(config.model.sigma_data)
   num_steps = min(max(int(config.eval.sampler_steps), 1), 1 + len(st.sampler_times))
@@ -349,13 +349,13 @@ def sampler(config, task) -> SamplerSpec:
                      sample=sample)
 
 
-def build(config, task) -> Objective:
+def build(config, task, settings=None) -> Objective:
   """rCM / sCM / DMD-only distillation of ``task``'s teacher into ``config.model``."""
-  st = Settings.from_config(config.objective)
+  st = Settings.from_config(config.objective) if settings is None else settings
   student.require_teacher(task, "rcm")
   sd = float(config.model.sigma_data)
   _, F_apply, fake_apply = _networks(config, st)
-  sample = sampler(config, task)
+  sample = sampler(config, task, st)
   student.check_architecture(task, jax.eval_shape(sample.init_params, jax.random.key(0)),
                              "rcm", "student")
   teacher_F = trigflow.edm_to_trigflow(task.teacher_apply, sd)

@@ -33,7 +33,7 @@ def section_optimizer(optim_config, overrides):
   return merged
 
 
-def sampler(config, task) -> SamplerSpec:
+def sampler(config, task, settings=None) -> SamplerSpec:  # pylint: disable=unused-argument
   """One step: ``G(z) = D_g(s_g z; s_g)`` with the generator's EMA (no teacher needed)."""
   module, gen_apply = models.build_denoiser(config.model)
   sigma_init = float(config.generator.sigma_init)

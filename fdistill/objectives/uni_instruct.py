@@ -202,8 +202,8 @@ def switch_schedule(base_schedule, switch_step: int):
   return schedule
 
 
-def build(config, task) -> Objective:
-  st = Settings.from_config(config.objective)
+def build(config, task, settings=None) -> Objective:
+  st = Settings.from_config(config.objective) if settings is None else settings
   phases = st.phases()
   parts = scaffold.build(config, task, st, "uni_instruct", train_disc=st.trains_disc,
                          encoder_disc=st.loss == "sida",

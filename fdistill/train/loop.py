@@ -88,7 +88,7 @@ def save(ckpt, exp, step, state, force=False):
   return ckpt.save(step, state, exp.export(state), meta=experiment.run_meta(exp), force=force)
 
 
-def train(config, workdir: str, mesh=None, teacher_pin=None):
+def train(config, workdir: str, mesh=None, teacher_pin=None, settings=None):
   """Runs ``config.train.num_steps`` steps of ``config.objective``; resumes from ``workdir``.
 
   Returns (state, experiment, the last logged record). Nothing is written before
@@ -99,11 +99,11 @@ def train(config, workdir: str, mesh=None, teacher_pin=None):
   process with one FATAL line (:mod:`fdistill.parallel.peers`).
   """
   with peers.watch():
-    return _train(config, workdir, mesh, teacher_pin)
+    return _train(config, workdir, mesh, teacher_pin, settings)
 
 
-def _train(config, workdir, mesh, teacher_pin):
-  exp = experiment.build(config, mesh)
+def _train(config, workdir, mesh, teacher_pin, settings):
+  exp = experiment.build(config, mesh, settings=settings)
   tc = config.train
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints, writer=True)
   init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
