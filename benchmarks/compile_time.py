@@ -97,7 +97,7 @@ def build_programs(spec):
                               (teacher.abstract, x, sigma, cond))
     return programs
   mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
-  exp = experiment.build(config, mesh, teacher_params=False, dataset=dataset, teacher=teacher)
+  exp = experiment.build(config, mesh, teacher_params=False, dataset=dataset, teacher_spec=teacher)
   batch = {"x": x} if not cond_dim else {"x": x, "cond": cond}
   key = jax.eval_shape(lambda: jax.random.key(0))
   state = exp.abstract_state

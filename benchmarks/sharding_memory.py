@@ -106,7 +106,7 @@ def shard_bytes(tree):
 
 def compile_steps(config, dataset, teacher, mesh):
   """({kind: compiled step}, abstract state, abstract teacher) of the assembly on ``mesh``."""
-  exp = experiment.build(config, mesh, teacher_params=False, dataset=dataset, teacher=teacher)
+  exp = experiment.build(config, mesh, teacher_params=False, dataset=dataset, teacher_spec=teacher)
   state = checkpoint.with_shardings(exp.abstract_state, exp.state_shardings)
   frozen = None
   if teacher is not None:

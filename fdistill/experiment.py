@@ -335,33 +335,36 @@ def _sampler(config, mesh, task, spec: objectives.SamplerSpec) -> Sampling:
 
 
 def build(config, mesh=None, *, teacher_params: bool = True, dataset=None,
-          teacher=None, settings=None) -> Experiment:
+          teacher_spec=None, settings=None) -> Experiment:
   """The training experiment of ``config`` on ``mesh`` (default: ``config.mesh`` over all devices;
   a run passes the mesh of :func:`validate`'s :class:`Plan`).
 
   ``teacher_params=False`` builds everything but reads no teacher weights
   (``Experiment.teacher`` is then None): for compiling, memory analysis and tests.
-  ``dataset`` / ``teacher`` (a :class:`fdistill.teachers.Teacher`) replace the ones
+  ``dataset`` / ``teacher_spec`` (a :class:`fdistill.teachers.Teacher`: the network and where its
+  params come from; ``Experiment.teacher`` holds the params) replace the ones
   the config names, e.g. shape-only stand-ins for benchmarks of models without data.
   ``settings``: the objective's settings from :func:`validate`'s :class:`Plan` (None: parsed here).
   """
   mesh = make_mesh(config, mesh)
   mesh_lib.check_batch_size(config.train.batch_size, mesh)
   dataset = data.build(config.data) if dataset is None else dataset
-  if teacher is None:
-    teacher = teachers.spec(config, dataset.x_shape, dataset.cond_dim)
+  if teacher_spec is None:
+    teacher_spec = teachers.spec(config, dataset.x_shape, dataset.cond_dim)
   task = objectives.Task(tuple(dataset.x_shape), dataset.cond_dim,
-                         teacher.apply if teacher else None, teacher.abstract if teacher else None,
+                         teacher_spec.apply if teacher_spec else None,
+                         teacher_spec.abstract if teacher_spec else None,
                          teacher_is_network=config.teacher.kind in teachers.NETWORK_KINDS)
   objective = objectives.build(config, task, settings)
 
   teacher_shardings = mesh_lib.replicated(mesh)
   placed = None
-  if teacher is not None:
-    teacher_shardings = partition.config_shardings(teacher.abstract, mesh, config.mesh)
+  if teacher_spec is not None:
+    teacher_shardings = partition.config_shardings(teacher_spec.abstract, mesh, config.mesh)
     if teacher_params:
-      placed = teacher.load(teacher_shardings)
-  abstract = jax.eval_shape(objective.init, jax.random.key(0), teacher.abstract if teacher else None)
+      placed = teacher_spec.load(teacher_shardings)
+  abstract = jax.eval_shape(objective.init, jax.random.key(0),
+                            teacher_spec.abstract if teacher_spec else None)
   state_sh = partition.config_shardings(abstract, mesh, config.mesh)
   repl = mesh_lib.replicated(mesh)
   init = jax.jit(objective.init, in_shardings=(repl, teacher_shardings), out_shardings=state_sh)
