@@ -11,6 +11,11 @@ measures a program the trainer does not run. Two entry points:
 * :func:`build_sampler` (sampling and evaluation): the sampled network's
   params from a run's checkpoints (its ``export`` item) and a jitted sampler;
   no dataset, no teacher, no optimiser state.
+
+Before them, :func:`validate` checks the config and returns the :class:`Plan` (mesh, parsed
+objective settings) that they consume; the workdir and teacher checks of a run sit beside it.
+They live in this file (about 400 lines) because each check guards one input of the
+assembly, and reading the two together shows what is checked before anything is built.
 """
 import copy
 import dataclasses
