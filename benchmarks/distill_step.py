@@ -346,7 +346,7 @@ def measure(spec, row):
   mesh = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
   teacher_spec, init_teacher = random_teacher(config, x_shape, cond_dim)
   exp = experiment.build(config, mesh, teacher_params=False,
-                         dataset=ShapeOnlyData(x_shape, cond_dim), teacher=teacher_spec)
+                         dataset=ShapeOnlyData(x_shape, cond_dim), teacher_spec=teacher_spec)
   row.update(params_M=round(models.param_count(teacher_spec.abstract) / 1e6, 1),
              attn_impl=config.model.get("attn_impl", "none"),
              micro_batches=config.optim.micro_batches, device=jax.devices()[0].device_kind,
