@@ -113,9 +113,9 @@ def train(config, workdir, mode):
 class InceptionFid:
   """The papers' FID for rows of ``--data=mnist5k`` (``--inception``: the converted weights,
   docs/fid.md): each row's samples at two sample seeds against the statistics of all 5000 real
-  digits, and the floor (the real set's two halves against each other). Values are cached in
-  ``fid.json`` under ``--out`` (keyed by row, sampler steps, seed and sample count), so a
-  resumed run recomputes nothing."""
+  digits, and the floor (the real set's two halves against each other). The reference is kept
+  in ``fid_ref.npz`` and the values in ``fid.json`` under ``--out`` (keyed by row, sampler
+  steps, seed and sample count), so a resumed run recomputes nothing."""
 
   SEEDS = (0, 1)
 
@@ -130,7 +130,10 @@ class InceptionFid:
       with open(self.cache_path) as f:
         self.cache = json.load(f)
     images = self.real_images(config)
-    self.reference = self.stats(images).mean_cov()
+    ref_path = os.path.join(args.out, "fid_ref.npz")  # EDM's fid-refs layout, as ref_stats writes
+    if not os.path.exists(ref_path):  # ~10 minutes of Inception on 2 cores: once per --out
+      fid_lib.save_reference(ref_path, *self.stats(images).mean_cov())
+    self.reference = fid_lib.load_reference(ref_path)
     half = len(images) // 2
     order = np.random.default_rng(0).permutation(len(images))
     self.floor = self.cached("data halves", lambda: self.fid_lib.frechet_distance(
