@@ -99,7 +99,7 @@ def train(config, workdir, mode):
   stopped by a signal (it saves first) stops the script: starting it again resumes there."""
   path = os.path.join(workdir, "train_seconds.txt")
   before = float(open(path).read()) if os.path.exists(path) else 0.0
-  if reached(workdir) < config.train.num_steps or reached(workdir) < 0:
+  if reached(workdir) < config.train.num_steps:  # -1 < 0: a num_steps=0 stage runs once
     start = time.time()
     modes.run(config, workdir, mode)
     before += time.time() - start
@@ -120,7 +120,7 @@ class InceptionFid:
   SEEDS = (0, 1)
 
   def __init__(self, config, args):
-    from fdistill.eval import fid as fid_lib, inception, statistics
+    from fdistill.eval import fid as fid_lib, inception, ref_stats, statistics
     self.fid_lib, self.statistics = fid_lib, statistics
     self.args = args
     self.detector = statistics.detector_of(inception.load_params(args.inception))
@@ -129,22 +129,17 @@ class InceptionFid:
     if os.path.exists(self.cache_path):
       with open(self.cache_path) as f:
         self.cache = json.load(f)
-    images = self.real_images(config)
-    ref_path = os.path.join(args.out, "fid_ref.npz")  # EDM's fid-refs layout, as ref_stats writes
-    if not os.path.exists(ref_path):  # ~10 minutes of Inception on 2 cores: once per --out
-      fid_lib.save_reference(ref_path, *self.stats(images).mean_cov())
+    images = ref_stats.dataset_of(config).images
+    ref_path = os.path.join(args.out, "fid_ref.npz")  # what fdistill.eval.ref_stats writes
+    if not os.path.exists(ref_path):  # ~10+ minutes of Inception on 2 cores: once per --out
+      stats = ref_stats.reference_stats(config, num=0, detector=self.detector)
+      fid_lib.save_reference(ref_path, *stats.mean_cov())
     self.reference = fid_lib.load_reference(ref_path)
     half = len(images) // 2
     order = np.random.default_rng(0).permutation(len(images))
     self.floor = self.cached("data halves", lambda: self.fid_lib.frechet_distance(
         *self.stats(images[order[:half]]).mean_cov(),
         *self.stats(images[order[half:]]).mean_cov()))
-
-  @staticmethod
-  def real_images(config):
-    from fdistill import data
-    dataset = data.build(config.data)
-    return dataset.images
 
   def stats(self, images, batch=250):
     batches = (images[i:i + batch] for i in range(0, len(images), batch))
