@@ -1,7 +1,8 @@
 """fdistill: divergence-based diffusion distillation in JAX.
 
 Every third-party module the package imports is declared here (docs/usage.md,
-"Dependencies", says which module needs which package and why clu is not one).
+"Dependencies", says which module needs which package; of clu only the TensorFlow-free
+parameter_overview is used).
 """
 from setuptools import find_packages, setup
 
@@ -11,6 +12,8 @@ INSTALL_REQUIRES = [
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11",
     "ml-collections>=1.0",
+    # parameter_overview: <workdir>/parameters.txt (0.0.12: its include_stats="sharding")
+    "clu>=0.0.12",
     "etils>=1.5",  # epath: sample grids written to local disks or gs://
     "numpy",
     "scipy",  # FID's matrix square root

@@ -43,7 +43,8 @@ def test_events_read_back_with_tensorboards_loader(tmp_path):
 
 def test_a_toy_run_imports_no_tensorflow(tmp_path):
   """A whole toy teacher run, then eval and sample, in one fresh interpreter: TensorFlow is never
-  imported (it cost seconds at every start through tensorboard.compat.tf)."""
+  imported (it cost seconds at every start through tensorboard.compat.tf), also not through clu,
+  whose parameter table the run writes (clu.metric_writers would import it)."""
   code = (
       "import sys; sys.path.insert(0, %r)\n"
       "from fdistill import modes\n"
@@ -51,6 +52,7 @@ def test_a_toy_run_imports_no_tensorflow(tmp_path):
       "c = toy.tiny_teacher_config(10)\n"
       "c.eval.update(num_samples=100, batch_size=100)\n"
       "modes.run(c, %r, 'train_teacher'); modes.run(c, %r, 'eval'); modes.run(c, %r, 'sample')\n"
+      "assert 'clu.parameter_overview' in sys.modules, 'the run used no clu'\n"
       "print('TF_IMPORTED' if 'tensorflow' in sys.modules else 'NO_TF')\n"
   ) % (os.path.join(ROOT, "tests"), *(str(tmp_path / "run"),) * 3)
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -85,6 +85,24 @@ def test_resume_is_bit_for_bit(tmp_path):
   assert last(straight)["train/loss"] == last(resumed)["train/loss"]
 
 
+def test_parameters_txt_lists_every_parameter_and_the_total(tmp_path, capsys):
+  """<workdir>/parameters.txt (clu's table) names every parameter of a freshly initialised model
+  with its shape, and its total, the start line's count, is the model's own count."""
+  config = tiny_toy_config(0)
+  fresh = models.init_params(models.build(config.model), jax.random.key(1), (1, 2))
+  expected = {"net/" + "/".join(k.key for k in path): tuple(x.shape)
+              for path, x in jax.tree_util.tree_leaves_with_path(fresh)}
+  total = sum(x.size for x in jax.tree.leaves(fresh))
+  modes.run(config, str(tmp_path), "train_teacher")
+  text = open(tmp_path / "parameters.txt").read()
+  rows = [[cell.strip() for cell in line.strip("|").split("|")]
+          for line in text.splitlines() if line.startswith("| ")][1:]  # the header row left out
+  assert {row[0]: row[1] for row in rows} == {k: str(v) for k, v in expected.items()}
+  assert sum(int(row[3].replace(",", "")) for row in rows) == total
+  assert f"Total: {total:,} -- {4 * total:,} bytes" in text
+  assert f", {total:,} parameters" in capsys.readouterr().out
+
+
 def test_toy_modes_smoke(tmp_path, monkeypatch):
   """train_teacher -> sample (scatter PNG) -> eval (exact toy metrics) on tiny settings; sample
   and eval run with the training loop unimportable (they draw through fdistill.sampling)."""
@@ -122,6 +140,11 @@ def test_distill_resume_sample_eval(tmp_path):
   results = modes.run(config, workdir, "eval")
   assert set(results) == {5, 7}
   assert 0 <= results[7]["eval/modes_covered"] <= 8 and "eval/log_density" in results[7]
+  # Each trained network's parameters are listed (not the EMA, not the optimiser state).
+  names = [line.split("|")[1].strip() for line in open(os.path.join(workdir, "parameters.txt"))
+           if line.startswith("| ")][1:]
+  assert {name.split("/")[0] for name in names} == {"gen", "fake", "disc"}
+  assert all("/params/" not in name and "ema" not in name for name in names)
 
 
 def test_console_output_of_a_toy_run_is_short(tmp_path):

@@ -4,6 +4,8 @@ Process 0 only. On a terminal the progress line is rewritten in place every
 ``every_seconds``; elsewhere (files, CI, multi-process logs) it is printed as
 plain lines at the same interval. Library logs (orbax, absl, TensorFlow, XLA)
 are kept at WARNING by ``quiet_libraries`` unless ``--verbosity`` asks for more.
+The start line counts the trained parameters; :func:`parameter_overview` gives their table too
+(``<workdir>/parameters.txt``).
 """
 import contextlib
 import contextvars
@@ -11,6 +13,10 @@ import logging
 import os
 import sys
 import time
+
+import jax
+# clu's parameter table only: clu.metric_writers and clu.periodic_actions import TensorFlow.
+from clu import parameter_overview as clu_overview
 
 from fdistill.parallel import mesh as mesh_lib
 
@@ -67,6 +73,22 @@ def format_rate(step, now, first, total):
   rate = (step - first[1]) / (now - first[0])
   shown = f"{rate:.1f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step"
   return f"{shown}  ETA {_format_eta((total - step) / rate)}"
+
+
+def _path_name(path):
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def parameter_overview(state):
+  """``(table, total)`` for the trained networks of a training state (each ``state[net]["params"]``;
+  EMA copies and optimiser state are not counted): clu's table of every parameter's path
+  (``net/...``), shape, dtype, size and sharding (the PartitionSpec), and the total count.
+  Reads shapes and shardings only: nothing is transferred, so every process can call it."""
+  nets = {name: part["params"] for name, part in state.items()
+          if isinstance(part, dict) and "params" in part}
+  flat = {_path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(nets)}
+  table = clu_overview.get_parameter_overview(flat, include_stats="sharding")
+  return table, int(clu_overview.count_parameters(flat))
 
 
 def say(text):

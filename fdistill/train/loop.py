@@ -26,6 +26,11 @@ from fdistill.parallel import peers
 from fdistill.parallel import preemption
 
 
+# The trained networks' parameters (clu's table: path, shape, dtype, size, sharding; the total),
+# written at every start of a run beside config.json.
+PARAMETERS = "parameters.txt"
+
+
 class MetricMeans:
   """Per kind of step, the metrics of the steps since the last record; their means on flush.
 
@@ -108,8 +113,10 @@ def _train(config, workdir, mesh, teacher_pin, settings):
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints, writer=True)
   init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
   state = init_or_restore(exp, ckpt, init_rng)
+  parameter_table, num_parameters = console_lib.parameter_overview(state)
   if mesh_lib.is_main_process():  # after the restore: a checkpoint of another model stops first
     checkpoint.save_config(workdir, config)
+    checkpoint.write_text(os.path.join(workdir, PARAMETERS), parameter_table + "\n")
     if teacher_pin is not None:
       checkpoint.write_text(os.path.join(workdir, experiment.TEACHER_PIN),
                             json.dumps(teacher_pin, indent=1))
@@ -123,7 +130,7 @@ def _train(config, workdir, mesh, teacher_pin, settings):
   console.line(f"fdistill {config.objective.name}: workdir {workdir}, {jax.device_count()} "
                f"{jax.devices()[0].platform} devices (mesh {dict(exp.mesh.shape)}), "
                + (f"resumed from step {start}" if start else "from scratch")
-               + f", {tc.num_steps} steps")
+               + f", {tc.num_steps} steps, {num_parameters:,} parameters")
   batches = exp.batches(tc.batch_size, start)
   means, record = MetricMeans(), {}
 
