@@ -16,7 +16,8 @@ rCM) for ``--student_steps`` steps from the teacher, scored at its sampler steps
 metric's data floor (the dataset's two halves against each other). Metric: ``digits_fd``
 (``fdistill/eval/digits_fd.py``: a classifier-feature Frechet distance; a proxy, not FID).
 Writes ``results.json``, ``results.md`` and ``grids.png`` (teacher vs the students) plus one
-grid per row under ``--out``.
+grid per row under ``--out``. ``--partial`` trains nothing: it writes these for the stages that
+have finished (a run stopped part-way, e.g. at the end of a working session) and lists the rest.
 """
 import argparse
 import json
@@ -93,12 +94,15 @@ def reached(workdir) -> int:
   return max(checkpoint.saved_steps(workdir) if os.path.isdir(workdir) else [], default=-1)
 
 
-def train(config, workdir, mode):
+def train(config, workdir, mode, partial=False):
   """Trains (or resumes) a stage; its training wall seconds over every start, kept in
   ``<workdir>/train_seconds.txt`` (0.0 for a stage trained before that file existed). A stage
-  stopped by a signal (it saves first) stops the script: starting it again resumes there."""
+  stopped by a signal (it saves first) stops the script: starting it again resumes there.
+  ``partial``: train nothing; None for a stage that has not finished."""
   path = os.path.join(workdir, "train_seconds.txt")
   before = float(open(path).read()) if os.path.exists(path) else 0.0
+  if reached(workdir) < config.train.num_steps and partial:
+    return None
   if reached(workdir) < config.train.num_steps:  # -1 < 0: a num_steps=0 stage runs once
     start = time.time()
     modes.run(config, workdir, mode)
@@ -196,6 +200,8 @@ def main(argv=None):
                  help="converted Inception .npz (docs/fid.md): adds the FID column (default "
                       "$FDISTILL_INCEPTION; none: digits_fd only)")
   p.add_argument("--quick", action="store_true", help="tiny networks and runs (the suite's)")
+  p.add_argument("--partial", action="store_true",
+                 help="train nothing: tables and grids of the finished stages only")
   args = p.parse_args(argv)
   args.out = args.out or os.path.join("runs", "image_results", args.data)
   args.resolution = args.resolution or NATIVE_RESOLUTION[args.data]
@@ -210,7 +216,9 @@ def main(argv=None):
   rows, grids = [], {}
   teacher_dir = os.path.join(args.out, "teacher")
   tc = teacher_config(args)
-  seconds = train(tc, teacher_dir, "train_teacher")
+  seconds = train(tc, teacher_dir, "train_teacher", args.partial)
+  if seconds is None:
+    sys.exit(f"--partial: the teacher in {teacher_dir} has not finished; nothing to report")
   fid = InceptionFid(tc, args) if args.inception else None
   for steps in (1,) if args.quick else TEACHER_SAMPLER_STEPS:  # quick: one sampler compile each
     fd, samples = evaluate(teacher_config(args), teacher_dir, steps)
@@ -220,6 +228,7 @@ def main(argv=None):
                      **fid_columns(fid, teacher_config(args), teacher_dir, steps)))
     grids[name] = samples
     print(f"{name}: digits_fd {fd:.3f}", flush=True)
+  unfinished = []
   for name, module, variant, sampler_steps in STUDENTS:
     if only and name not in only:
       continue
@@ -227,8 +236,10 @@ def main(argv=None):
     config = student_config(module, variant, teacher_dir, args)
     init_config = student_config(module, variant, teacher_dir, args)
     init_config.train.num_steps = 0  # the initialisation: the baseline training must beat
-    train(init_config, workdir + "_step0", "distill")
-    seconds = train(config, workdir, "distill")
+    if (train(init_config, workdir + "_step0", "distill", args.partial) is None
+        or (seconds := train(config, workdir, "distill", args.partial)) is None):
+      unfinished.append(name)
+      continue
     for steps in sampler_steps[:1] if args.quick else sampler_steps:
       fd_init, _ = evaluate(init_config, workdir + "_step0", steps)
       fd, samples = evaluate(student_config(module, variant, teacher_dir, args), workdir, steps)
@@ -240,7 +251,7 @@ def main(argv=None):
       grids[label] = samples
       print(f"{label}: digits_fd {fd:.3f}", flush=True)
   floor = data_floor(tc, args)
-  write_outputs(args, rows, grids, floor, fid.floor if fid else None)
+  write_outputs(args, rows, grids, floor, fid.floor if fid else None, unfinished)
 
 
 def fid_columns(fid, config, workdir, sampler_steps):
@@ -250,9 +261,10 @@ def fid_columns(fid, config, workdir, sampler_steps):
   return dict(fid=float(np.mean(values)), fid_per_seed=values)
 
 
-def write_outputs(args, rows, grids, floor, fid_floor=None):
+def write_outputs(args, rows, grids, floor, fid_floor=None, unfinished=()):
   checkpoint.write_text(os.path.join(args.out, "results.json"), json.dumps(
-      dict(rows=rows, data_floor=floor, fid_floor=fid_floor, args=vars(args)), indent=1))
+      dict(rows=rows, data_floor=floor, fid_floor=fid_floor, args=vars(args),
+           unfinished=list(unfinished)), indent=1))
   with_fid = fid_floor is not None
   lines = [f"digits_fd (lower is better; the data's two halves: {floor:.3f})"
            + (f", Inception FID (mean of {len(InceptionFid.SEEDS)} sample seeds, "
@@ -268,6 +280,8 @@ def write_outputs(args, rows, grids, floor, fid_floor=None):
             + (f" {r['fid']:.2f} ({', '.join(f'{v:.2f}' for v in r['fid_per_seed'])}) |"
                if with_fid else "")
             + f" {r['train_steps']} | {r['train_seconds']:.0f} |" for r in rows]
+  if unfinished:
+    lines += ["", f"Not trained yet (--partial): {', '.join(unfinished)}"]
   checkpoint.write_text(os.path.join(args.out, "results.md"), "\n".join(lines) + "\n")
   for name, samples in grids.items():
     safe = "".join(ch if ch.isalnum() else "_" for ch in name)
