@@ -24,19 +24,26 @@ INSTALL_REQUIRES = [
     # TensorBoard events are written record by record with tensorboard's protos only
     # (fdistill/io/writers.py): no TensorFlow at run time.
     "tensorboard>=2.14",
-    # cifar10 / imagenet64 read prepared tfds datasets through tf.data (fdistill/data/images.py);
-    # TensorFlow is imported only when such a dataset is built.
+    # cifar10 / imagenet64 read tfds datasets prepared in array_record by random access
+    # (tfds data sources, NumPy/PIL decoding, Grain's threaded prefetch; fdistill/data/images.py):
+    # no TensorFlow. Preparing a tfds dataset needs it: the `prepare` extra.
     "tensorflow-datasets>=4.9",
     "importlib_resources",  # tfds 4.9.10 imports it without declaring it
-    "tensorflow-cpu>=2.16; platform_machine=='x86_64'",
+    "grain>=0.2.18",  # ordered, threaded prefetch of the decoded batches (the version tested)
 ]
+
+# `tfds build NAME --file_format=array_record` (or data.download=True) runs TensorFlow.
+PREPARE = ["tensorflow-cpu>=2.16; platform_machine=='x86_64'",
+           "tensorflow>=2.16; platform_machine!='x86_64'"]
 
 EXTRAS = {
     # torch: only tests/torch_reference (EDM's networks, to check the .pkl importer and the
     # U-Net ports); fdistill itself never imports torch. The registry this project
     # installs from serves torch==2.13.0 as a CPU wheel (any other version pulls the CUDA build).
+    # PREPARE: tests/test_data_images.py prepares a tiny cifar10 from fake binaries.
     "test": ["pytest", "pytest-xdist", "mlxtend", "nbformat", "nbclient", "ipykernel",
-             "torch==2.13.0"],
+             "torch==2.13.0", *PREPARE],
+    "prepare": PREPARE,
     "notebook": ["jupyter", "ipykernel", "nbformat", "nbclient"],
     "tpu": ["jax[tpu]"],
     "cuda": ["jax[cuda12]"],

@@ -15,10 +15,10 @@ TOY_DISTRIBUTIONS = ("gmm8", "gmm25", "checkerboard")
 # distribution: toy2d's mixture (TOY_DISTRIBUTIONS). resolution: image side in pixels, 0 = the
 # data set's own (digits 16, mnist5k 32, cifar10 32, imagenet64 64). conditional: one-hot class
 # labels. random_flip: horizontal flips (tfds sets only; digits refuse it). data_dir, download,
-# split, shuffle_buffer: tfds sets (data_dir "" = tfds' default; nothing is downloaded unless
-# download=True; shuffle_buffer is capped at the split's size).
+# split: tfds sets, prepared in array_record (data_dir "" = tfds' default; nothing is downloaded
+# unless download=True, which needs the `prepare` extra).
 DATA = dict(name="toy2d", seed=0, distribution="gmm25", resolution=0, conditional=False,
-            random_flip=False, data_dir="", download=False, split="train", shuffle_buffer=50_000)
+            random_flip=False, data_dir="", download=False, split="train")
 
 # data/fsdp/tensor: mesh axis sizes within a slice (-1 = the remaining devices); dcn_*: the
 # same axes across slices of a multi-slice pod (their product = number of slices).

