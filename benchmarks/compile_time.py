@@ -39,8 +39,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))  # benchmarks/: compile_time, distill_step
 
 FLAG_SETS = {
     "default": "",
@@ -156,11 +155,10 @@ def compile_phases(log):
 def in_subprocess(spec, timeout):
   """``run_row(spec)`` in a fresh process with the row's XLA flags (one CPU device)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FLAG_SETS[spec["flags"]],
-             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")]),
+             PYTHONPATH=os.pathsep.join([HERE, *filter(None, [os.environ.get("PYTHONPATH")])]),
              TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="cpu_compiler=1")
   with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-    code = (f"import json, sys; sys.path[:0] = {[ROOT, os.path.join(ROOT, 'benchmarks')]!r}; "
-            "import compile_time as ct; "
+    code = ("import json; import compile_time as ct; "
             f"json.dump(ct.run_row(json.loads({json.dumps(json.dumps(spec))})), "
             f"open({out.name!r}, 'w'))")
     try:

@@ -76,17 +76,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/minimum_passes.py
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from configs import architectures, common, toy2d_fdistill, toy2d_teacher  # noqa: E402
-from fdistill import experiment, models, teachers  # noqa: E402
-from fdistill.models import discriminator as disc_lib  # noqa: E402
-from fdistill.parallel import mesh as mesh_lib  # noqa: E402
-import minimum_passes  # noqa: E402
+from configs import architectures, common, toy2d_fdistill, toy2d_teacher
+from fdistill import experiment, models, teachers
+from fdistill.models import discriminator as disc_lib
+from fdistill.parallel import mesh as mesh_lib
+import minimum_passes  # benchmarks/ (the script's folder)
 
 ALL_OBJECTIVES = ("fdistill", "sid", "expanded", "rcm")
 # --small: XLA:CPU compile time is LLVM's; timings of small rows mean nothing anyway.

@@ -17,11 +17,8 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np

@@ -24,7 +24,6 @@ of the model's size is allocated. Prints one markdown row per fsdp and kind of s
 """
 import argparse
 import os
-import sys
 import time
 
 # Fake devices; and no LLVM optimisation: memory_analysis comes from buffer assignment, which
@@ -34,7 +33,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_backend_optimization_level=0"
                            " --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

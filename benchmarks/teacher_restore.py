@@ -14,14 +14,12 @@ bytes, the bytes on disk that were read, what one device holds after the load
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402

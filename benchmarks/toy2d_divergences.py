@@ -25,16 +25,13 @@ N-step sampler), a row each; ``--set`` overrides a config field for every row.
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fdistill.eval import toy_metrics  # noqa: E402
-from fdistill.io import plotting  # noqa: E402
+from fdistill.eval import toy_metrics
+from fdistill.io import plotting
 # The study's library (the notebooks use it too); apply_overrides and phases re-exported for
 # toy2d_frontier and the tests.
-from fdistill.study import (apply_overrides, draw, markdown_table,  # noqa: E402,F401
+from fdistill.study import (apply_overrides, draw, markdown_table,  # noqa: F401
                             parse_overrides, phases, summarise, train)
 
 DEFAULT_DIVERGENCES = ("reverse_kl", "softened_rkl", "js", "squared_hellinger", "forward_kl",

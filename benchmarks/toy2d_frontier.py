@@ -18,17 +18,13 @@ writes it to ``--out``/frontier.md.
 import argparse
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import toy2d_divergences as study  # noqa: E402  (benchmarks/: the 2-D study's --set)
-from fdistill import demo, modes  # noqa: E402
-from fdistill.io import console  # noqa: E402
+import toy2d_divergences as study  # benchmarks/ (the script's folder): the 2-D study's --set
+from fdistill import demo, modes
+from fdistill.io import console
 
 
 def run_family(students, config_name, variant, teacher_dir, workdir, steps, every, seed=0,

@@ -14,14 +14,10 @@ differences, numpy float64) and z = (estimate - truth)/s.e. The same rows, with 
 seed and n, are what tests/test_objectives_uni_instruct.py checks.
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fdistill.diffusion import gaussian_oracle as go  # noqa: E402
-from fdistill.objectives import uni_instruct_loss as ul  # noqa: E402
+from fdistill.diffusion import gaussian_oracle as go
+from fdistill.objectives import uni_instruct_loss as ul
 
 N, CHUNK, SEED = 2**20, 2**17, 0  # the test's values
 

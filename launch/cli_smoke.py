@@ -22,10 +22,10 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from configs import digits_rcm, toy2d_rcm, toy2d_uni_instruct
 
-from configs import digits_rcm, toy2d_rcm, toy2d_uni_instruct  # noqa: E402
+# The CLI runs from the repository root, as a user types it (--config=configs/...).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STEPS = 6  # with gen_every 2..5: generator and critic steps; rkl_then_fkl switches at 3
 TINY_UNET = ["--config.model.model_channels=8", "--config.model.channel_mult=(1,2)",
