@@ -89,6 +89,15 @@ def evaluate(config, workdir, sampler_steps):
   return metrics["eval/digits_fd"], np.load(path.replace(".png", ".npy"))
 
 
+def generator_updates(config) -> int:
+  """How many of the run's steps update the generator: every kind of step but "critic" (each
+  family's schedule, e.g. f-distill and DMD2 every ``gen_every``-th step, SiD every other step,
+  sCM every step), counted from the objective's own schedule."""
+  from fdistill import experiment  # pylint: disable=g-import-not-at-top
+  schedule = experiment.build(config, teacher_params=False).schedule
+  return sum(schedule(step) != "critic" for step in range(config.train.num_steps))
+
+
 def reached(workdir) -> int:
   """The last saved step of ``workdir`` (-1: none yet; 0 is the initialisation's checkpoint)."""
   return max(checkpoint.saved_steps(workdir) if os.path.isdir(workdir) else [], default=-1)
@@ -240,12 +249,14 @@ def main(argv=None):
         or (seconds := train(config, workdir, "distill", args.partial)) is None):
       unfinished.append(name)
       continue
+    updates = generator_updates(config)
     for steps in sampler_steps[:1] if args.quick else sampler_steps:
       fd_init, _ = evaluate(init_config, workdir + "_step0", steps)
       fd, samples = evaluate(student_config(module, variant, teacher_dir, args), workdir, steps)
       label = f"{name}, {steps} step{'s' if steps > 1 else ''}"
       rows.append(dict(row=label, family=module.__name__.split(".")[-1], sampler_steps=steps,
                        digits_fd=fd, digits_fd_step0=fd_init, train_steps=args.student_steps,
+                       generator_updates=updates,
                        train_seconds=seconds,
                        **fid_columns(fid, config, workdir, steps)))
       grids[label] = samples
@@ -273,13 +284,14 @@ def write_outputs(args, rows, grids, floor, fid_floor=None, unfinished=()):
            + f"; {args.resolution}x{args.resolution} {args.data}, U-Net {args.channels} "
            f"channels, {args.num_samples} samples per row", "",
            "| row | digits_fd | at step 0 |" + (" FID (seeds) |" if with_fid else "")
-           + " training steps | training seconds |",
-           "|---|---|---|" + ("---|" if with_fid else "") + "---|---|"]
+           + " training steps | generator updates | training seconds |",
+           "|---|---|---|" + ("---|" if with_fid else "") + "---|---|---|"]
   lines += [f"| {r['row']} | {r['digits_fd']:.3f} | "
             + (f"{r['digits_fd_step0']:.3f} |" if "digits_fd_step0" in r else "– |")
             + (f" {r['fid']:.2f} ({', '.join(f'{v:.2f}' for v in r['fid_per_seed'])}) |"
                if with_fid else "")
-            + f" {r['train_steps']} | {r['train_seconds']:.0f} |" for r in rows]
+            + f" {r['train_steps']} | {r.get('generator_updates', '')} |"
+            + f" {r['train_seconds']:.0f} |" for r in rows]
   if unfinished:
     lines += ["", f"Not trained yet (--partial): {', '.join(unfinished)}"]
   checkpoint.write_text(os.path.join(args.out, "results.md"), "\n".join(lines) + "\n")

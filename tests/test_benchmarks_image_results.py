@@ -27,6 +27,8 @@ def test_quick_results_run_writes_every_row_and_figure(tmp_path):
   assert all(r["digits_fd"] > 0 for r in results["rows"]) and results["data_floor"] > 0
   # each student row carries its initialisation's score (the step-0 checkpoint, evaluated)
   assert all(r["digits_fd_step0"] > 0 for r in results["rows"] if r["family"] != "teacher")
+  # sCM (no critic) updates its student at every step
+  assert results["rows"][1]["generator_updates"] == results["rows"][1]["train_steps"] == 4
   table = open(os.path.join(out, "results.md")).read()
   assert all(f"| {name} |" in table for name in names)
   assert os.path.getsize(os.path.join(out, "grids.png")) > 5_000
