@@ -41,6 +41,7 @@ from fdistill.io import checkpoint
 from fdistill.io import console
 from fdistill.io import writers
 from fdistill.parallel import mesh as mesh_lib
+from fdistill.parallel import peers
 from fdistill.errors import ConfigError
 
 
@@ -142,8 +143,14 @@ def run(config, workdir, mesh=None, settings=None):
   With ``eval.step >= 0``: evaluates that checkpoint only and returns {step: metrics}.
   Under ``jax.distributed`` every process runs this (each samples and extracts its
   slice); process 0 decides what to evaluate and alone writes the metrics,
-  ``done.json`` and ``best.json``.
+  ``done.json`` and ``best.json``. A dead or hung peer ends this process with one FATAL
+  line, as in training (:mod:`fdistill.parallel.peers`).
   """
+  with peers.watch():
+    return _run(config, workdir, mesh, settings)
+
+
+def _run(config, workdir, mesh, settings):
   metric = metrics_lib.metric_of(config)  # fail fast on a bad name, a missing file or field
   if metric.check is not None:
     metric.check(config)

@@ -23,7 +23,8 @@ Several hosts: run the same command on every host under ``jax.distributed``
 (started as ``fdistill.main`` does when a coordinator or a cluster launcher is
 detected, e.g. ``JAX_COORDINATOR_ADDRESS``). Every process reads the same
 batches (decoding is cheap), extracts the features of its slice of each on its
-devices, the float64 sums are merged over processes, and process 0 writes.
+devices, the float64 sums are merged over processes, and process 0 writes. A dead or hung
+process ends the others with one FATAL line (:mod:`fdistill.parallel.peers`).
 """
 import argparse
 import itertools
@@ -40,6 +41,7 @@ from fdistill.errors import ConfigError, USER_ERRORS
 from fdistill.eval import fid
 from fdistill.eval import statistics
 from fdistill.parallel import mesh as mesh_lib
+from fdistill.parallel import peers
 
 
 def parse_args(argv=None):
@@ -96,10 +98,11 @@ def main(argv=None):
     config = apply_config_flags(load_config_file(args.config), overrides)
     devices = jax.device_count()  # the detector's batch split over all devices of all processes
     mesh = jax.make_mesh((devices,), ("batch",)) if devices > 1 else None
-    stats = reference_stats(config, args.num, args.batch_size, mesh=mesh)
-    mu, sigma = stats.mean_cov()
-    if mesh_lib.is_main_process():
-      fid.save_reference(args.out, mu, sigma)
+    with peers.watch():  # a dead or hung peer: one FATAL line, as in training
+      stats = reference_stats(config, args.num, args.batch_size, mesh=mesh)
+      mu, sigma = stats.mean_cov()
+      if mesh_lib.is_main_process():
+        fid.save_reference(args.out, mu, sigma)
   except USER_ERRORS as e:
     print(f"FATAL: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     sys.exit(2)

@@ -53,8 +53,8 @@ def child_env(devices, cache_dir=None):
   return env
 
 
-def main_args(config_path, workdir, *overrides):
-  return [f"--config={config_path}", f"--workdir={workdir}", "--mode=train_teacher",
+def main_args(config_path, workdir, *overrides, mode="train_teacher"):
+  return [f"--config={config_path}", f"--workdir={workdir}", f"--mode={mode}",
           *[f"--config.{o}" for o in overrides]]
 
 
