@@ -340,18 +340,23 @@ on its own copy. An error case passes when the exit status is 2, stderr holds ex
 nothing created). A recovery case passes when the run ends where it should.
 
 Covered by tests instead (they need two processes or a patched write): a dead or hung peer
-in a two-process run (`tests/test_parallel_multiprocess.py`: one FATAL line within the peer
-timeout), a full disk during a save and a checkpoint that does not read back before keep-N
+in a two-process run of training or of the eval job (`tests/test_parallel_multiprocess.py`:
+one FATAL line within the peer timeout; `fdistill.eval.ref_stats` runs under the same
+watchdog), a full disk during a save and a checkpoint that does not read back before keep-N
 deletes anything (`tests/test_train_recovery.py`), non-finite updates
 (`tests/test_finite_updates.py`).
 
-Found and not fixed (the "traceback" failures below when they show): after the one FATAL
-line for an unreadable checkpoint (a corrupt export, no intact checkpoint) tensorstore may
-print `RuntimeError: Event loop is closed` tracebacks at exit. Orbax reads each item through
-an asyncio loop that it closes once a read has failed; the other reads still deliver their
-results to it (printed by tensorstore, not through `sys.excepthook`). The exit status and the
-FATAL line are right, but those lines can also split the FATAL line (then no line starts
-with `FATAL:`); the probe counts the noise as a failure, as a user would.
+Fixed (issue 26): an unreadable checkpoint (`no_intact_checkpoint`, `corrupt_export_*`) used to
+print `RuntimeError: Event loop is closed` tracebacks around the FATAL line. Orbax (0.12) runs
+a restore's reads in an asyncio loop that it closes as soon as one read fails, with the other
+reads still in flight; tensorstore reported each as it landed, during the fallback to the next
+checkpoint or before the exit (`no_intact_checkpoint` passed 0 runs of 4). The first failing
+orbax call was the metadata read that checks the saved tree against the config's. Now every
+checkpoint is first read back in full by `fdistill.io.checkpoint.read_problem` through
+tensorstore's own futures, each waited for (nothing in flight whatever fails), and only a
+checkpoint that reads back is given to orbax; this costs one more read of the item on a
+restore (`tests/test_train_recovery.py::test_no_intact_checkpoint_stops_instead_of_starting_afresh`
+fails without it).
 
 """
 

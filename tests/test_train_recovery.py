@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 
 import jax
@@ -102,15 +103,27 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_the_run_resumes(reference,
   assert_same(final_state(workdir, 30), want)
 
 
-def test_no_intact_checkpoint_stops_instead_of_starting_afresh(reference, tmp_path):
+def test_no_intact_checkpoint_stops_instead_of_starting_afresh(reference, tmp_path, capfd,
+                                                              monkeypatch):
+  """Both checkpoints moved aside, one error, and no library noise: before the fix, orbax's
+  failed reads of checkpoint 20 left sibling reads in flight, and tensorstore reported an
+  ``Event loop is closed`` error for each as it landed (through ``sys.unraisablehook``: a
+  traceback on the CLI's stderr, issue 26)."""
   base, _ = reference
   workdir = str(tmp_path / "run")
   shutil.copytree(base, workdir)
   for step in ("10", "20"):
     flip_bytes(os.path.join(workdir, "checkpoints", step))
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(repr(u.exc_value)))
+  capfd.readouterr()
   with pytest.raises(errors.CorruptCheckpointError, match="no intact checkpoint"):
     modes.run(config(30), workdir, "train_teacher")
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints_corrupt"))) != []
+  time.sleep(1.0)  # abandoned reads would have landed by now
+  err = capfd.readouterr().err
+  assert not unraisable, unraisable[:3]
+  assert "Traceback" not in err, err[-3000:]
+  assert len(os.listdir(os.path.join(workdir, "checkpoints_corrupt"))) == 2
   assert checkpoint.saved_steps(workdir) == []  # nothing new was written
 
 

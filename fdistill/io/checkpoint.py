@@ -22,6 +22,14 @@ checkpoint whose tree does not match the config (another model's checkpoint) is
 not corrupt: it stops the run with one error naming the first differing arrays,
 and nothing is moved.
 
+A checkpoint is read through orbax only after :func:`read_problem` has read every array of
+it back through tensorstore's own futures, each waited for: orbax (0.12) runs a restore's reads
+in an asyncio loop that it closes as soon as one read fails, with the other reads still in
+flight; as those land, tensorstore prints an ``Event loop is closed`` traceback for each (on
+stderr, from its threads, during the fallback to the next checkpoint or before the run's FATAL
+line). The check costs one more read of the item on each restore (every process reads the
+whole item, a few arrays at a time); a save's keep-N read-back does not run it.
+
 A save that fails (disk full, a write error) raises :class:`SaveFailedError`, one
 line naming the step, the cause and the checkpoints that remain; nothing older is
 touched, and the trainer's next start removes the partial directory.
@@ -34,8 +42,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from absl import logging
+from etils import epath
 
 from fdistill.errors import ConfigError, CorruptCheckpointError, NonFiniteRunError, UserError
 
@@ -89,6 +100,64 @@ def floats_finite(tree) -> bool:
 @jax.jit
 def _all_finite(leaves):
   return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+READ_BATCH_BYTES = 1 << 28  # what read_problem holds in memory at once (whole arrays)
+_ARRAY_TYPES = ("jax.Array", "np.ndarray")  # the leaves orbax stores as zarr arrays
+
+
+def _wait_all(futures):
+  """The first error among tensorstore ``futures``, after every one of them has finished."""
+  errors = []
+  for future in futures:
+    try:
+      future.result()
+    except Exception as e:  # tensorstore's errors (DATA_LOSS, NOT_FOUND, ...) and OS errors
+      errors.append(e)
+  return errors[0] if errors else None
+
+
+def read_problem(item_dir: str) -> Optional[str]:
+  """Why the orbax item at ``item_dir`` (an OCDBT database of zarr arrays) does not read back
+  in full, or None. Nothing is left in flight when it returns, whatever failed: every
+  tensorstore operation it started is waited for (no asyncio loop is involved), unlike a
+  failed orbax restore (see the module's docstring). The arrays are read whole, in batches of
+  about :data:`READ_BATCH_BYTES`, and dropped."""
+  item_dir = str(item_dir)
+  base = item_dir if "://" in item_dir else "file://" + os.path.abspath(item_dir)
+  kvstore = {"driver": "ocdbt", "base": base.rstrip("/") + "/"}
+  try:
+    tree = json.loads(epath.Path(item_dir, "_METADATA").read_text())["tree_metadata"]
+    expected = {".".join(str(k["key"]) for k in leaf["key_metadata"]) for leaf in tree.values()
+                if leaf["value_metadata"]["value_type"] in _ARRAY_TYPES and
+                not leaf["value_metadata"].get("skip_deserialize")}
+    keys = ts.KvStore.open(kvstore).result().list().result()
+    drivers = {".zarray": "zarr", "zarr.json": "zarr3"}
+    arrays = sorted({(key.decode().rsplit("/", 1)[0], drivers[key.decode().rsplit("/", 1)[1]])
+                     for key in keys if key.decode().rsplit("/", 1)[-1] in drivers})
+    missing = sorted(expected - {name for name, _ in arrays})
+    if missing:  # e.g. no manifest: OCDBT then opens as an empty database
+      return (f"unreadable ({len(missing)} of its {len(expected)} arrays are not in its "
+              f"database, e.g. {missing[0]})")
+    opens = [ts.open({"driver": driver, "kvstore": dict(kvstore, path=name + "/")},
+                     open=True, read=True) for name, driver in arrays]
+    error = _wait_all(opens)
+    batch, size = [], 0
+    for array in ([] if error else [f.result() for f in opens]):
+      batch.append(array.read())
+      size += array.dtype.numpy_dtype.itemsize * int(np.prod(array.shape))
+      if size >= READ_BATCH_BYTES:
+        error, batch, size = _wait_all(batch), [], 0
+        if error:
+          break
+    error = error or _wait_all(batch)
+  except Exception as e:  # the database itself: missing manifest, corrupt b-tree node, ...
+    error = e
+  return None if error is None else _unreadable(error)
+
+
+def _unreadable(error) -> str:
+  return f"unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
 
 
 class Checkpointer:
@@ -157,7 +226,7 @@ class Checkpointer:
       problem = (problems(out["state"], digests["state"]) or
                  problems(out["export"], digests["export"]))
     except Exception as e:  # unreadable right after the write: the storage is at fault
-      problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+      problem = _unreadable(e)
     if problem is not None:
       where = self.move_aside(step, problem)
       raise SaveFailedError(f"checkpoint {step} did not read back intact ({problem}); moved to "
@@ -190,17 +259,20 @@ class Checkpointer:
     """
     steps = sorted(self.all_steps(), reverse=True)
     for step in steps:
-      mismatch = self.tree_mismatch(step, abstract_state)
+      # read_problem first: orbax's metadata read in tree_mismatch abandons reads too.
+      problem = self.read_problem(step, "state")
+      mismatch = None if problem else self.tree_mismatch(step, abstract_state)
       if mismatch is not None:  # not corrupt: written by another config; nothing is moved
         raise ConfigError(
             f"checkpoint {os.path.join(str(self.manager.directory), str(step))} holds another "
             f"model's state ({mismatch}); resume it with the config it was trained with (its "
             "run's config.json), or give a new --workdir for this config")
-      try:
-        state, meta = self.restore(abstract_state, step)
-        problem = problems(state, meta.get("digest", {}).get("state"))
-      except Exception as e:  # any unreadable checkpoint: orbax, tensorstore, JSON, OS errors
-        problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+      if problem is None:
+        try:
+          state, meta = self.restore(abstract_state, step)
+          problem = problems(state, meta.get("digest", {}).get("state"))
+        except Exception as e:  # any unreadable checkpoint: orbax, tensorstore, JSON, OS errors
+          problem = _unreadable(e)
       if problem is None:
         return state, meta
       self.move_aside(step, problem)
@@ -209,6 +281,14 @@ class Checkpointer:
           f"no intact checkpoint under {self.manager.directory}: steps {steps} failed and were "
           f"moved to {os.path.join(self.workdir, 'checkpoints_corrupt')}; nothing was deleted")
     return None
+
+  def read_problem(self, step: int, item: str) -> Optional[str]:
+    """Why ``step``'s ``item`` or its metadata does not read back (:func:`read_problem`)."""
+    try:
+      json.loads((self.manager.directory / str(step) / "meta" / "metadata").read_text())
+    except Exception as e:  # missing, truncated or not JSON
+      return _unreadable(e)
+    return read_problem(self.manager.directory / str(step) / item)
 
   def tree_mismatch(self, step: int, abstract_state) -> Optional[str]:
     """How ``step``'s saved state tree differs from ``abstract_state`` (names and shapes, up to
@@ -246,13 +326,17 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint under {self.manager.directory}")
     where = os.path.join(str(self.manager.directory), str(step))
     targets = _targets(abstract_params)
-    try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          export=ocp.args.StandardRestore(targets),
-          meta=ocp.args.JsonRestore()))
-      problem = problems(out["export"], out["meta"].get("digest", {}).get("export"))
-    except (KeyError, ValueError, OSError) as e:  # a missing item or file, bad bytes or tree
-      problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    problem = self.read_problem(step, "export")
+    if problem is None:
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            export=ocp.args.StandardRestore(targets),
+            meta=ocp.args.JsonRestore()))
+        problem = problems(out["export"], out["meta"].get("digest", {}).get("export"))
+      except (KeyError, ValueError, OSError) as e:  # a missing item or file, bad bytes or tree
+        problem = _unreadable(e)
+    if problem is not None and not os.path.exists(where) and "://" not in where:
+      raise FileNotFoundError(f"checkpoint {where} was deleted while being read")
     if problem is not None:
       raise CorruptCheckpointError(f"checkpoint {where}: its exported params are {problem}; "
                                    "use another step (or restore this one from a backup)")
