@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench floor clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/toy2d_divergences.py
+
+# setup.py's >= floors, tested (.ci/floor): a fresh venv in a temp dir with every floor pinned
+# (==), the test extra, then a few fast tests. Minutes and registry downloads: not part of test.
+floor:
+	$(PY) .ci/floor
 
 # runs/ is the scratch area; the result files the docs cite that git tracks there stay
 # (in a git checkout only untracked, ignored files under runs/ are removed).

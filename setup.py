@@ -9,7 +9,7 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "jax>=0.6",
     "flax>=0.10",
-    "optax>=0.2.4",
+    "optax>=0.2.5",
     "orbax-checkpoint>=0.11",
     "ml-collections>=1.0",
     # parameter_overview: <workdir>/parameters.txt (0.0.12: its include_stats="sharding")
@@ -19,8 +19,8 @@ INSTALL_REQUIRES = [
     "scipy",  # FID's matrix square root
     "absl-py",
     "matplotlib",  # 2-D scatter plots and sample grids
-    "Pillow>=9",  # PNG writing, image folders for the FID command
-    "scikit-learn>=1.0",  # ships the 8x8 digits (data.name=digits) used offline
+    "Pillow>=9.2",  # PNG writing, image folders for the FID command
+    "scikit-learn>=1.3.2",  # ships the 8x8 digits (data.name=digits) used offline
     # TensorBoard events are written record by record with tensorboard's protos only
     # (fdistill/io/writers.py): no TensorFlow at run time.
     "tensorboard>=2.14",
