@@ -5,8 +5,8 @@ trip per step; the seeds reuse the compiled scans), ``draw`` samples the exporte
 (rCM's N-step sampler with ``sampler_steps``), ``summarise`` scores them against the exact
 mixture (``fdistill.eval.toy_metrics``) and ``markdown_table`` prints the rows. Used by
 ``benchmarks/toy2d_divergences.py`` (the study's command), ``benchmarks/toy2d_frontier.py``
-and the notebooks. Config names are modules of the repository's ``configs/`` (run from
-the repository root, or put it on ``sys.path``).
+and the notebooks. Config names are modules of the ``configs`` package (installed with
+fdistill by setup.py).
 """
 import importlib
 

@@ -177,3 +177,15 @@ def test_toy_distributions_of_the_configs_are_the_package_s():
   from configs import common
   from fdistill.diffusion import gmm
   assert sorted(common.TOY_DISTRIBUTIONS) == sorted(gmm.TOY_DISTRIBUTIONS)
+
+
+def test_every_source_folder_is_an_installed_package():
+  """A folder of modules without ``__init__.py`` is left out of a normal (non-editable)
+  install by setup.py's ``find_packages``, while an editable install and the suite still see
+  it (fdistill/io once shipped that way). Every folder holding .py files must be found."""
+  from setuptools import find_packages
+  found = set(find_packages(ROOT, include=["fdistill", "fdistill.*", "configs"]))
+  folders = {os.path.relpath(os.path.dirname(p), ROOT).replace(os.sep, ".")
+             for top in ("fdistill", "configs")
+             for p in glob.glob(os.path.join(ROOT, top, "**", "*.py"), recursive=True)}
+  assert folders - found == set(), f"folders with modules but no __init__.py: {folders - found}"
