@@ -6,8 +6,8 @@
 
 Runs ``python -m fdistill.main`` on the toy teacher config (20 steps, fresh workdir) ``--runs``
 times and prints each run's seconds to the start line (the first line that begins with
-``fdistill``), the whole run's seconds, and whether ``tensorflow`` appeared in the process's
-``-X importtime`` log. The figures depend on the machine's load: compare checkouts in one call
+``fdistill``), the whole run's seconds, the seconds spent importing modules (the sum of the
+``-X importtime`` log's self times) and whether ``tensorflow`` was among them. The figures depend on the machine's load: compare checkouts in one call
 or back to back.
 """
 import argparse
@@ -19,7 +19,8 @@ import time
 
 
 def one_run(repo):
-  """(seconds to the start line, seconds in all, TensorFlow imported) of one toy run."""
+  """(seconds to the start line, seconds in all, import seconds, TensorFlow imported) of one
+  toy run."""
   with tempfile.TemporaryDirectory() as tmp:
     cmd = [sys.executable, "-X", "importtime", "-m", "fdistill.main",
            "--config=configs/toy2d_teacher.py:gmm8", f"--workdir={tmp}/run",
@@ -28,15 +29,17 @@ def one_run(repo):
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    to_start_line, tf_imported = None, False
+    to_start_line, tf_imported, import_us = None, False, 0
     for line in proc.stdout:
       if to_start_line is None and line.startswith("fdistill"):
         to_start_line = time.perf_counter() - start
-      if line.startswith("import time:") and line.rstrip().split("|")[-1].strip() == "tensorflow":
-        tf_imported = True
+      if line.startswith("import time:") and not line.startswith("import time: self"):
+        self_us, _, name = line[len("import time:"):].split("|")
+        import_us += int(self_us)
+        tf_imported |= name.strip() == "tensorflow"
     if proc.wait() != 0:
       raise SystemExit(f"{' '.join(cmd)} failed with exit status {proc.returncode}")
-    return to_start_line, time.perf_counter() - start, tf_imported
+    return to_start_line, time.perf_counter() - start, import_us / 1e6, tf_imported
 
 
 def main(argv=None):
@@ -45,9 +48,9 @@ def main(argv=None):
   p.add_argument("--runs", type=int, default=3)
   args = p.parse_args(argv)
   for i in range(args.runs):
-    to_start, total, tf_imported = one_run(os.path.abspath(args.repo))
+    to_start, total, imports, tf_imported = one_run(os.path.abspath(args.repo))
     print(f"{args.repo} run {i + 1}: start line after {to_start:.1f} s, run {total:.1f} s, "
-          f"tensorflow imported: {tf_imported}", flush=True)
+          f"imports {imports:.1f} s, tensorflow imported: {tf_imported}", flush=True)
 
 
 if __name__ == "__main__":
