@@ -26,7 +26,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/toy2d_divergences.py
 
 # setup.py's >= floors, tested (.ci/floor): a fresh venv in a temp dir with every floor pinned
-# (==), the test extra, then a few fast tests. Minutes and registry downloads: not part of test.
+# (==), the test extra, then a few fast tests, run from a copy of tests/ and configs/ outside the
+# checkout (so they exercise the installed package). Minutes and registry downloads: not part of test.
 floor:
 	$(PY) .ci/floor
 

@@ -14,7 +14,9 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0",
     # parameter_overview: <workdir>/parameters.txt (0.0.12: its include_stats="sharding")
     "clu>=0.0.12",
-    "etils>=1.5",  # epath: sample grids written to local disks or gs://
+    # epath: sample grids written to local disks or gs://; the floors of tfds 4.9.10
+    "etils>=1.6; python_version<'3.11'",
+    "etils>=1.9.1; python_version>='3.11'",
     "numpy",
     "scipy",  # FID's matrix square root
     "absl-py",
@@ -27,7 +29,8 @@ INSTALL_REQUIRES = [
     # cifar10 / imagenet64 read tfds datasets prepared in array_record by random access
     # (tfds data sources, NumPy/PIL decoding, Grain's threaded prefetch; fdistill/data/images.py):
     # no TensorFlow. Preparing a tfds dataset needs it: the `prepare` extra.
-    "tensorflow-datasets>=4.9",
+    # 4.9.10: older ones fail on protobuf 7 (FieldDescriptor.label), 4.9.0/4.9.1 even to import
+    "tensorflow-datasets>=4.9.10",
     "importlib_resources",  # tfds 4.9.10 imports it without declaring it
     "grain>=0.2.18",  # ordered, threaded prefetch of the decoded batches (the version tested)
 ]

@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from configs import common
 from fdistill import data
 from fdistill.data import images
+from fdistill.errors import ConfigError
 from fdistill.io import plotting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,10 +233,28 @@ def test_cifar10_resume_seeds_and_process_slices(cifar_dir):
     for s in range(2):
       assert parts[0][s]["x"].shape[0] == 16 // count
       _assert_batches_equal(_concat([part[s] for part in parts]), from_zero[5 + s])
-  with pytest.raises(ValueError, match="divisible"):
+  with pytest.raises(ConfigError, match=r"divisible .* make train.batch_size a multiple of 4 "
+                     r"\(e.g. 16 or 20\)"):
     next(ds.iterator(18, process_count=4))
   other = next(_cifar(data_dir, **dict(cfg, seed=5)).iterator(16))
   assert not np.array_equal(other["x"], from_zero[0]["x"])
+
+
+def test_a_split_tfds_lacks_names_data_split_and_the_accepted_ones(cifar_dir):
+  """A wrong data.split is a ConfigError (one FATAL line from main) naming the field, the
+  prepared splits and the fix, not tfds' ValueError from as_data_source (a traceback)."""
+  data_dir, _ = cifar_dir
+  for split in ("validation", "train+validation", "train[:90%", "train[:200%]"):
+    with pytest.raises(ConfigError) as err:
+      _cifar(data_dir, split=split)
+    for needle in (f"data.split={split!r}", "--config.data.split", "accepted: test, train",
+                   "train[:90%]"):
+      assert needle in str(err.value), (needle, str(err.value))
+  with pytest.raises(ConfigError, match=r"choose a non-empty data.split \(accepted: test, train"):
+    _cifar(data_dir, split="train[:0]")
+  assert _cifar(data_dir, split="train[:90%]").num_examples == N_TRAIN * 9 // 10
+  assert _cifar(data_dir, split="test").num_examples == PER_FILE
+  assert _cifar(data_dir, split="train[10:]+test").num_examples == N_TRAIN - 10 + PER_FILE
 
 
 def test_cifar10_flip_is_deterministic(cifar_dir):
@@ -294,8 +313,22 @@ def _site_packages_without_tensorflow(tmp_path):
 
 def test_reading_needs_no_tensorflow(cifar_dir, tmp_path):
   """In a fresh interpreter where TensorFlow is not installed, batches are read, TensorFlow
-  stays out of sys.modules, and data.download=True says preparing needs the prepare extra."""
+  stays out of sys.modules, and data.download=True says preparing needs the prepare extra.
+  In another, of this venv (TensorFlow installed, as where data is prepared), reading batches
+  does not import it either."""
   data_dir, raw = cifar_dir
+  with_tf = subprocess.Popen([sys.executable, "-c", f"""
+import importlib.util, itertools, sys
+import ml_collections
+from configs import common
+from fdistill import data
+assert importlib.util.find_spec("tensorflow") is not None  # installed: must stay unimported
+ds = data.build(ml_collections.ConfigDict(dict(
+    common.DATA, name="cifar10", data_dir={data_dir!r}, conditional=True, random_flip=True)))
+assert len(list(itertools.islice(ds.iterator(8, start_step=3), 2))) == 2
+print("NO_TF" if "tensorflow" not in sys.modules else "TF_IMPORTED")
+"""], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
   src = tmp_path / "src"
   _write_fake_cifar_binaries(src, np.random.default_rng(1), 2)
   code = f"""
@@ -333,3 +366,6 @@ print("NO_TF" if "tensorflow" not in sys.modules else "TF_IMPORTED")
   ds = _cifar(data_dir, conditional=True, random_flip=True)
   want = _take(ds.iterator(16, start_step=5, process_index=1, process_count=2), 3)
   np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), np.stack([w["x"] for w in want]))
+  stdout, stderr = with_tf.communicate(timeout=120)
+  assert with_tf.returncode == 0, stderr[-3000:]
+  assert stdout.strip().splitlines()[-1] == "NO_TF", stdout[-2000:]

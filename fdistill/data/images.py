@@ -62,8 +62,11 @@ def _host_device():
 
 def _check_divisible(batch_size, process_count):
   if batch_size % process_count:
+    lower = batch_size // process_count * process_count
+    nearest = " or ".join(str(b) for b in (lower, lower + process_count) if b > 0)
     raise ConfigError(
-        f"train.batch_size={batch_size} is not divisible by the process count {process_count}")
+        f"train.batch_size={batch_size} is not divisible by the process count {process_count}: "
+        f"make train.batch_size a multiple of {process_count} (e.g. {nearest}).")
 
 
 # ----------------------------------------------------------------------------
@@ -197,6 +200,35 @@ def prepared_builder(tfds_name, config):
   return builder
 
 
+def _accepted_splits(builder):
+  names = ", ".join(sorted(builder.info.splits.keys()))
+  return (f"accepted: {names}; tfds slices and sums of them too, e.g. train[:90%], "
+          f"train[1000:], train+test")
+
+
+def checked_split(builder, split):
+  """``split`` if tfds can read it from ``builder``, else a ConfigError naming ``data.split``
+  and the accepted values (tfds' own error, a ValueError, would read as a bug). Each ``+``-joined
+  part is a split of the prepared data set, optionally sliced (``train[:90%]``, ``test[10:]``)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  known = set(builder.info.splits.keys())
+  parts = [part.strip().split("[", 1)[0].strip() for part in str(split).split("+")]
+  problem = None
+  unknown = [part for part in parts if part not in known]
+  if unknown:
+    problem = f"no split {', '.join(map(repr, unknown))} in tfds {builder.name}"
+  else:
+    try:  # the slicing: syntax and bounds, as tfds reads them
+      builder.info.splits[split]  # pylint: disable=pointless-statement
+      tfds.core.ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError, KeyError) as e:
+      problem = f"tfds cannot read it from {builder.name} ({' '.join(str(e).split())})"
+  if problem:
+    raise ConfigError(f"data.split={split!r}: {problem}. Set --config.data.split to a split of "
+                      f"the prepared data set ({_accepted_splits(builder)}).")
+  return split
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_flips(seed, epoch, num_examples):
   """Whether each position of epoch ``epoch`` is mirrored: a pure function of (seed, epoch)."""
@@ -225,11 +257,14 @@ class TfdsImageDataset:
 
   def __init__(self, config, tfds_name):
     builder = prepared_builder(tfds_name, config)
-    self._source = builder.as_data_source(split=config.split)
+    split = checked_split(builder, config.split)
+    # An empty slice (train[:0]) is refused before array_record's ValueError on no files.
+    if builder.info.splits[split].num_examples <= 0:
+      raise ConfigError(
+          f"data.split={config.split!r}: tfds split {builder.name}:{config.split} has no "
+          f"examples: choose a non-empty data.split ({_accepted_splits(builder)}).")
+    self._source = builder.as_data_source(split=split)
     self.num_examples = len(self._source)
-    if self.num_examples <= 0:
-      raise ConfigError(f"data.split={config.split!r}: tfds split {builder.name}:{config.split} "
-                        "has no examples")
     native = builder.info.features["image"].shape
     self.resolution = int(config.resolution or native[0])
     self.x_shape = (self.resolution, self.resolution, native[2])
