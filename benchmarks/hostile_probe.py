@@ -351,12 +351,17 @@ print `RuntimeError: Event loop is closed` tracebacks around the FATAL line. Orb
 a restore's reads in an asyncio loop that it closes as soon as one read fails, with the other
 reads still in flight; tensorstore reported each as it landed, during the fallback to the next
 checkpoint or before the exit (`no_intact_checkpoint` passed 0 runs of 4). The first failing
-orbax call was the metadata read that checks the saved tree against the config's. Now every
-checkpoint is first read back in full by `fdistill.io.checkpoint.read_problem` through
-tensorstore's own futures, each waited for (nothing in flight whatever fails), and only a
-checkpoint that reads back is given to orbax; this costs one more read of the item on a
-restore (`tests/test_train_recovery.py::test_no_intact_checkpoint_stops_instead_of_starting_afresh`
-fails without it).
+orbax call was the metadata read that checks the saved tree against the config's. Now each
+restore (`Checkpointer.restore_intact`, which a run resumes through; `restore_export`, which
+sampling, evaluation and teacher loading read through; `restore`) first reads the item back in
+full with `fdistill.io.checkpoint.read_problem` through tensorstore's own futures, each waited
+for (nothing in flight whatever fails), and only an item that reads back is given to orbax;
+this costs one more read of the item on a restore
+(`tests/test_train_recovery.py::test_no_intact_checkpoint_stops_instead_of_starting_afresh`
+fails without it). Not checked this way: the read-back of a new checkpoint before keep-N
+deletes older ones (`Checkpointer._keep_last_n`) goes to orbax directly (its digest and
+finiteness are checked; a read failure there is a `SaveFailedError`, which tracebacks of
+abandoned reads may still surround), and `latest_meta` reads only the JSON metadata.
 
 """
 

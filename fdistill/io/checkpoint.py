@@ -17,7 +17,9 @@ gathered to a host). :meth:`Checkpointer.restore_intact` verifies the digest
 and that every float is finite; a checkpoint that fails (unreadable, missing
 files, flipped bytes, non-finite values) is moved aside to
 ``<workdir>/checkpoints_corrupt/`` (renamed, never deleted) and the next older
-one is tried. If none is intact the run stops instead of starting afresh. A
+one is tried. If none is intact the run stops instead of starting afresh. In a
+multi-process run the processes agree on each verdict (a problem that one process finds
+counts on all of them), so all restore, move aside or give up on the same step. A
 checkpoint whose tree does not match the config (another model's checkpoint) is
 not corrupt: it stops the run with one error naming the first differing arrays,
 and nothing is moved.
@@ -47,6 +49,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from fdistill.errors import ConfigError, CorruptCheckpointError, NonFiniteRunError, UserError
 
@@ -124,14 +127,19 @@ def read_problem(item_dir: str) -> Optional[str]:
   failed orbax restore (see the module's docstring). The arrays are read whole, in batches of
   about :data:`READ_BATCH_BYTES`, and dropped."""
   item_dir = str(item_dir)
-  base = item_dir if "://" in item_dir else "file://" + os.path.abspath(item_dir)
-  kvstore = {"driver": "ocdbt", "base": base.rstrip("/") + "/"}
+  # A local path as orbax opens it (a file:// URL would read '#', '?' and '%' as URL syntax).
+  base = (item_dir.rstrip("/") + "/" if "://" in item_dir else
+          {"driver": "file", "path": os.path.abspath(item_dir) + "/"})
+  kvstore = {"driver": "ocdbt", "base": base}
+  # One context for every open: they share one database (its manifest read once) and one limit
+  # on concurrent file reads.
+  context = ts.Context()
   try:
     tree = json.loads(epath.Path(item_dir, "_METADATA").read_text())["tree_metadata"]
     expected = {".".join(str(k["key"]) for k in leaf["key_metadata"]) for leaf in tree.values()
                 if leaf["value_metadata"]["value_type"] in _ARRAY_TYPES and
                 not leaf["value_metadata"].get("skip_deserialize")}
-    keys = ts.KvStore.open(kvstore).result().list().result()
+    keys = ts.KvStore.open(kvstore, context=context).result().list().result()
     drivers = {".zarray": "zarr", "zarr.json": "zarr3"}
     arrays = sorted({(key.decode().rsplit("/", 1)[0], drivers[key.decode().rsplit("/", 1)[1]])
                      for key in keys if key.decode().rsplit("/", 1)[-1] in drivers})
@@ -140,7 +148,7 @@ def read_problem(item_dir: str) -> Optional[str]:
       return (f"unreadable ({len(missing)} of its {len(expected)} arrays are not in its "
               f"database, e.g. {missing[0]})")
     opens = [ts.open({"driver": driver, "kvstore": dict(kvstore, path=name + "/")},
-                     open=True, read=True) for name, driver in arrays]
+                     open=True, read=True, context=context) for name, driver in arrays]
     error = _wait_all(opens)
     batch, size = [], 0
     for array in ([] if error else [f.result() for f in opens]):
@@ -158,6 +166,25 @@ def read_problem(item_dir: str) -> Optional[str]:
 
 def _unreadable(error) -> str:
   return f"unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+
+
+def _processes_with(flag: bool) -> list:
+  """The indices of the processes on which ``flag`` holds (an allgather if several run)."""
+  if jax.process_count() == 1:
+    return [0] if flag else []
+  return [int(i) for i in np.flatnonzero(multihost_utils.process_allgather(np.int32(flag)))]
+
+
+def agreed_problem(problem: Optional[str]) -> Optional[str]:
+  """``problem`` (this process's verdict on a checkpoint), or a problem if any other process
+  found one: every process then acts alike (moves it aside, tries the next, or raises). A
+  read that fails on one host only (a transient error, keep-N deleting the step under a
+  reader) would otherwise have one process restore the step while another skips it, and their
+  collectives would no longer match (a hang)."""
+  flagged = _processes_with(problem is not None)
+  if problem is None and flagged:
+    return f"unreadable on process {flagged[0]}"
+  return problem
 
 
 class Checkpointer:
@@ -243,10 +270,20 @@ class Checkpointer:
             f"{max(steps)}")
 
   def restore(self, abstract_state, step: Optional[int] = None):
-    """Restores (state, meta) into the shardings/dtypes of ``abstract_state``."""
+    """Restores (state, meta) into the shardings/dtypes of ``abstract_state``, after
+    :meth:`read_problem` (a :class:`CorruptCheckpointError` if the state does not read back;
+    its digest is not checked: :meth:`restore_intact` does that)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.manager.directory}")
+    problem = agreed_problem(self.read_problem(step, "state"))
+    if problem is not None:
+      raise CorruptCheckpointError(
+          f"checkpoint {os.path.join(str(self.manager.directory), str(step))}: its state is "
+          f"{problem}")
+    return self._restore(abstract_state, step)
+
+  def _restore(self, abstract_state, step: int):
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_targets(abstract_state)), meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
@@ -260,7 +297,7 @@ class Checkpointer:
     steps = sorted(self.all_steps(), reverse=True)
     for step in steps:
       # read_problem first: orbax's metadata read in tree_mismatch abandons reads too.
-      problem = self.read_problem(step, "state")
+      problem = agreed_problem(self.read_problem(step, "state"))
       mismatch = None if problem else self.tree_mismatch(step, abstract_state)
       if mismatch is not None:  # not corrupt: written by another config; nothing is moved
         raise ConfigError(
@@ -269,10 +306,13 @@ class Checkpointer:
             "run's config.json), or give a new --workdir for this config")
       if problem is None:
         try:
-          state, meta = self.restore(abstract_state, step)
-          problem = problems(state, meta.get("digest", {}).get("state"))
+          state, meta = self._restore(abstract_state, step)
+          expected = meta.get("digest", {}).get("state")
         except Exception as e:  # any unreadable checkpoint: orbax, tensorstore, JSON, OS errors
           problem = _unreadable(e)
+        problem = agreed_problem(problem)
+      if problem is None:  # a collective: the same verdict on every process
+        problem = problems(state, expected)
       if problem is None:
         return state, meta
       self.move_aside(step, problem)
@@ -321,20 +361,27 @@ class Checkpointer:
     corrupt or unreadable export is a :class:`CorruptCheckpointError` naming the
     checkpoint (sampling, evaluating or distilling from it would give garbage silently).
     """
+    steps = sorted(self.all_steps())
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.manager.directory}")
     where = os.path.join(str(self.manager.directory), str(step))
     targets = _targets(abstract_params)
-    problem = self.read_problem(step, "export")
+    problem = agreed_problem(self.read_problem(step, "export"))
     if problem is None:
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             export=ocp.args.StandardRestore(targets),
             meta=ocp.args.JsonRestore()))
-        problem = problems(out["export"], out["meta"].get("digest", {}).get("export"))
+        expected = out["meta"].get("digest", {}).get("export")
       except (KeyError, ValueError, OSError) as e:  # a missing item or file, bad bytes or tree
         problem = _unreadable(e)
+      problem = agreed_problem(problem)
+    if problem is None:  # a collective: the same verdict on every process
+      problem = problems(out["export"], expected)
+    if problem is not None and step not in steps:
+      raise FileNotFoundError(f"no checkpoint {step} under {self.manager.directory} (its "
+                              f"checkpoints: {steps})")
     if problem is not None and not os.path.exists(where) and "://" not in where:
       raise FileNotFoundError(f"checkpoint {where} was deleted while being read")
     if problem is not None:
@@ -382,19 +429,6 @@ def _targets(abstract):
   if missing:  # restoring without target shardings would reuse the saving run's topology
     raise ValueError("restore needs a sharding on every leaf of the target (see with_shardings)")
   return abstract
-
-
-def restore_from(workdir: str, abstract_state, shardings, step: Optional[int] = None):
-  """(state, meta) of ``workdir``'s checkpoint at ``step`` (None = latest), placed by ``shardings``.
-
-  Opens and closes its own manager: for readers (sample, eval, teacher loading)
-  that never write to the run they read.
-  """
-  ckpt = Checkpointer(workdir)
-  try:
-    return ckpt.restore(with_shardings(abstract_state, shardings), step=step)
-  finally:
-    ckpt.close()
 
 
 def restore_export_from(workdir: str, abstract_params, shardings, step: Optional[int] = None):

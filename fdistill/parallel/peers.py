@@ -21,6 +21,7 @@ run JAX's shutdown barrier, which waits for the dead peer and then aborts. Nothi
 at that point (the checkpoint save is collective); the restart resumes from the last one.
 """
 import contextlib
+import itertools
 import os
 import sys
 import threading
@@ -31,6 +32,9 @@ import jax
 BEAT_SECONDS = 1.0
 PEER_TIMEOUT_SECONDS = 30.0
 _PREFIX = "fdistill/peers"
+# Numbers the watched blocks of this process: every process enters them in the same order, so
+# block n has the same key prefix on all (a block's "done" keys stay in the service after it).
+_blocks = itertools.count()
 
 
 def peer_timeout() -> float:
@@ -60,9 +64,9 @@ def silent_peers(counts: dict, last_change: dict, now: float, timeout: float):
 
 class _Watchdog(threading.Thread):
 
-  def __init__(self, client, timeout):
+  def __init__(self, client, timeout, prefix):
     super().__init__(name="fdistill-peer-watchdog", daemon=True)
-    self.client, self.timeout = client, timeout
+    self.client, self.timeout, self.prefix = client, timeout, prefix
     self.me = jax.process_index()
     self.stopping = threading.Event()
 
@@ -71,11 +75,11 @@ class _Watchdog(threading.Thread):
     last_change = {p: (None, start) for p in range(jax.process_count()) if p != self.me}
     while not self.stopping.wait(BEAT_SECONDS):
       try:
-        self.client.key_value_increment(f"{_PREFIX}/beat/{self.me}", 1)
+        self.client.key_value_increment(f"{self.prefix}/beat/{self.me}", 1)
         counts = {int(k.rsplit("/", 1)[1]): v
-                  for k, v in self.client.key_value_dir_get(f"{_PREFIX}/beat/")}
+                  for k, v in self.client.key_value_dir_get(f"{self.prefix}/beat/")}
         done = {int(k.rsplit("/", 1)[1]) for k, _ in
-                self.client.key_value_dir_get(f"{_PREFIX}/done/")}
+                self.client.key_value_dir_get(f"{self.prefix}/done/")}
       except Exception as e:  # the coordination service (process 0) no longer answers
         if not self.stopping.is_set():
           exit_fatal(f"lost the coordination service of process 0 ({type(e).__name__}: "
@@ -100,7 +104,8 @@ def watch(timeout=None):
     yield
     return
   client = _client()
-  dog = _Watchdog(client, peer_timeout() if timeout is None else timeout)
+  prefix = f"{_PREFIX}/{next(_blocks)}"
+  dog = _Watchdog(client, peer_timeout() if timeout is None else timeout, prefix)
   dog.start()
   try:
     yield
@@ -109,7 +114,7 @@ def watch(timeout=None):
   finally:
     dog.stopping.set()
   with contextlib.suppress(Exception):  # a clean end: the others stop watching this process
-    client.key_value_set(f"{_PREFIX}/done/{jax.process_index()}", "1", allow_overwrite=True)
+    client.key_value_set(f"{prefix}/done/{jax.process_index()}", "1", allow_overwrite=True)
 
 
 _PEER_LOST_MARKS = ("Connection closed by peer", "Connection reset", "heartbeat", "UNAVAILABLE",
