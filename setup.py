@@ -22,7 +22,6 @@ INSTALL_REQUIRES = [
     "absl-py",
     "matplotlib",  # 2-D scatter plots and sample grids
     "Pillow>=9.2",  # PNG writing, image folders for the FID command
-    "scikit-learn>=1.3.2",  # ships the 8x8 digits (data.name=digits) used offline
     # TensorBoard events are written record by record with tensorboard's protos only
     # (fdistill/io/writers.py): no TensorFlow at run time.
     "tensorboard>=2.14",
@@ -44,8 +43,9 @@ EXTRAS = {
     # U-Net ports); fdistill itself never imports torch. The registry this project
     # installs from serves torch==2.13.0 as a CPU wheel (any other version pulls the CUDA build).
     # PREPARE: tests/test_data_images.py prepares a tiny cifar10 from fake binaries.
+    # scikit-learn: its loader is the reference for the packaged 8x8 digits.
     "test": ["pytest", "pytest-xdist", "mlxtend", "nbformat", "nbclient", "ipykernel",
-             "torch==2.13.0", *PREPARE],
+             "scikit-learn", "torch==2.13.0", *PREPARE],
     "prepare": PREPARE,
     "notebook": ["jupyter", "ipykernel", "nbformat", "nbclient"],
     "tpu": ["jax[tpu]"],
@@ -62,6 +62,8 @@ setup(
     # configs/ stays a top-level folder of the repository (the --config=configs/... files);
     # installed as the package ``configs`` so config files and tests import it from anywhere.
     packages=find_packages(include=["fdistill", "fdistill.*", "configs"]),
+    # data.name=digits: the 8x8 digits as scikit-learn ships them (57 KB), so no run needs it
+    package_data={"fdistill.data": ["digits.csv.gz"]},
     python_requires=">=3.10",
     license="Apache-2.0",
     install_requires=INSTALL_REQUIRES,

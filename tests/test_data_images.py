@@ -70,6 +70,14 @@ def test_digits_shapes_and_range():
   assert b["x"].min() < -0.99 and b["x"].max() > 0.99  # uses the whole range
 
 
+def test_packaged_digits_equal_sklearn_s(sk_digits):
+  """The 57 KB copy the package carries (no run needs scikit-learn) is sklearn's data exactly."""
+  from fdistill.data import images as images_lib
+  pixels, labels = images_lib.load_digits()
+  np.testing.assert_array_equal(pixels, sk_digits.images)
+  np.testing.assert_array_equal(labels, sk_digits.target)
+
+
 def test_digits_labels_match_sklearn(digits8, sk_digits):
   index = _sklearn_index(sk_digits)
   for b in _take(digits8.iterator(100, start_step=17), 2):  # step 17 straddles epochs 0/1
