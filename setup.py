@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
     "Pillow>=9.2",  # PNG writing, image folders for the FID command
     # TensorBoard events are written record by record with tensorboard's protos only
     # (fdistill/io/writers.py): no TensorFlow at run time.
-    "tensorboard>=2.14",
+    "tensorboard>=2.17.1",  # 2.17.0 and older use np.string_, gone in NumPy 2 (the loader fails)
     # cifar10 / imagenet64 read tfds datasets prepared in array_record by random access
     # (tfds data sources, NumPy/PIL decoding, Grain's threaded prefetch; fdistill/data/images.py):
     # no TensorFlow. Preparing a tfds dataset needs it: the `prepare` extra.
