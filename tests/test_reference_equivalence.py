@@ -688,14 +688,17 @@ def test_dmd2_generator_gan_term_reads_the_fake_score_at_its_own_noise():
   assert_misses(grad, per_sample_grad(lambda x: ref(x, at_own_noise=False), gen["x"]))
 
 
-def test_dmd2_guidance_loss_trains_fake_score_and_classifier_jointly():
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_dmd2_guidance_loss_trains_fake_score_and_classifier_jointly(stochastic):
   """DMD2's guidance loss ``mean(lambda (D_fake - x)^2) + 1e-2 (softplus(l_fake).mean() +
   softplus(-l_real).mean())``, logits from the fake U-Net's bottleneck: its gradient w.r.t. the
-  fake score and w.r.t. the head are those of the project's two updates (constant 1)."""
+  fake score and w.r.t. the head are those of the project's two updates (constant 1); in one
+  paired pass and (``stochastic``: a fake score with dropout) in two."""
   st, levels = dmd2_settings()
   gen, _, fake, disc, real = networks()
   cb = critic_batch_of(levels, gen, real, False)
-  fake_loss, disc_loss = critics.make_joint_fake_score_loss(FAKE_NETS, "edm", st.disc_loss_weight)
+  fake_loss, disc_loss = critics.make_joint_fake_score_loss(FAKE_NETS, "edm", st.disc_loss_weight,
+                                                            stochastic)
 
   def ref(fake_p, disc_p, cls_weight=1e-2):
     lam = (cb["sigma"]**2 + SD**2) / (cb["sigma"] * SD)**2
@@ -713,3 +716,41 @@ def test_dmd2_guidance_loss_trains_fake_score_and_classifier_jointly():
   assert_close(got_disc, jax.grad(ref, argnums=1)(fake, disc))
   # The fake score's encoder must learn the classifier too (without it: DSM alone).
   assert_misses(got_fake, jax.grad(lambda p: ref(p, disc, cls_weight=0.0))(fake))
+
+
+def test_dmd2_guidance_loss_in_one_pass_equals_its_two_passes():
+  """The joint fake-score loss's one call at x_t (D_fake for the DSM and the classifier's
+  features) and feature call at real_t, against the formulation it replaced,
+  written out: the DSM's own call at x_t, then the classifier's feature calls at x_t and
+  real_t. Value, parts and gradient; taking the DSM's output from the real rows misses."""
+  st, levels = dmd2_settings()
+  gen, _, fake, disc, real = networks()
+  cb = critic_batch_of(levels, gen, real, False)
+  calls = []
+
+  def counted(params, x, *args, **kw):
+    calls.append(x.shape[0])
+    return denoiser(params, x, *args, **kw)
+
+  nets = dataclasses.replace(FAKE_NETS, fake_apply=counted)
+  fake_loss, _ = critics.make_joint_fake_score_loss(nets, "edm", st.disc_loss_weight)
+  value, aux = fake_loss(fake, {"disc": disc}, cb, RNG)
+  assert calls == [B, B]  # x_t once (not a DSM call and a feature call), then real_t
+
+  def two_passes(fake_p, dsm_rows="x_t"):
+    lam = (cb["sigma"]**2 + SD**2) / (cb["sigma"] * SD)**2
+    d = denoiser(fake_p, cb[dsm_rows], cb["sigma"])  # the DSM's pass
+    feats = denoiser(fake_p, cb["x_t"], cb["sigma"], return_features=True)[1]  # the features'
+    real_feats = denoiser(fake_p, cb["real_t"], cb["real_sigma"], return_features=True)[1]
+    dsm = jnp.mean(lam * jnp.mean((d - cb["x_gen"])**2, axis=(1, 2, 3)))
+    logit = lambda f: f[-1].reshape(B, -1) @ disc["w"]
+    cls = jnp.mean(jax.nn.softplus(logit(feats))) + jnp.mean(jax.nn.softplus(-logit(real_feats)))
+    return dsm + st.disc_loss_weight * cls, (dsm, cls)
+
+  (want, (dsm, cls)), want_grad = jax.value_and_grad(two_passes, has_aux=True)(fake)
+  got_grad = jax.grad(lambda p: fake_loss(p, {"disc": disc}, cb, RNG)[0])(fake)
+  assert_close(value, want)
+  assert_close([aux["fake_loss"], aux["dsm_loss"], aux["adv_disc_loss"]], [want, dsm, cls])
+  assert_close(got_grad, want_grad)
+  wrong = jax.grad(lambda p: two_passes(p, dsm_rows="real_t")[0])(fake)
+  assert_misses(got_grad, wrong)

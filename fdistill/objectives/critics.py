@@ -124,8 +124,7 @@ def make_fake_score_loss(nets: Nets, fake_loss_weight: str, encoder_disc: bool =
       d = nets.fake_apply(params, x_t, sigma, cond, rng=rng, **models.augment_kwargs(labels))
     else:
       d, fake_logit = encoder_logits(nets, params, x_t, sigma, cond, rng, labels)
-    err = per_sample.mean(jnp.square(d - batch["x_gen"]))
-    value = jnp.mean(weight_fn(sigma) * err)
+    value = dsm_value(weight_fn, d, batch)
     if not encoder_disc:
       return value, {"fake_loss": value}
     value = numel * value
@@ -151,6 +150,28 @@ def unpair(x):
   return x[:, 0], x[:, 1]
 
 
+def dsm_value(weight_fn, d, batch):
+  """``mean_b weight(s_b) mean_d (D_fake - x_gen)^2``: the fake score's DSM loss given its
+  output ``d`` at the critic batch's ``x_t``."""
+  err = per_sample.mean(jnp.square(d - batch["x_gen"]))
+  return jnp.mean(weight_fn(batch["sigma"]) * err)
+
+
+def paired_inputs(batch):
+  """``(x, sigma, cond)``: the critic batch's generator rows and data rows, :func:`pair`-ed."""
+  cond = batch.get("cond")
+  return (pair(batch["x_t"], batch["real_t"]), pair(batch["sigma"], batch["real_sigma"]),
+          None if cond is None else pair(cond, cond))
+
+
+def logistic_of_paired(logits):
+  """``(loss, aux)``: the logistic loss of :func:`pair`-ed logits (generator rows first)."""
+  fake, real = unpair(logits)
+  value = discriminator_loss(real, fake)
+  accuracy = 0.5 * (jnp.mean(real > 0) + jnp.mean(fake < 0))
+  return value, {"disc_loss": value, "disc_accuracy": accuracy}
+
+
 def make_discriminator_loss(nets: Nets):
   """Logistic loss on noised data vs noised generator samples; ``inputs`` = the params of the
   network whose features the heads read (the teacher's, or the fake score's with
@@ -160,40 +181,56 @@ def make_discriminator_loss(nets: Nets):
     del rng
     # Fake and real rows through one feature pass: one network in the compiled step, not two
     # (XLA:CPU's compile time grows with each network copy; benchmarks/compile_time.py).
-    cond = batch.get("cond")
-    fake, real = unpair(disc_logits(nets, params, inputs, pair(batch["x_t"], batch["real_t"]),
-                                    pair(batch["sigma"], batch["real_sigma"]),
-                                    None if cond is None else pair(cond, cond)))
-    value = discriminator_loss(real, fake)
-    accuracy = 0.5 * (jnp.mean(real > 0) + jnp.mean(fake < 0))
-    return value, {"disc_loss": value, "disc_accuracy": accuracy}
+    return logistic_of_paired(disc_logits(nets, params, inputs, *paired_inputs(batch)))
 
   return loss
 
 
-def make_joint_fake_score_loss(nets: Nets, fake_loss_weight: str, disc_loss_weight: float):
+def make_joint_fake_score_loss(nets: Nets, fake_loss_weight: str, disc_loss_weight: float,
+                               stochastic: bool = False):
   """DMD2's guidance loss as a function of each of its two parts' params, the other held:
   ``DSM(fake) + disc_loss_weight * logistic(disc on the fake score's features)``.
 
   Returns ``(fake_loss, disc_loss)``: ``fake_loss(fake_params, {"disc": ...}, ...)`` and
   ``disc_loss(disc_params, {"fake": ...}, ...)``; differentiating each at the same point
   gives the joint loss's gradient, applied by each network's own optimiser (DMD2: one
-  optimiser over the fake U-Net and its classifier head; ``cls_loss_weight`` 1e-2)."""
+  optimiser over the fake U-Net and its classifier head; ``cls_loss_weight`` 1e-2).
+
+  The DSM reads the fake score at ``x_t`` and the discriminator its features at ``x_t`` (and
+  ``real_t``). Unless ``stochastic`` (the fake score draws dropout from its rng, or sees
+  augmentation labels: its DSM call does, its feature call does not), those two calls at
+  ``x_t`` compute the same thing, so ``fake_loss`` makes one call at ``x_t`` for both and a
+  feature call at ``real_t`` (not a paired 2B-row call: that would run the decoder, and its
+  backward, on the data rows the DSM does not read). DMD2's networks have no dropout."""
+  weight_fn = lookup(FAKE_LOSS_WEIGHTS, fake_loss_weight, "objective.fake_loss_weight")
   dsm = make_fake_score_loss(nets, fake_loss_weight)
   logistic = make_discriminator_loss(nets)
 
-  def fake_loss(params, inputs, batch, rng):
-    value, aux = dsm(params, None, batch, rng)
-    adv, adv_aux = logistic(inputs["disc"], params, batch, None)
+  def joint(value, adv, adv_aux):
     total = value + disc_loss_weight * adv
-    return total, dict(aux, fake_loss=total, dsm_loss=value, adv_disc_loss=adv_aux["disc_loss"])
+    return total, {"fake_loss": total, "dsm_loss": value, "adv_disc_loss": adv_aux["disc_loss"]}
+
+  def two_passes(params, inputs, batch, rng):
+    value, _ = dsm(params, None, batch, rng)
+    return joint(value, *logistic(inputs["disc"], params, batch, None))
+
+  def one_pass(params, inputs, batch, rng):
+    del rng  # no dropout: the feature call (no rng) is the DSM's call too
+    cond = batch.get("cond")
+    d, feats = nets.fake_apply(params, batch["x_t"], batch["sigma"], cond, return_features=True)
+    _, real_feats = nets.fake_apply(params, batch["real_t"], batch["real_sigma"], cond,
+                                    return_features=True)  # features only: XLA drops the rest
+    x, sigma, _ = paired_inputs(batch)
+    logits = nets.disc.apply(inputs["disc"], x, sigma,
+                             [pair(f, r) for f, r in zip(feats, real_feats)])
+    return joint(dsm_value(weight_fn, d, batch), *logistic_of_paired(logits))
 
   def disc_loss(params, inputs, batch, rng):
     del rng
     adv, aux = logistic(params, inputs["fake"], batch, None)
     return disc_loss_weight * adv, aux
 
-  return fake_loss, disc_loss
+  return (two_passes if stochastic else one_pass), disc_loss
 
 
 def critic_batch(nets: Nets, st, gen_params, batch, rng, fsdp_gather: bool = True,

@@ -64,6 +64,14 @@ class Scaffold:
   schedule: Callable
 
 
+def fake_score_is_stochastic(model_config, augment_p: float = 0.0) -> bool:
+  """Whether the fake score's training call differs from its plain call: dropout (or label
+  dropout) drawn from its rng, or augmentation labels. Then the joint loss keeps its DSM
+  pass apart from its feature pass (:func:`critics.make_joint_fake_score_loss`)."""
+  return bool(augment_p or model_config.get("dropout", 0.0) or
+              model_config.get("label_dropout", 0.0))
+
+
 def build(config, task, st, what: str, train_disc: bool = True,
           encoder_disc: bool = False, critic_levels=None, disc_features: str = "teacher",
           disc_loss_weight: float = 1.0, augment_p: float = 0.0) -> Scaffold:
@@ -112,8 +120,9 @@ def build(config, task, st, what: str, train_disc: bool = True,
       config, section_optimizer(config.optim, config.objective.disc_optim), name="disc")
   joint = disc_features == "fake" and train_disc
   if joint:
-    fake_loss, disc_loss = critics.make_joint_fake_score_loss(nets, st.fake_loss_weight,
-                                                              disc_loss_weight)
+    fake_loss, disc_loss = critics.make_joint_fake_score_loss(
+        nets, st.fake_loss_weight, disc_loss_weight, fake_score_is_stochastic(config.model,
+                                                                              augment_p))
   else:
     fake_loss = critics.make_fake_score_loss(nets, st.fake_loss_weight, encoder_disc)
     disc_loss = critics.make_discriminator_loss(nets)
