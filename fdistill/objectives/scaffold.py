@@ -68,8 +68,9 @@ def fake_score_is_stochastic(model_config, augment_p: float = 0.0) -> bool:
   """Whether the fake score's training call differs from its plain call: dropout (or label
   dropout) drawn from its rng, or augmentation labels. Then the joint loss keeps its DSM
   pass apart from its feature pass (:func:`critics.make_joint_fake_score_loss`)."""
-  return bool(augment_p or model_config.get("dropout", 0.0) or
-              model_config.get("label_dropout", 0.0))
+  # model sections differ by architecture: a field a network lacks is dropout it never draws
+  return bool(augment_p or any(field in model_config and model_config[field]
+                               for field in ("dropout", "label_dropout")))
 
 
 def build(config, task, st, what: str, train_disc: bool = True,
