@@ -269,3 +269,16 @@ def test_cifar10_sid_critic_step_augments_the_fake_scores_inputs():
   config.objective.augment_p = 0.12
   with pytest.raises(ValueError, match="objective.augment_p=0.12 .* model.augment_dim=9"):
     objectives.build(config, task)
+
+
+def test_fake_score_is_stochastic_only_with_dropout_or_augmentation():
+  """DMD2's one-pass guidance loss is exact only when the fake score's training call draws
+  nothing from its rng; any dropout field or augmentation keeps the two passes."""
+  import ml_collections as mc
+  from fdistill.objectives import scaffold
+  stochastic = scaffold.fake_score_is_stochastic
+  assert not stochastic(mc.ConfigDict(dict(name="mlp")))  # no dropout fields at all
+  assert not stochastic(mc.ConfigDict(dict(dropout=0.0, label_dropout=0.0)))
+  assert stochastic(mc.ConfigDict(dict(dropout=0.13)))
+  assert stochastic(mc.ConfigDict(dict(dropout=0.0, label_dropout=0.1)))
+  assert stochastic(mc.ConfigDict(dict(dropout=0.0)), augment_p=0.12)
